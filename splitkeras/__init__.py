@@ -16,30 +16,43 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib as _importlib
 import os as _os
+from typing import Any as _Any
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from splitkeras.errors import (  # noqa: E402
-    CutError,
-    ManifestError,
-    ModelLoadError,
-    ProtocolError,
-    SplitKerasError,
-    TrainingError,
-    UnsupportedModelError,
-    WireFormatError,
-)
-from splitkeras.manifest import Manifest  # noqa: E402
-from splitkeras.split import Segment, Split, load_split, split  # noqa: E402
-from splitkeras.tensor_spec import TensorSpec  # noqa: E402
+# Public names, imported lazily so that `splitkeras --help` does not load TensorFlow.
+_EXPORTS = {
+    "split": "splitkeras.split",
+    "load_split": "splitkeras.split",
+    "Split": "splitkeras.split",
+    "Segment": "splitkeras.split",
+    "Manifest": "splitkeras.manifest",
+    "TensorSpec": "splitkeras.tensor_spec",
+    "SplitKerasError": "splitkeras.errors",
+    "CutError": "splitkeras.errors",
+    "ManifestError": "splitkeras.errors",
+    "ModelLoadError": "splitkeras.errors",
+    "ProtocolError": "splitkeras.errors",
+    "TrainingError": "splitkeras.errors",
+    "UnsupportedModelError": "splitkeras.errors",
+    "WireFormatError": "splitkeras.errors",
+    "load_model": "converters.keras_io",
+}
 
 
-def load_model(path: str, *, unsafe_deserialization: bool = False, compile: bool = True):  # type: ignore[no-untyped-def]
-    """Load a `.keras` or `.h5` model file in Keras safe mode (Lambda layers refused)."""
-    from converters.keras_io import load_model as _load
+def __getattr__(name: str) -> _Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'splitkeras' has no attribute '{name}'")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-    return _load(path, unsafe_deserialization=unsafe_deserialization, compile=compile)
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
 
 
 __all__ = [
