@@ -1,0 +1,256 @@
+"""The step semantics of one segment, independent of any transport.
+
+For a step *k*:
+
+* `forward(k, inputs)` runs the segment in training mode and returns its outputs.
+  The gradient tape of *that* pass is kept until `backward(k, ...)`, so the
+  activation that is sent is the one the update differentiates, and
+  BatchNormalization statistics move once per step, as in `model.fit`.
+* `backward(k, output_gradients)` computes the exact vector-Jacobian product
+  `d(sum(outputs * g) + regularization) / d(weights, inputs)`, applies the
+  segment's optimizer, and returns the gradients of the inputs.
+* The segment that holds the labels (the last one) runs `train_step(k, inputs,
+  y, sample_weight)` instead: loss, metrics, update and input gradients in one
+  compiled function, exactly as Keras' `train_step` computes them.
+
+The in-process `SplitTrainer`, the HTTP server and the JavaScript device all
+implement these semantics, so their results can be compared one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from splitkeras.errors import TrainingError
+from splitkeras.split import Segment
+
+__all__ = ["SegmentRunner", "resolve_jit_compile", "new_optimizer"]
+
+
+def resolve_jit_compile(model: keras.Model, jit_compile: bool | str) -> bool:
+    """Resolve `"auto"` exactly as `keras.Model.compile` does on the TF backend."""
+    if jit_compile == "auto":
+        from keras.src.trainers.trainer import model_supports_jit
+
+        return bool(model_supports_jit(model))
+    return bool(jit_compile)
+
+
+def new_optimizer(config: dict[str, Any]) -> keras.optimizers.Optimizer:
+    """A fresh optimizer from a serialized config (each segment owns its state)."""
+    optimizer = keras.optimizers.deserialize(config)
+    if getattr(optimizer, "global_clipnorm", None):
+        raise TrainingError(
+            "global_clipnorm clips by the norm of ALL gradients of the model, which no single "
+            "segment sees, so a split cannot apply it exactly. Use clipnorm (per variable) or "
+            "clipvalue instead."
+        )
+    return optimizer
+
+
+@dataclass
+class _Pending:
+    tape: tf.GradientTape
+    inputs: list[tf.Tensor]
+    outputs: list[tf.Tensor]
+    regularization: tf.Tensor
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    return [value]
+
+
+class SegmentRunner:
+    """Runs the training steps of one segment with its own optimizer.
+
+    Args:
+        segment: the segment (its `keras.Model` and boundary specs).
+        optimizer: an optimizer instance owned by this segment.
+        input_gradients: per input, whether its gradient is needed (model inputs
+            such as images need none). Default: all.
+        jit_compile: `"auto"` (as Keras), True or False.
+        loss, metrics, loss_weights: for the segment that holds the labels; the
+            segment model is compiled with them and Keras computes loss and metrics.
+
+    Example:
+        >>> runner = SegmentRunner(split["middle"], keras.optimizers.SGD(0.1))  # doctest: +SKIP
+        >>> outputs = runner.forward(0, [activation])                           # doctest: +SKIP
+        >>> input_grads = runner.backward(0, [grad_of_outputs])                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        segment: Segment,
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        input_gradients: Sequence[bool] | None = None,
+        jit_compile: bool | str = "auto",
+        loss: Any = None,
+        metrics: Any = None,
+        loss_weights: Any = None,
+    ) -> None:
+        self.segment = segment
+        self.model = segment.model
+        self.optimizer = optimizer
+        self.input_names = [s.name for s in segment.inputs]
+        self.output_names = [s.name for s in segment.outputs]
+        self.input_dtypes = [s.dtype for s in segment.inputs]
+        if input_gradients is None:
+            input_gradients = [True] * len(self.input_names)
+        self.input_gradients = [
+            bool(need) and np.dtype(dtype).kind == "f"
+            for need, dtype in zip(input_gradients, self.input_dtypes)
+        ]
+        self.holds_labels = loss is not None
+        if self.holds_labels:
+            self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                               loss_weights=loss_weights, jit_compile=False)
+        self.trainable = list(self.model.trainable_variables)
+        self._tf_variables = [v.value for v in self.trainable]  # the tf.Variables a tape watches
+        self.optimizer.build(self.trainable)
+        self.jit_compile = resolve_jit_compile(self.model, jit_compile)
+        self._pending: dict[Any, _Pending] = {}
+        options = dict(jit_compile=self.jit_compile, reduce_retracing=True)
+        self._forward_fn = tf.function(self._forward_impl, **options)
+        self._apply_fn = tf.function(self._apply_impl, **options)
+        self._predict_fn = tf.function(self._predict_impl, **options)
+        self._train_fn = tf.function(self._train_impl, **options)
+        self._test_fn = tf.function(self._test_impl, **options)
+
+    # ---- conversions -------------------------------------------------------------------------
+    def _inputs(self, values: Sequence[Any]) -> list[tf.Tensor]:
+        if len(values) != len(self.input_names):
+            raise TrainingError(
+                f"Segment '{self.segment.name}' takes {len(self.input_names)} inputs "
+                f"{self.input_names}, received {len(values)}."
+            )
+        return [tf.convert_to_tensor(v, dtype=d) for v, d in zip(values, self.input_dtypes)]
+
+    def _call_inputs(self, xs: list[tf.Tensor]) -> Any:
+        return xs[0] if len(xs) == 1 else xs
+
+    # ---- compiled bodies ---------------------------------------------------------------------
+    def _regularization(self) -> tf.Tensor:
+        losses = [tf.reduce_sum(tf.cast(loss, tf.float32)) for loss in self.model.losses]
+        return tf.add_n(losses) if losses else tf.zeros((), tf.float32)
+
+    def _forward_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
+        outputs = _as_list(self.model(self._call_inputs(xs), training=True))
+        return outputs, self._regularization()
+
+    def _apply_impl(self, grads: list[tf.Tensor]) -> None:
+        self.optimizer.apply(grads, self.trainable)
+
+    def _predict_impl(self, xs: list[tf.Tensor]) -> list[tf.Tensor]:
+        return _as_list(self.model(self._call_inputs(xs), training=False))
+
+    def _train_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any,
+                    other_losses: tf.Tensor) -> Any:
+        model = self.model
+        watched = [x for x, need in zip(xs, self.input_gradients) if need]
+        with tf.GradientTape() as tape:
+            tape.watch(watched)
+            y_pred = model(self._call_inputs(xs), training=True)
+            loss = model._compute_loss(x=xs, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                       training=True)
+            # The reported loss includes the other segments' regularization, as model.fit's
+            # does; it is a constant here, so it changes no gradient.
+            model._loss_tracker.update_state(loss + other_losses, sample_weight=tf.shape(xs[0])[0])
+            loss = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(loss, self.trainable + watched)
+        if self.trainable:
+            self.optimizer.apply(grads[: len(self.trainable)], self.trainable)
+        logs = model.compute_metrics(xs, y, y_pred, sample_weight=sample_weight)
+        return grads[len(self.trainable):], logs, y_pred
+
+    def _test_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any) -> Any:
+        model = self.model
+        y_pred = model(self._call_inputs(xs), training=False)
+        loss = model._compute_loss(x=xs, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                   training=False)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(xs[0])[0])
+        return model.compute_metrics(xs, y, y_pred, sample_weight=sample_weight)
+
+    # ---- the step protocol -------------------------------------------------------------------
+    def forward(self, step: Any, inputs: Sequence[Any]) -> list[tf.Tensor]:
+        """Training-mode forward for `step`; keeps the tape until `backward(step)`."""
+        xs = self._inputs(inputs)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self._tf_variables)
+            tape.watch([x for x, need in zip(xs, self.input_gradients) if need])
+            outputs, regularization = self._forward_fn(xs)
+        self._pending[step] = _Pending(tape, xs, list(outputs), regularization)
+        return list(outputs)
+
+    def pending_regularization(self, step: Any) -> tf.Tensor:
+        """The regularization loss of the forward pass of `step` (0 if the segment has none)."""
+        return self._pending[step].regularization
+
+    def has_pending(self, step: Any) -> bool:
+        return step in self._pending
+
+    def drop(self, step: Any) -> None:
+        """Forget a forward whose backward will never come (frees its activations)."""
+        self._pending.pop(step, None)
+
+    def backward(self, step: Any, output_gradients: Sequence[Any]) -> list[tf.Tensor | None]:
+        """Apply the update of `step` from the gradients of its outputs.
+
+        Returns one gradient per input (`None` where none is needed).
+        """
+        pending = self._pending.get(step)
+        if pending is None:
+            raise TrainingError(
+                f"Segment '{self.segment.name}' has no forward pass for step {step!r} to "
+                "differentiate. Run forward(step, ...) first."
+            )
+        if len(output_gradients) != len(pending.outputs):
+            raise TrainingError(
+                f"Segment '{self.segment.name}' has {len(pending.outputs)} outputs "
+                f"{self.output_names}, received {len(output_gradients)} gradients."
+            )
+        del self._pending[step]
+        targets = pending.outputs + [pending.regularization]
+        seeds = [
+            tf.zeros_like(out) if g is None else tf.convert_to_tensor(g, dtype=out.dtype)
+            for out, g in zip(pending.outputs, output_gradients)
+        ] + [tf.ones_like(pending.regularization)]
+        watched = [x for x, need in zip(pending.inputs, self.input_gradients) if need]
+        grads = pending.tape.gradient(targets, self._tf_variables + watched, output_gradients=seeds)
+        if self.trainable:
+            self._apply_fn(list(grads[: len(self.trainable)]))
+        return self._per_input(grads[len(self.trainable):])
+
+    def train_step(self, step: Any, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
+                   other_losses: Any = 0.0) -> tuple[list[tf.Tensor | None], dict[str, Any]]:
+        """The label segment's step: loss, metrics, update; returns (input grads, logs).
+
+        `other_losses` (the regularization losses of the other segments for this
+        step) is added to the reported loss only.
+        """
+        if not self.holds_labels:
+            raise TrainingError(f"Segment '{self.segment.name}' does not hold the labels.")
+        grads, logs, _ = self._train_fn(self._inputs(inputs), y, sample_weight,
+                                        tf.convert_to_tensor(other_losses, tf.float32))
+        return self._per_input(grads), logs
+
+    def test_step(self, inputs: Sequence[Any], y: Any, sample_weight: Any = None) -> dict[str, Any]:
+        """Loss and metrics in inference mode (label segment)."""
+        return self._test_fn(self._inputs(inputs), y, sample_weight)
+
+    def predict(self, inputs: Sequence[Any]) -> list[tf.Tensor]:
+        """Inference-mode forward: no training state is touched."""
+        return list(self._predict_fn(self._inputs(inputs)))
+
+    def _per_input(self, watched_grads: Sequence[Any]) -> list[tf.Tensor | None]:
+        grads = iter(watched_grads)
+        return [next(grads) if need else None for need in self.input_gradients]

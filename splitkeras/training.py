@@ -1,0 +1,262 @@
+"""Keras-like `compile` / `fit` / `evaluate` / `predict` for a `Split`, in process.
+
+Each segment trains from the gradient the next segment sends back, by the exact
+vector-Jacobian product (see `splitkeras.engine`). From the same weights and the
+same batches, `split.fit` ends where `model.fit` ends, to float rounding.
+
+Batching, shuffling, progress bars and callbacks are Keras' own: the data goes
+through Keras' `EpochIterator` (NumPy arrays, tensors, `tf.data.Dataset`), and
+`callbacks` receive the `Split` as their `model`.
+
+Stochastic layers: every segment layer starts from the source layer's seed
+generator state (see `split.copy_layer_state`), and the forward pass whose tape
+the update differentiates is the one that was sent, so Dropout masks are the
+ones `model.fit` would draw from the same state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src import callbacks as callbacks_module
+from keras.src.backend.tensorflow.trainer import TFEpochIterator as _KerasTFEpochIterator
+from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.utils.python_utils import pythonify_logs
+
+from splitkeras.engine import SegmentRunner, new_optimizer
+from splitkeras.errors import TrainingError
+
+__all__ = ["SplitTrainer", "predict", "model_inputs_by_name"]
+
+
+def TFEpochIterator(**kwargs: Any) -> Any:
+    """Keras' TF epoch iterator under the default distribution strategy, as `fit` uses it."""
+    return _KerasTFEpochIterator(distribute_strategy=tf.distribute.get_strategy(), **kwargs)
+
+
+def model_inputs_by_name(split: Any, x: Any) -> dict[str, Any]:
+    """Map `x` (an array, a list in model-input order, or a dict by input name) to names."""
+    names = [spec.name for spec in split.model_inputs]
+    if isinstance(x, dict):
+        missing = [n for n in names if n not in x]
+        if missing:
+            raise TrainingError(f"Input dict lacks {missing}; the model takes {names}.")
+        return {n: x[n] for n in names}
+    values = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(values) != len(names):
+        raise TrainingError(f"The model takes {len(names)} inputs {names}, received {len(values)}.")
+    return dict(zip(names, values))
+
+
+class SplitTrainer:
+    """Trains the segments of a `Split` in process. Made by `Split.compile`."""
+
+    def __init__(self, split: Any, *, optimizer: Any = None, loss: Any = None, metrics: Any = None,
+                 loss_weights: Any = None, jit_compile: bool | str = "auto") -> None:
+        if loss is None:
+            raise TrainingError("compile() needs a loss, e.g. loss='sparse_categorical_crossentropy'.")
+        if any(s.model is None for s in split.segments):
+            raise TrainingError("Every segment must be loaded to train in process.")
+        optimizer = keras.optimizers.get(optimizer or "rmsprop")
+        self.optimizer_config = keras.optimizers.serialize(optimizer)
+        self.split = split
+        model_input_names = {s.name for s in split.model_inputs}
+        self.runners: list[SegmentRunner] = []
+        last = len(split.segments) - 1
+        for index, segment in enumerate(split.segments):
+            holds_labels = index == last
+            self.runners.append(SegmentRunner(
+                segment,
+                new_optimizer(self.optimizer_config),
+                input_gradients=[s.name not in model_input_names for s in segment.inputs],
+                jit_compile=jit_compile,
+                loss=loss if holds_labels else None,
+                metrics=metrics if holds_labels else None,
+                loss_weights=loss_weights if holds_labels else None,
+            ))
+        self.label_model = self.runners[-1].model
+        self._built = False
+        self.step_counter = 0
+
+    @classmethod
+    def from_training_config(cls, split: Any, config: dict[str, Any]) -> "SplitTrainer":
+        """Compile from a saved Keras compile config (`model.get_compile_config()`)."""
+        from keras.src.saving import serialization_lib
+
+        def restore(value: Any) -> Any:
+            return serialization_lib.deserialize_keras_object(value) if isinstance(value, dict) \
+                and "class_name" in value else value
+
+        optimizer = config.get("optimizer")
+        return cls(split, optimizer=restore(optimizer) if optimizer else None,
+                   loss=config.get("loss"), metrics=config.get("metrics"),
+                   loss_weights=config.get("loss_weights"))
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _ensure_built(self, y: Any) -> None:
+        if self._built:
+            return
+        last = self.split.segments[-1]
+        x = [np.zeros((1, *spec.sample_shape), dtype=spec.dtype) for spec in last.inputs]
+        y1 = tf.nest.map_structure(lambda t: t[:1], y)
+        self.label_model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
+        self._built = True
+
+    def train_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
+        """One training step over all segments: forwards in order, backwards in reverse."""
+        self._ensure_built(y)
+        step = self.step_counter
+        self.step_counter += 1
+        store = model_inputs_by_name(self.split, x)
+        for runner in self.runners[:-1]:
+            outputs = runner.forward(step, [store[n] for n in runner.input_names])
+            store.update(zip(runner.output_names, outputs))
+        last = self.runners[-1]
+        grads: dict[str, Any] = defaultdict(lambda: None)
+        other_losses = tf.add_n([r.pending_regularization(step) for r in self.runners[:-1]])
+        input_grads, logs = last.train_step(step, [store[n] for n in last.input_names], y,
+                                            sample_weight, other_losses)
+        self._collect(grads, last, input_grads)
+        for runner in reversed(self.runners[:-1]):
+            output_grads = [grads.pop(n, None) for n in runner.output_names]
+            self._collect(grads, runner, runner.backward(step, output_grads))
+        return logs
+
+    @staticmethod
+    def _collect(grads: dict[str, Any], runner: SegmentRunner, input_grads: Sequence[Any]) -> None:
+        for name, grad in zip(runner.input_names, input_grads):
+            if grad is None:
+                continue
+            grads[name] = grad if grads.get(name) is None else grads[name] + grad
+
+    def test_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
+        self._ensure_built(y)
+        store = forward_inference(self.split, self.runners[:-1], x)
+        last = self.runners[-1]
+        return last.test_step([store[n] for n in last.input_names], y, sample_weight)
+
+    # ---- the Keras loops ---------------------------------------------------------------------
+    def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
+            verbose: Any = "auto", callbacks: Any = None, validation_split: float = 0.0,
+            validation_data: Any = None, shuffle: bool = True, class_weight: Any = None,
+            sample_weight: Any = None, initial_epoch: int = 0, steps_per_epoch: int | None = None,
+            validation_steps: int | None = None, validation_batch_size: int | None = None,
+            validation_freq: int = 1) -> keras.callbacks.History:
+        """Train like `keras.Model.fit`; returns a `History`."""
+        from keras.src.trainers.data_adapters import array_slicing
+
+        if validation_split and validation_data is None:
+            (x, y, sample_weight), validation_data = array_slicing.train_validation_split(
+                (x, y, sample_weight), validation_split=validation_split)
+        iterator = TFEpochIterator(x=x, y=y, sample_weight=sample_weight, batch_size=batch_size,
+                                   steps_per_epoch=steps_per_epoch, shuffle=shuffle,
+                                   class_weight=class_weight)
+        split = self.split
+        if not isinstance(callbacks, callbacks_module.CallbackList):
+            callbacks = callbacks_module.CallbackList(
+                callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+                epochs=epochs, steps=iterator.num_batches, model=split)
+        split.stop_training = False
+        callbacks.on_train_begin()
+        training_logs: dict[str, Any] | None = None
+        logs: dict[str, Any] = {}
+        for epoch in range(initial_epoch, epochs):
+            self.label_model.reset_metrics()
+            callbacks.on_epoch_begin(epoch)
+            with iterator.catch_stop_iteration():
+                for begin_step, end_step, batches in iterator:
+                    callbacks.on_train_batch_begin(begin_step)
+                    bx, by, bsw = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
+                    logs = self.train_batch(bx, by, bsw)
+                    callbacks.on_train_batch_end(end_step, logs)
+                    if split.stop_training:
+                        break
+            epoch_logs = dict(self.label_model._get_metrics_result_or_logs(logs))
+            if validation_data is not None and (epoch + 1) % validation_freq == 0:
+                vx, vy, vsw = data_adapter_utils.unpack_x_y_sample_weight(validation_data)
+                val_logs = self.evaluate(vx, vy, sample_weight=vsw,
+                                         batch_size=validation_batch_size or batch_size,
+                                         steps=validation_steps, verbose=0, return_dict=True)
+                epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            callbacks.on_epoch_end(epoch, epoch_logs)
+            training_logs = epoch_logs
+            if split.stop_training:
+                break
+        for runner in self.runners:
+            runner.optimizer.finalize_variable_values(runner.trainable)
+        callbacks.on_train_end(logs=training_logs)
+        return split.history
+
+    def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None,
+                 verbose: Any = "auto", sample_weight: Any = None, steps: int | None = None,
+                 callbacks: Any = None, return_dict: bool = False) -> Any:
+        """Evaluate like `keras.Model.evaluate` (inference mode, no state touched)."""
+        iterator = TFEpochIterator(x=x, y=y, sample_weight=sample_weight, batch_size=batch_size,
+                                   steps_per_epoch=steps, shuffle=False)
+        if not isinstance(callbacks, callbacks_module.CallbackList):
+            callbacks = callbacks_module.CallbackList(
+                callbacks, add_progbar=verbose != 0, verbose=verbose, epochs=1,
+                steps=iterator.num_batches, model=self.split)
+        callbacks.on_test_begin()
+        self.label_model.reset_metrics()
+        logs: dict[str, Any] = {}
+        with iterator.catch_stop_iteration():
+            for begin_step, end_step, batches in iterator:
+                callbacks.on_test_batch_begin(begin_step)
+                bx, by, bsw = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
+                logs = self.test_batch(bx, by, bsw)
+                callbacks.on_test_batch_end(end_step, logs)
+        logs = pythonify_logs(self.label_model._get_metrics_result_or_logs(logs))
+        callbacks.on_test_end(logs)
+        if return_dict:
+            return logs
+        values = [logs[k] for k in logs]
+        return values[0] if len(values) == 1 else values
+
+
+def forward_inference(split: Any, runners: Sequence[SegmentRunner] | None, x: Any) -> dict[str, Any]:
+    """Run the segments (all but the last, when given runners) in inference mode."""
+    store = model_inputs_by_name(split, x)
+    if runners is None:
+        segments = split.segments
+        for segment in segments:
+            outputs = segment.model([store[s.name] for s in segment.inputs]
+                                    if len(segment.inputs) > 1 else store[segment.inputs[0].name],
+                                    training=False)
+            store.update(zip([s.name for s in segment.outputs], keras.tree.flatten(outputs)))
+        return store
+    for runner in runners:
+        store.update(zip(runner.output_names, runner.predict([store[n] for n in runner.input_names])))
+    return store
+
+
+def predict(split: Any, x: Any, batch_size: int | None = None, verbose: Any = "auto") -> Any:
+    """Run the whole split in inference mode, batch by batch, like `keras.Model.predict`."""
+    iterator = TFEpochIterator(x=x, batch_size=batch_size, shuffle=False)
+    runners = split._trainer.runners if split._trainer is not None else None
+    progbar = keras.utils.Progbar(iterator.num_batches, verbose=0 if verbose == 0 else 1) \
+        if verbose not in (0, "auto") else None
+    outputs: list[list[np.ndarray]] = []
+    with iterator.catch_stop_iteration():
+        for _, end_step, batches in iterator:
+            bx, _, _ = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
+            if runners is None:
+                store = forward_inference(split, None, bx)
+            else:
+                store = forward_inference(split, runners, bx)
+                last = runners[-1]
+                store.update(zip(last.output_names,
+                                 last.predict([store[n] for n in last.input_names])))
+            outputs.append([np.asarray(store[s.name]) for s in split.model_outputs])
+            if progbar is not None:
+                progbar.update(end_step + 1)
+    if not outputs:
+        raise TrainingError("predict() received no data.")
+    merged = [np.concatenate(parts, axis=0) for parts in zip(*outputs)]
+    return merged[0] if len(merged) == 1 else merged
+
+
