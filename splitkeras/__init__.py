@@ -24,10 +24,10 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Public names, imported lazily so that `splitkeras --help` does not load TensorFlow.
 _EXPORTS = {
-    "split": "splitkeras.split",
-    "load_split": "splitkeras.split",
-    "Split": "splitkeras.split",
-    "Segment": "splitkeras.split",
+    "split": "splitkeras.segments",
+    "load_split": "splitkeras.segments",
+    "Split": "splitkeras.segments",
+    "Segment": "splitkeras.segments",
     "Manifest": "splitkeras.manifest",
     "TensorSpec": "splitkeras.tensor_spec",
     "SplitKerasError": "splitkeras.errors",

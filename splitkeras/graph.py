@@ -8,7 +8,7 @@ layer of *j* consumes it; it is carried straight there, so a skip connection
 from the head to the tail never passes through the middle.
 
 This module only analyses Keras' own graph (`Functional._nodes_by_depth`); the
-segment models themselves are built by Keras (see `splitkeras.split`).
+segment models themselves are built by Keras (see `splitkeras.segments`).
 """
 
 from __future__ import annotations

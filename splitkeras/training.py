@@ -30,7 +30,7 @@ from keras.src.utils.python_utils import pythonify_logs
 from splitkeras.engine import SegmentRunner, new_optimizer
 from splitkeras.errors import TrainingError
 
-__all__ = ["SplitTrainer", "predict", "model_inputs_by_name"]
+__all__ = ["SplitTrainer", "predict", "model_inputs_by_name", "restore_compile_value"]
 
 
 def TFEpochIterator(**kwargs: Any) -> Any:
@@ -50,6 +50,17 @@ def model_inputs_by_name(split: Any, x: Any) -> dict[str, Any]:
     if len(values) != len(names):
         raise TrainingError(f"The model takes {len(names)} inputs {names}, received {len(values)}.")
     return dict(zip(names, values))
+
+
+def restore_compile_value(value: Any) -> Any:
+    """Deserialize one entry of a saved compile config (optimizer, loss or metrics)."""
+    from keras.src.saving import serialization_lib
+
+    if isinstance(value, dict) and "class_name" in value:
+        return serialization_lib.deserialize_keras_object(value)
+    if isinstance(value, (list, tuple)):
+        return [restore_compile_value(v) for v in value]
+    return value
 
 
 class SplitTrainer:
@@ -85,15 +96,10 @@ class SplitTrainer:
     @classmethod
     def from_training_config(cls, split: Any, config: dict[str, Any]) -> "SplitTrainer":
         """Compile from a saved Keras compile config (`model.get_compile_config()`)."""
-        from keras.src.saving import serialization_lib
-
-        def restore(value: Any) -> Any:
-            return serialization_lib.deserialize_keras_object(value) if isinstance(value, dict) \
-                and "class_name" in value else value
-
         optimizer = config.get("optimizer")
-        return cls(split, optimizer=restore(optimizer) if optimizer else None,
-                   loss=config.get("loss"), metrics=config.get("metrics"),
+        return cls(split, optimizer=restore_compile_value(optimizer) if optimizer else None,
+                   loss=restore_compile_value(config.get("loss")),
+                   metrics=restore_compile_value(config.get("metrics")),
                    loss_weights=config.get("loss_weights"))
 
     # ---- one step ----------------------------------------------------------------------------

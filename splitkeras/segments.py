@@ -85,7 +85,38 @@ def copy_layer_state(source: keras.layers.Layer, target: keras.layers.Layer) -> 
 
 
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    if isinstance(layer, keras.layers.Lambda):
+        # The function is already in this process (built here, or loaded with
+        # unsafe_deserialization=True): cloning it runs nothing new, so Keras' safe
+        # mode, which guards files, does not apply. Loading a split stays safe.
+        return layer.__class__.from_config(layer.get_config(), safe_mode=False)
     return layer.__class__.from_config(layer.get_config())
+
+
+def _segment_model(plan: Any, input_specs: list[TensorSpec], name: str) -> keras.Model:
+    """A new model for one segment: fresh inputs named after the boundary tensors, and a
+    clone of each layer called as in the source model (one clone per shared layer).
+
+    This replays the plan's nodes the way `keras.models.clone_model` does, instead of
+    slicing with `keras.Model(plan.inputs, plan.outputs)`: given a model input together
+    with intermediate tensors, that slice re-wires the model input's history (Keras'
+    `clone_graph_nodes`), after which the source model can no longer be saved.
+    """
+    values: dict[int, Any] = {}
+    inputs = []
+    for tensor, spec in zip(plan.inputs, input_specs):
+        inputs.append(keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name))
+        values[id(tensor)] = inputs[-1]
+    clones: dict[int, keras.layers.Layer] = {}
+    for node in plan.nodes:  # topological order
+        layer = node.operation
+        if id(layer) not in clones:
+            clones[id(layer)] = _clone_layer(layer)
+        args, kwargs = node.arguments.fill_in(values)
+        outputs = clones[id(layer)](*args, **kwargs)
+        for tensor, value in zip(node.outputs, keras.tree.flatten(outputs)):
+            values[id(tensor)] = value
+    return keras.Model(inputs, [values[id(t)] for t in plan.outputs], name=name)
 
 
 class Split:
@@ -165,6 +196,12 @@ class Split:
     def join(self) -> keras.Model:
         """The whole model again, with the original layer names and the segments' current
         weights (an independent copy: training it does not change the segments)."""
+        missing = [s.name for s in self.segments if s.model is None]
+        if missing:
+            raise ManifestError(
+                f"Cannot join: segment(s) {missing} were not loaded. Load every segment "
+                "(load_split(folder) without placements=...) to join them."
+            )
         store: dict[str, Any] = {}
         inputs = []
         for spec in self.model_inputs:
@@ -287,16 +324,9 @@ def split(
     for plan, name, placement in zip(plans, names, placements):
         input_specs = [graph.spec(t) for t in plan.inputs]
         output_specs = [graph.spec(t) for t in plan.outputs]
-        sliced = keras.Model(plan.inputs, plan.outputs, name=f"{functional.name}_{name}_view")
-        new_inputs = [
-            keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in input_specs
-        ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            segment_model = keras.models.clone_model(
-                sliced, input_tensors=new_inputs, clone_function=_clone_layer
-            )
-            segment_model = keras.Model(segment_model.inputs, segment_model.outputs, name=name)
+            segment_model = _segment_model(plan, input_specs, name)
         for layer in segment_model.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue

@@ -1,0 +1,60 @@
+"""`create_app`: the FastAPI app. The segment is loaded in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from server_app import health, routes
+from server_app.errors import install_error_handlers
+from server_app.settings import ServerSettings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """Build the app for `settings` (default: from `SPLITKERAS_*` environment variables).
+
+    Example:
+        >>> app = create_app(ServerSettings(split_dir="out", key="k"))   # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)               # doctest: +SKIP
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from server_app.service import SegmentService
+
+        resolved = settings or ServerSettings()  # type: ignore[call-arg]
+        service = await asyncio.to_thread(SegmentService, resolved)
+        app.state.service = service
+        sweeper = asyncio.create_task(_sweep(service))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(
+        title="splitkeras server",
+        version="1",
+        summary="Trains the middle segment of a split Keras model for many devices.",
+        description="Protocol: docs/protocol.md. Tensor bodies are safetensors.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(routes.router)
+    return app
+
+
+async def _sweep(service: "object") -> None:
+    from server_app.service import SegmentService
+
+    assert isinstance(service, SegmentService)
+    interval = max(0.05, min(30.0, service.settings.step_ttl_seconds / 4))
+    while True:
+        await asyncio.sleep(interval)
+        await service.run(service.sweep_expired)

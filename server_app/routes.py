@@ -1,0 +1,175 @@
+"""The `/v1` routes: decode nothing here, only authenticate, bound the body and hand
+the bytes to `SegmentService` on its single writer thread."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from pydantic import BaseModel, Field
+
+from server_app.errors import ServiceError
+from server_app.service import SegmentService, Session
+from splitkeras import wire
+
+__all__ = ["router", "get_service"]
+
+TENSOR_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        "description": "A safetensors body: the tensors named as in split.json (docs/protocol.md).",
+    }
+}
+TENSOR_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+          "description": "A safetensors body."},
+    400: {"description": "Malformed tensor body (bad_tensor)."},
+    401: {"description": "Missing or wrong token."},
+    404: {"description": "Unknown session."},
+    409: {"description": "Step out of order, expired or lost; or wrong mode."},
+    413: {"description": "Body over the limit derived from the manifest."},
+    415: {"description": "Not a safetensors body."},
+}
+
+
+def get_service(request: Request) -> SegmentService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[SegmentService, Depends(get_service)]
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None
+
+
+def session_dep(service: ServiceDep, session_id: Annotated[str, Path(max_length=64)],
+                authorization: Annotated[str | None, Header()] = None) -> Session:
+    return service.session(session_id, _bearer(authorization))
+
+
+SessionDep = Annotated[Session, Depends(session_dep)]
+
+
+async def read_tensor_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 415 for another media type and 413 past `limit` bytes,
+    from Content-Length or while streaming: never read whole when it is too large."""
+    content_type = request.headers.get("content-type")
+    if not wire.is_wire_media_type(content_type):
+        raise ServiceError(415, "unsupported_media_type",
+                           f"Expected Content-Type '{wire.MEDIA_TYPE}' (or application/octet-stream), "
+                           f"got '{content_type}'.")
+    declared = request.headers.get("content-length")
+    too_large = ServiceError(413, "body_too_large",
+                             f"The body is over {limit} bytes, the most this segment's tensors take at "
+                             "the server's max_batch. Send smaller batches.", limit=limit)
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise ServiceError(400, "bad_request", "Content-Length is not a number.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _tensors(data: bytes) -> Response:
+    return Response(content=data, media_type=wire.MEDIA_TYPE)
+
+
+class OpenSession(BaseModel):
+    wire_dtype: Literal["float32", "float16"] = Field(default="float32",
+                                                      description="dtype of float tensors on the wire")
+    client: str | None = Field(default=None, max_length=200, description="free text, for logs")
+
+
+class SessionOpened(BaseModel):
+    session_id: str
+    token: str
+    wire_dtype: str
+    segment: str
+    mode: Literal["u_shaped", "labels_on_server"]
+    max_batch: int
+    next_step: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+class SessionState(BaseModel):
+    session_id: str
+    wire_dtype: str
+    next_step: int
+    pending_step: int | None
+    applied_steps: int
+
+
+router = APIRouter(prefix="/v1", tags=["split learning"])
+
+
+@router.post("/sessions", status_code=201, response_model=SessionOpened,
+             responses={401: {"description": "Missing or wrong server key."}})
+async def open_session(service: ServiceDep, body: OpenSession | None = None,
+                       authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+    """Open a session (needs the server key); returns the token for its routes."""
+    service.check_key(_bearer(authorization))
+    body = body or OpenSession()
+    session, token = await service.run(service.open_session, body.wire_dtype)
+    return {"session_id": session.session_id, "token": token, "wire_dtype": session.wire_dtype,
+            "next_step": session.next_step, **service.describe()}
+
+
+@router.get("/sessions/{session_id}", response_model=SessionState)
+async def session_state(session: SessionDep) -> dict[str, Any]:
+    """The session's step counters."""
+    return session.public()
+
+
+@router.delete("/sessions/{session_id}", status_code=204)
+async def close_session(service: ServiceDep, session: SessionDep) -> Response:
+    """Close the session and free its pending step."""
+    await service.run(service.close_session, session)
+    return Response(status_code=204)
+
+
+@router.post("/sessions/{session_id}/steps/{step}/forward", openapi_extra=TENSOR_BODY,
+             responses=TENSOR_RESPONSE, response_class=Response)
+async def forward(request: Request, service: ServiceDep, session: SessionDep,
+                  step: Annotated[int, Path(ge=0, le=2**53)]) -> Response:
+    """Training-mode forward of step `step` (U-shaped splits); a retry returns the same bytes."""
+    body = await read_tensor_body(request, service.body_limits["forward"])
+    return _tensors(await service.run(service.forward, session, step, body))
+
+
+@router.post("/sessions/{session_id}/steps/{step}/backward", openapi_extra=TENSOR_BODY,
+             responses=TENSOR_RESPONSE, response_class=Response)
+async def backward(request: Request, service: ServiceDep, session: SessionDep,
+                   step: Annotated[int, Path(ge=0, le=2**53)]) -> Response:
+    """Apply step `step`'s update from the output gradients, once; returns input gradients."""
+    body = await read_tensor_body(request, service.body_limits["backward"])
+    return _tensors(await service.run(service.backward, session, step, body))
+
+
+@router.post("/sessions/{session_id}/steps/{step}/train", openapi_extra=TENSOR_BODY,
+             responses=TENSOR_RESPONSE, response_class=Response)
+async def train(request: Request, service: ServiceDep, session: SessionDep,
+                step: Annotated[int, Path(ge=0, le=2**53)]) -> Response:
+    """One step with the labels on the server: loss, update, input gradients; metrics in metadata."""
+    body = await read_tensor_body(request, service.body_limits["train"])
+    return _tensors(await service.run(service.train, session, step, body))
+
+
+@router.post("/sessions/{session_id}/predict", openapi_extra=TENSOR_BODY,
+             responses=TENSOR_RESPONSE, response_class=Response)
+async def predict(request: Request, service: ServiceDep, session: SessionDep) -> Response:
+    """Inference-mode forward: no weights, statistics or steps change."""
+    body = await read_tensor_body(request, service.body_limits["predict"])
+    return _tensors(await service.run(service.predict, session, body))
