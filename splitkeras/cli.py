@@ -157,6 +157,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo ----------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from splitkeras.demo import run_demo
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise CliError("demo: --epochs and --batch-size must be at least 1")
+    run_demo(args.output, epochs=args.epochs, batch_size=args.batch_size, wire_dtype=args.wire_dtype)
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------------
 def _add_unsafe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsafe-deserialization", action="store_true",
@@ -209,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["critical", "error", "warning", "info", "debug"])
     _add_unsafe(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="split a digits CNN, serve it, train over HTTP, compare with central")
+    p.add_argument("-o", "--output", default="splitkeras-demo", help="folder for the split (replaced)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
+    p.set_defaults(func=cmd_demo)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
