@@ -102,13 +102,17 @@ class ModelGraph:
         return seen
 
     def tensor_name(self, tensor: Any) -> str:
-        """The boundary name of a tensor: the layer's name, or `layer:node:index`."""
+        """The boundary name of a tensor: the layer's name, or `layer.node.index`.
+
+        The name is also the segment's input-layer name, so it must be valid in Keras
+        (no `/`) and in TF.js (`[A-Za-z0-9][-A-Za-z0-9._/]*`, so no `:`): hence `.`.
+        """
         layer, node_index, tensor_index = tensor._keras_history
         producer = self.producer[_tensor_key(tensor)]
         own_nodes = self.nodes_of(layer) if not producer.is_input else [producer]
         if len(own_nodes) == 1 and len(producer.outputs) == 1 and node_index == 0:
             return layer.name
-        return f"{layer.name}:{node_index}:{tensor_index}"
+        return f"{layer.name}.{node_index}.{tensor_index}"
 
     def spec(self, tensor: Any) -> TensorSpec:
         return TensorSpec(
@@ -135,11 +139,11 @@ def _suggest(name: str, candidates: Sequence[str]) -> str:
     return "Run `splitkeras inspect MODEL` to list the layers you can cut at."
 
 
-def _cut_node(graph: ModelGraph, name: str) -> Any:
+def _cut_node(graph: ModelGraph, name: str, model_name: str) -> Any:
     model = graph.model
     names = [layer.name for layer in model.layers]
     if name not in names:
-        raise CutError(f"Model '{model.name}' has no layer named '{name}'. {_suggest(name, names)}")
+        raise CutError(f"Model '{model_name}' has no layer named '{name}'. {_suggest(name, names)}")
     layer = model.get_layer(name)
     if isinstance(layer, keras.layers.InputLayer):
         raise CutError(
@@ -149,7 +153,7 @@ def _cut_node(graph: ModelGraph, name: str) -> Any:
     nodes = graph.nodes_of(layer)
     if len(nodes) != 1:
         raise CutError(
-            f"Layer '{name}' is called {len(nodes)} times in model '{model.name}' (a shared "
+            f"Layer '{name}' is called {len(nodes)} times in model '{model_name}' (a shared "
             "layer), so a cut there is ambiguous. Cut at a layer that is called once."
         )
     return nodes[0]
@@ -170,6 +174,7 @@ def plan_segments(model: keras.Model, at: Sequence[str]) -> tuple[ModelGraph, li
     at = list(at)
     if not at:
         raise CutError("No cut given. Name at least one layer to cut at, e.g. at=['conv2d_3'].")
+    model_name = model.name  # a Sequential's functional view has another name
     model = as_functional(model)
     graph = ModelGraph.of(model)
 
@@ -179,7 +184,7 @@ def plan_segments(model: keras.Model, at: Sequence[str]) -> tuple[ModelGraph, li
             raise CutError(f"Layer '{name}' is given twice as a cut. Give each cut once.")
         seen_names.add(name)
 
-    cut_nodes = [_cut_node(graph, name) for name in at]
+    cut_nodes = [_cut_node(graph, name, model_name) for name in at]
     segment_of: dict[int, int] = {}
     for index, (name, node) in enumerate(zip(at, cut_nodes)):
         if id(node) in segment_of:
@@ -195,6 +200,11 @@ def plan_segments(model: keras.Model, at: Sequence[str]) -> tuple[ModelGraph, li
     for node in graph.layer_nodes:
         segment_of.setdefault(id(node), last)
 
+    if all(segment_of[id(n)] != last for n in graph.layer_nodes):
+        raise CutError(
+            f"The cut at '{at[-1]}' leaves the last segment empty: every layer of model "
+            f"'{model_name}' is at or before it. Cut at a layer before the model outputs."
+        )
     for output in model.outputs:
         node = graph.producer[_tensor_key(output)]
         if segment_of.get(id(node), last) != last:
@@ -204,8 +214,6 @@ def plan_segments(model: keras.Model, at: Sequence[str]) -> tuple[ModelGraph, li
                 "every model output must be computed in the last segment, which would be empty "
                 "or miss it. Cut at a layer before the outputs."
             )
-    if all(segment_of[id(n)] != last for n in graph.layer_nodes):
-        raise CutError(f"The cut at '{at[-1]}' leaves the last segment empty. Cut earlier.")
 
     layer_segments: dict[int, set[int]] = {}
     for node in graph.layer_nodes:

@@ -15,7 +15,7 @@ class TensorSpec:
     Attributes:
         name: identifies the tensor across segments. A model input is named
             after its `InputLayer`; a layer output after the layer
-            (`"conv2d_3"`), or `"layer:node:index"` when the layer has several
+            (`"conv2d_3"`), or `"layer.node.index"` when the layer has several
             outputs or is called more than once.
         shape: the shape with `None` for the batch dimension, e.g. `(None, 8, 8, 16)`.
         dtype: a NumPy dtype name, e.g. `"float32"`.

@@ -1,0 +1,111 @@
+#!/usr/bin/env node
+// Train a split's device segments with the JavaScript runtime against a REAL splitkeras
+// server, for tests/test_js_device.py (which starts the server and compares with Keras).
+//
+// Usage: node tools/device_e2e.mjs JOB.json OUT.json
+//
+// JOB.json:
+//   {"app_dir": "OUT/app",              // written by `splitkeras export`: split.json, bundles,
+//                                       //   and the runtime copy it imports (splitkeras-device/src)
+//    "server_url": "http://127.0.0.1:PORT", "key": "...", "wire_dtype": "float32",
+//    "seed": 1,
+//    "x": tensor, "y": tensor,          // the first step's batch (details: server gradients)
+//    "train_x": tensor, "train_y": tensor, "batch_size": 8, "epochs": 3,  // then fit()
+//    "predict_x": tensor,               // then predict() through the server
+//    "save_dir": "dir"}                 // then <save_dir>/<segment>_tfjs bundles of the trained models
+//   tensor = {"shape": [..], "dtype": "float32"|"int32", "data": "<base64 little-endian>"}
+// OUT.json: {"first_step": {loss, metrics, bytesSent, bytesReceived, server_input_gradients},
+//   "weights_after_first_step": {name: tensor}, "fit": {history, steps, bytesSent, bytesReceived},
+//   "prediction": tensor, "weights": {name: tensor}, "stats": {...}} or {"error": "..."}.
+
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import * as tf from '@tensorflow/tfjs';
+import { loadLayersModelFromDir } from '../src/node_io.js';
+
+const decode = ({ shape, dtype = 'float32', data }) => {
+  const bytes = Buffer.from(data, 'base64');
+  const copy = bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength);
+  return tf.tensor(dtype === 'int32' ? new Int32Array(copy) : new Float32Array(copy), shape, dtype);
+};
+const encodeArray = (shape, values) => ({
+  shape, dtype: 'float32',
+  data: Buffer.from(values.buffer, values.byteOffset, values.byteLength).toString('base64'),
+});
+const encode = (tensor) => encodeArray(tensor.shape, Float32Array.from(tensor.dataSync()));
+
+async function saveBundle(model, dir) {
+  await mkdir(dir, { recursive: true });
+  await model.save(tf.io.withSaveHandler(async (artifacts) => {
+    const shard = 'group1-shard1of1.bin';
+    await writeFile(path.join(dir, shard), Buffer.from(tf.io.CompositeArrayBuffer.join(artifacts.weightData)));
+    await writeFile(path.join(dir, 'model.json'), JSON.stringify({
+      format: artifacts.format, generatedBy: artifacts.generatedBy,
+      convertedBy: 'splitkeras tools/device_e2e.mjs', modelTopology: artifacts.modelTopology,
+      weightsManifest: [{ paths: [shard], weights: artifacts.weightSpecs }],
+    }));
+    return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } };
+  }));
+}
+
+function weightsOut(device) {
+  const shapes = {};
+  for (const name of device.devices.map((s) => s.name)) {
+    for (const w of device.model(name).weights) shapes[w.originalName] = w.shape;
+  }
+  return Object.fromEntries(Object.entries(device.getWeights())
+    .map(([name, values]) => [name, encodeArray(shapes[name], values)]));
+}
+
+async function run(job) {
+  const app = path.resolve(job.app_dir);
+  const { SplitDevice } = await import(pathToFileURL(path.join(app, 'splitkeras-device', 'src',
+    'runtime.js')).href);
+  const manifest = JSON.parse(await readFile(path.join(app, 'split.json'), 'utf8'));
+  const models = {};
+  for (const entry of manifest.segments.filter((s) => s.placement === 'device')) {
+    models[entry.name] = await loadLayersModelFromDir(tf, path.join(app, path.dirname(entry.tfjs)));
+  }
+  const device = await SplitDevice.create({ tf, manifest, models, serverUrl: job.server_url,
+    key: job.key, wireDtype: job.wire_dtype ?? 'float32', seed: job.seed ?? 1 });
+  const out = {};
+  await device.openSession();
+  const first = await device.trainStep(decode(job.x), decode(job.y), { details: true });
+  out.first_step = { loss: first.loss, metrics: first.metrics, bytesSent: first.bytesSent,
+    bytesReceived: first.bytesReceived, seconds: first.seconds,
+    server_input_gradients: Object.fromEntries(Object.entries(first.details.serverInputGradients)
+      .map(([name, t]) => [name, encodeArray(t.shape, t.data)])) };
+  out.weights_after_first_step = weightsOut(device);
+  if (job.train_x) {
+    const started = Date.now();
+    out.fit = await device.fit(decode(job.train_x), decode(job.train_y), {
+      batchSize: job.batch_size ?? 8, epochs: job.epochs ?? 1, shuffle: false });
+    out.fit.seconds = (Date.now() - started) / 1000;
+  }
+  if (job.predict_x) out.prediction = encode(await device.predict(decode(job.predict_x)));
+  out.weights = weightsOut(device);
+  if (job.save_dir) {
+    for (const name of Object.keys(models)) {
+      await saveBundle(device.model(name), path.join(job.save_dir, `${name}_tfjs`));
+    }
+  }
+  out.stats = device.stats;
+  await device.closeSession();
+  return out;
+}
+
+const [jobPath, outPath] = process.argv.slice(2);
+if (!jobPath || !outPath) {
+  console.error('usage: node tools/device_e2e.mjs JOB.json OUT.json');
+  process.exit(2);
+}
+await tf.setBackend('cpu');
+let result;
+try {
+  result = await run(JSON.parse(await readFile(jobPath, 'utf8')));
+} catch (error) {
+  result = { error: `${error.name}: ${error.message}`, stack: error.stack };
+}
+await writeFile(outPath, JSON.stringify(result));
+process.exit(result.error ? 1 : 0);

@@ -1,0 +1,758 @@
+"""Keras 3 -> TF.js export, checked in the real @tensorflow/tfjs 4.22 under Node.
+
+Every supported layer type is exported with non-default settings, run by
+`mobile_export/tools/tfjs_predict.mjs` (pure-JS CPU backend) and compared with
+Keras: `model.predict`, and for deterministic models also the training forward
+pass, the VJP (weight and input gradients of sum(output * g)) and the moving
+statistics after that pass. All bundles of this module run in ONE node process
+(node + tfjs start costs ~1 s). `pytest -s` prints the measured differences.
+
+Measured (TF 2.21, Keras 3.15.1, tfjs 4.22.0, outputs of order 1-30):
+- predict max|TF.js - Keras| <= 1.9e-6 (merges; most layers 1e-7..1e-6);
+  training outputs <= 1.9e-6; gradients <= 2.3e-6 relative to max(1, max|grad|).
+- quantized bundles, max|TF.js - Keras float32| relative to max|output|:
+  float16 2.1e-3 (abs 6.2e-3), uint16 1.4e-4 (abs 4.0e-4), uint8 1.8e-2 (abs 0.10
+  on outputs up to 17.7). See converters/README.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers as L  # noqa: E402
+
+from converters import SUPPORTED_LAYERS, check_tfjs_supported, export_tfjs, load_tfjs_weights  # noqa: E402
+from converters.tfjs_bundle import read_bundle_weights  # noqa: E402
+from converters.tfjs_config import tfjs_named_weights  # noqa: E402
+from splitkeras.errors import ExportError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MOBILE = REPO / "mobile_export"
+TOOL = MOBILE / "tools" / "tfjs_predict.mjs"
+TOLERANCE = 1e-5  # max |TF.js - Keras| on outputs of order 1
+GRAD_TOLERANCE = 2e-5  # relative to max(1, max |gradient|)
+LEARNING_RATE = 0.1
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    id: str
+    build: Callable[[], keras.Model]
+    deterministic: bool = True  # training pass comparable (no random layers)
+    int_high: int = 0  # > 0: integer inputs in [0, int_high)
+    sgd_round_trip: bool = False  # node applies an SGD step, saves; Python reads it back
+    tolerance: float = TOLERANCE
+
+
+def _model(inputs: Any, outputs: Any, name: str) -> keras.Model:
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _dense_activations() -> keras.Model:
+    x = keras.Input((6,), name="x")
+    names = ["linear", "relu", "relu6", "elu", "selu", "sigmoid", "tanh", "softmax", "log_softmax",
+             "softplus", "softsign", "silu", "swish", "mish", "gelu"]
+    return _model(x, [L.Dense(5, activation=a, name=f"dense_{a}")(x) for a in names], "activations")
+
+
+def _conv2d() -> keras.Model:
+    x = keras.Input((9, 8, 3))
+    y = L.Conv2D(4, (3, 2), strides=(2, 1), padding="same", activation="relu")(x)
+    y = L.Conv2D(3, (2, 3), strides=(1, 2), use_bias=False, kernel_regularizer=keras.regularizers.L2(0.01))(y)
+    z = L.Conv2D(2, 1, padding="valid", activation="tanh")(x)
+    return _model(x, [y, z], "conv2d")
+
+
+def _conv1d() -> keras.Model:
+    x = keras.Input((11, 3))
+    a = L.Conv1D(4, 3, strides=2, padding="same", activation="relu")(x)
+    b = L.Conv1D(3, 5, strides=3, padding="valid", activation="sigmoid")(x)
+    c = L.Conv1D(2, 4, padding="valid", use_bias=False)(x)
+    return _model(x, [a, b, c], "conv1d")
+
+
+def _conv_transpose() -> keras.Model:
+    x = keras.Input((5, 4, 3))
+    y = L.Conv2DTranspose(3, 3, strides=2, padding="same", activation="relu")(x)
+    y = L.Conv2DTranspose(2, (2, 3), strides=(1, 2), padding="valid", use_bias=False)(y)
+    return _model(x, y, "conv_transpose")
+
+
+def _depthwise_separable() -> keras.Model:
+    x = keras.Input((9, 9, 3))
+    a = L.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same", activation="relu")(x)
+    b = L.DepthwiseConv2D((2, 3), strides=(1, 2), use_bias=False)(x)
+    c = L.SeparableConv2D(5, 3, depth_multiplier=2, strides=2, padding="same", activation="elu")(x)
+    d = L.SeparableConv2D(3, (3, 2), strides=(2, 1), use_bias=False)(x)
+    return _model(x, [a, b, c, d], "depthwise_separable")
+
+
+def _batchnorm() -> keras.Model:
+    x = keras.Input((6, 5, 4))
+    y = L.BatchNormalization(momentum=0.8, epsilon=1e-2)(x)
+    y = L.Conv2D(3, 2)(y)
+    y = L.BatchNormalization(axis=3, momentum=0.5, center=True)(y)  # axis given as a number
+    v = L.BatchNormalization(epsilon=0.1, gamma_regularizer=keras.regularizers.L1(0.02))(L.Flatten()(y))
+    return _model(x, [y, v], "batchnorm")
+
+
+def _layernorm() -> keras.Model:
+    x = keras.Input((4, 6))
+    a = L.LayerNormalization(epsilon=1e-4)(x)
+    b = L.LayerNormalization(axis=[1, 2])(x)
+    c = L.LayerNormalization(axis=1, epsilon=0.3)(x)
+    return _model(x, [a, b, c], "layernorm")
+
+
+def _activation_layers() -> keras.Model:
+    x = keras.Input((3, 5))
+    outs = [L.ReLU(max_value=0.6)(x), L.ReLU()(x), L.LeakyReLU(negative_slope=0.17)(x),
+            L.PReLU(shared_axes=[1])(x), L.ELU()(x), L.Softmax(axis=2)(x),
+            L.Activation("gelu")(x), L.Activation("silu")(x), L.Activation("softmax")(x)]
+    return _model(x, outs, "activation_layers")
+
+
+def _pooling() -> keras.Model:
+    x = keras.Input((7, 9, 3))
+    s = keras.Input((9, 4))
+    outs = [L.MaxPooling2D((3, 2), strides=(2, 1), padding="same")(x),
+            L.AveragePooling2D(2)(x), L.AveragePooling2D((3, 2), strides=(1, 2))(x),
+            L.GlobalAveragePooling2D()(x), L.GlobalMaxPooling2D()(x),
+            L.MaxPooling1D(3, strides=2, padding="same")(s), L.AveragePooling1D(2)(s),
+            L.AveragePooling1D(3, strides=1)(s), L.GlobalAveragePooling1D()(s), L.GlobalMaxPooling1D()(s)]
+    return _model([x, s], outs, "pooling")
+
+
+def _shapes() -> keras.Model:
+    x = keras.Input((4, 6))
+    v = keras.Input((5,))
+    outs = [L.Flatten()(x), L.Reshape((-1, 3))(x), L.Reshape((2, 2, 6))(x), L.Permute((2, 1))(x),
+            L.RepeatVector(3)(v)]
+    return _model([x, v], outs, "shapes")
+
+
+def _padding_cropping() -> keras.Model:
+    x = keras.Input((5, 6, 2))
+    outs = [L.ZeroPadding2D(((1, 2), (0, 3)))(x), L.Cropping2D(((1, 0), (2, 1)))(x),
+            L.Cropping2D(1)(x)]
+    return _model(x, outs, "padding_cropping")
+
+
+def _merges() -> keras.Model:
+    a, b, c = keras.Input((4,), name="a"), keras.Input((4,), name="b"), keras.Input((3, 4), name="c")
+    outs = [L.Add()([a, b]), L.Multiply()([a, b]), L.Average()([a, b]), L.Maximum()([a, b]),
+            L.Minimum()([a, b]), L.Concatenate(axis=1)([c, c]), L.Concatenate()([a, b]),
+            L.Dot(axes=1, normalize=True)([a, b]), L.Dot(axes=(2, 2))([c, c])]
+    return _model([a, b, c], outs, "merges")
+
+
+def _embedding() -> keras.Model:
+    ids = keras.Input((5,), dtype="int32", name="ids")
+    y = L.Embedding(20, 4, embeddings_regularizer=keras.regularizers.L2(0.001))(ids)
+    return _model(ids, L.Dense(2)(L.Flatten()(y)), "embedding")
+
+
+def _lstm() -> keras.Model:
+    x = keras.Input((6, 3))
+    y = L.LSTM(5, return_sequences=True, activation="relu")(x)
+    y = L.LSTM(3, go_backwards=True, unit_forget_bias=False, recurrent_dropout=0.0)(y)
+    seq, h, c = L.LSTM(2, return_sequences=True, return_state=True)(x)
+    return _model(x, [y, seq, h, c], "lstm")
+
+
+def _gru_rnn() -> keras.Model:
+    x = keras.Input((6, 3))
+    g = L.GRU(4, reset_after=False, return_sequences=True)(x)
+    g = L.GRU(3, reset_after=False, activation="relu", go_backwards=True)(g)
+    r = L.SimpleRNN(4, activation="tanh", return_sequences=True, go_backwards=True)(x)
+    return _model(x, [g, L.SimpleRNN(2, use_bias=False)(r)], "gru_rnn")
+
+
+def _rescaling() -> keras.Model:
+    x = keras.Input((4, 4, 3))
+    return _model(x, L.Rescaling(1 / 127.5, offset=-1.0)(L.Rescaling(255.0)(x)), "rescaling")
+
+
+def _random_layers() -> keras.Model:
+    x = keras.Input((6, 4))
+    y = L.Dropout(0.3, seed=1)(x)
+    y = L.SpatialDropout1D(0.2)(y)
+    y = L.GaussianNoise(0.5)(y)
+    y = L.GaussianDropout(0.2)(y)
+    return _model(x, L.AlphaDropout(0.1)(L.Dense(3)(y)), "random_layers")
+
+
+def _segment() -> keras.Model:
+    """A head-like segment: named inputs, a shared layer, merges, BN, two outputs."""
+    image = keras.Input((8, 8, 2), name="image")
+    extra = keras.Input((4,), name="extra")
+    y = L.Conv2D(4, 3, padding="same", name="conv")(image)
+    y = L.BatchNormalization(name="bn")(y)
+    y = L.ReLU(name="relu")(y)
+    y = L.MaxPooling2D(name="pool")(y)
+    y = L.Flatten(name="flat")(y)
+    shared = L.Dense(4, activation="tanh", name="shared")
+    merged = L.Concatenate(name="concat")([shared(L.Dense(4, name="proj")(y)), shared(extra)])
+    frozen = L.Dense(3, name="frozen", trainable=False)
+    return _model([image, extra], [L.Dense(3, name="out")(merged), frozen(extra)], "segment")
+
+
+def _sequential() -> keras.Model:
+    return keras.Sequential([keras.Input((5,)), L.Dense(4, activation="relu"), L.Dense(2)], name="seq")
+
+
+def _no_weights() -> keras.Model:
+    x = keras.Input((4, 4, 2))
+    return _model(x, L.Activation("tanh")(L.GlobalAveragePooling2D()(x)), "no_weights")
+
+
+CASES = [
+    Case("dense_activations", _dense_activations), Case("conv2d", _conv2d), Case("conv1d", _conv1d),
+    Case("conv_transpose", _conv_transpose), Case("depthwise_separable", _depthwise_separable),
+    Case("batchnorm", _batchnorm, sgd_round_trip=True), Case("layernorm", _layernorm),
+    Case("activation_layers", _activation_layers), Case("pooling", _pooling), Case("shapes", _shapes),
+    Case("padding_cropping", _padding_cropping), Case("merges", _merges),
+    Case("embedding", _embedding, int_high=20), Case("lstm", _lstm, sgd_round_trip=True),
+    Case("gru_rnn", _gru_rnn), Case("rescaling", _rescaling),
+    Case("random_layers", _random_layers, deterministic=False), Case("segment", _segment, sgd_round_trip=True),
+    Case("sequential", _sequential), Case("no_weights", _no_weights),
+]
+QUANTIZED = ["segment", "conv2d", "lstm"]  # exported again with each quantization
+
+
+# ----------------------------------------------------------------------------- helpers
+def _randomize(model: keras.Model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        if variable.name == "moving_variance":
+            value = rng.uniform(0.3, 2.0, shape)
+        elif variable.name == "gamma":
+            value = rng.uniform(0.5, 1.5, shape)
+        else:
+            value = rng.normal(0.0, 0.5, shape)
+        variable.assign(value.astype(variable.dtype))
+
+
+def _inputs(model: keras.Model, case: Case, rng: np.random.Generator, batch: int = 3) -> list[np.ndarray]:
+    arrays = []
+    for tensor in model.inputs:
+        shape = (batch, *tensor.shape[1:])
+        if "int" in str(tensor.dtype):
+            arrays.append(rng.integers(0, case.int_high, shape).astype(np.int32))
+        else:
+            arrays.append(rng.normal(0.0, 1.5, shape).astype(np.float32))
+    return arrays
+
+
+def _encode(array: np.ndarray) -> dict[str, Any]:
+    dtype = "int32" if array.dtype.kind in "iu" else "float32"
+    data = np.ascontiguousarray(array, dtype="<i4" if dtype == "int32" else "<f4").tobytes()
+    return {"shape": list(array.shape), "dtype": dtype, "data": base64.b64encode(data).decode()}
+
+
+def _decode(tensor: dict[str, Any]) -> np.ndarray:
+    dtype = "<i4" if tensor["dtype"] == "int32" else "<f4"
+    return np.frombuffer(base64.b64decode(tensor["data"]), dtype).reshape(tensor["shape"])
+
+
+def _as_list(value: Any) -> list[np.ndarray]:
+    return [np.asarray(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _max_diff(left: list[np.ndarray], right: list[np.ndarray]) -> float:
+    assert [a.shape for a in left] == [tuple(b.shape) for b in right]
+    return max((float(np.max(np.abs(a - b))) for a, b in zip(left, right) if a.size), default=0.0)
+
+
+def _require_node() -> None:
+    if shutil.which("node") is None:
+        pytest.fail("node is not on PATH; install Node.js 20 to run the TF.js tests")
+    if not (MOBILE / "node_modules" / "@tensorflow" / "tfjs").is_dir():
+        pytest.fail("mobile_export/node_modules is missing @tensorflow/tfjs: "
+                    "run `npm ci --prefix mobile_export`")
+
+
+def run_tfjs(jobs: list[dict[str, Any]], work: Path) -> dict[str, dict[str, Any]]:
+    """Run all `jobs` in one node process; results by job id."""
+    _require_node()
+    job_file, out_file = work / "jobs.json", work / "results.json"
+    job_file.write_text(json.dumps({"jobs": jobs}))
+    done = subprocess.run(["node", str(TOOL), str(job_file), str(out_file)], cwd=MOBILE,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"tfjs_predict.mjs failed:\n{done.stderr[-3000:]}"
+    return {r["id"]: r for r in json.loads(out_file.read_text())["results"]}
+
+
+# ----------------------------------------------------------------------------- one node run
+@dataclass
+class Built:
+    case: Case
+    model: keras.Model
+    inputs: list[np.ndarray]
+    predict: list[np.ndarray]
+    regularization_loss: float
+    bundle: Path
+    training: list[np.ndarray] | None = None
+    gradients: dict[str, np.ndarray] | None = None
+    input_gradients: list[np.ndarray | None] | None = None
+    weights_after: dict[str, np.ndarray] | None = None  # after one training pass (+ SGD step)
+    save_dir: Path | None = None
+
+
+def _names(model: keras.Model) -> dict[str, str]:
+    return {variable.path: name for name, variable in tfjs_named_weights(model)}
+
+
+def _training_reference(built: Built, rng: np.random.Generator) -> dict[str, Any]:
+    """Keras training pass, VJP of sum(out * g), and the weights after (an SGD step if asked)."""
+    model, case = built.model, built.case
+    upstream = [rng.normal(size=p.shape).astype(np.float32) for p in built.predict]
+    names = _names(model)
+    feeds = [tf.Variable(a) if a.dtype == np.float32 else tf.constant(a) for a in built.inputs]
+    with tf.GradientTape() as tape:
+        outputs = model(feeds if len(feeds) > 1 else feeds[0], training=True)
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        loss = tf.add_n([tf.reduce_sum(o * g) for o, g in zip(outputs, upstream)])
+    sources = list(model.trainable_weights)
+    float_feeds = [f for f in feeds if isinstance(f, tf.Variable)]
+    grads = tape.gradient(loss, sources + float_feeds)
+    built.training = [np.asarray(o) for o in outputs]
+    built.gradients = {names[v.path]: np.asarray(tf.convert_to_tensor(g))
+                       for v, g in zip(model.trainable_weights, grads)}
+    it = iter(grads[len(sources):])
+    built.input_gradients = [np.asarray(next(it)) if isinstance(f, tf.Variable) else None for f in feeds]
+    built.weights_after = {names[v.path]: np.asarray(v) for v in model.weights}
+    job: dict[str, Any] = {"upstream": [_encode(g) for g in upstream], "return_weights": True}
+    if case.sgd_round_trip:
+        for name, grad in built.gradients.items():
+            built.weights_after[name] = built.weights_after[name] - LEARNING_RATE * grad
+        built.save_dir = built.bundle.parent / f"{case.id}_trained"
+        job.update(sgd_learning_rate=LEARNING_RATE, save_dir=str(built.save_dir))
+    return job
+
+
+@dataclass
+class World:
+    built: dict[str, Built]
+    results: dict[str, dict[str, Any]]
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    _require_node()
+    work = tmp_path_factory.mktemp("tfjs")
+    built: dict[str, Built] = {}
+    jobs: list[dict[str, Any]] = []
+    for index, case in enumerate(CASES):
+        model = case.build()
+        _randomize(model, seed=index)
+        rng = np.random.default_rng(1000 + index)
+        inputs = _inputs(model, case, rng)
+        bundle = work / case.id
+        export_tfjs(model, bundle)  # before any training pass changes the moving statistics
+        for quantization in ("float16", "uint8", "uint16") if case.id in QUANTIZED else ():
+            quantized = work / f"{case.id}_{quantization}"
+            export_tfjs(model, quantized, quantization=quantization)
+            jobs.append({"id": quantized.name, "bundle_dir": str(quantized),
+                         "inputs": [_encode(a) for a in inputs]})
+        if case.id == "segment":
+            export_tfjs(model, work / "segment_sharded", shard_size_bytes=300)
+            jobs.append({"id": "segment_sharded", "bundle_dir": str(work / "segment_sharded"),
+                         "inputs": [_encode(a) for a in inputs]})
+        predict = _as_list(model.predict(inputs if len(inputs) > 1 else inputs[0], verbose=0))
+        losses = [float(keras.ops.convert_to_numpy(loss)) for loss in model.losses]
+        built[case.id] = item = Built(case, model, inputs, predict, sum(losses), bundle)
+        job = {"id": case.id, "bundle_dir": str(bundle), "inputs": [_encode(a) for a in inputs]}
+        if case.deterministic:
+            job.update(_training_reference(item, rng))
+        jobs.append(job)
+    jobs.append({"id": "missing", "bundle_dir": str(work / "does_not_exist"), "inputs": []})
+    return World(built, run_tfjs(jobs, work), work)
+
+
+def _result(world: World, job_id: str) -> dict[str, Any]:
+    result = world.results[job_id]
+    assert "error" not in result, f"TF.js failed on {job_id}: {result['error']}"
+    return result
+
+
+# ----------------------------------------------------------------------------- numeric matrix
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_predict_matches_keras(world: World, case: Case) -> None:
+    built, result = world.built[case.id], _result(world, case.id)
+    outputs = [_decode(t) for t in result["outputs"]]
+    diff = _max_diff(outputs, built.predict)
+    scale = max((float(np.abs(p).max()) for p in built.predict if p.size), default=0.0)
+    print(f"predict {case.id}: max|TF.js - Keras| = {diff:.3g} (outputs up to {scale:.3g})")
+    assert diff <= case.tolerance, f"{case.id}: max|TF.js - Keras| = {diff:.3g}"
+    reference = built.regularization_loss
+    assert abs(result["regularization_loss"] - reference) <= 1e-5 * max(1.0, abs(reference))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.deterministic], ids=lambda c: c.id)
+def test_training_pass_matches_keras(world: World, case: Case) -> None:
+    """model.apply(x, {training: true}), the VJP and the updated moving statistics."""
+    built, result = world.built[case.id], _result(world, case.id)
+    assert "training_error" not in result, f"TF.js training failed: {result['training_error']}"
+    output_diff = _max_diff([_decode(t) for t in result["training_outputs"]], built.training)
+    assert output_diff <= case.tolerance
+    assert set(result["gradients"]) == set(built.gradients), "trainable weights differ"
+    worst = 0.0  # max |TF.js - Keras| / max(1, max |Keras|), over weight and input gradients
+    pairs = [(name, _decode(result["gradients"][name]), ref) for name, ref in built.gradients.items()]
+    for index, (got, reference) in enumerate(zip(result["input_gradients"], built.input_gradients)):
+        assert (got is None) == (reference is None)
+        if reference is not None:
+            pairs.append((f"input {index}", _decode(got), reference))
+    for name, got, reference in pairs:
+        scale = max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+        relative = float(np.max(np.abs(got - reference), initial=0.0)) / scale
+        worst = max(worst, relative)
+        assert relative <= GRAD_TOLERANCE, f"gradient of {name}: {relative:.3g}"
+    print(f"training {case.id}: outputs {output_diff:.3g}, gradients (relative) {worst:.3g}")
+    assert set(result["weights"]) == set(built.weights_after)
+    for name, reference in built.weights_after.items():
+        assert _max_diff([_decode(result["weights"][name])], [reference]) <= 1e-5, name
+
+
+def test_every_supported_layer_is_in_the_numeric_matrix(world: World) -> None:
+    tested = {type(layer).__name__ for built in world.built.values() for layer in built.model.layers}
+    assert SUPPORTED_LAYERS <= tested, f"supported but never checked in TF.js: {SUPPORTED_LAYERS - tested}"
+
+
+# ----------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("case", [c for c in CASES if c.sgd_round_trip], ids=lambda c: c.id)
+def test_device_trained_bundle_loads_back_into_keras(world: World, case: Case) -> None:
+    """TF.js takes one SGD step and saves; load_tfjs_weights reads exactly those weights back."""
+    built = world.built[case.id]
+    result = _result(world, case.id)
+    assert "training_error" not in result
+    model = keras.models.clone_model(built.model)
+    load_tfjs_weights(model, built.save_dir)
+    loaded = {name: np.asarray(v) for name, v in tfjs_named_weights(model)}
+    assert set(loaded) == set(built.weights_after)
+    for name, reference in built.weights_after.items():
+        assert np.max(np.abs(loaded[name] - reference)) <= 1e-5, name
+    before = read_bundle_weights(built.bundle)
+    changed = [name for name in before if not np.array_equal(before[name], loaded[name])]
+    assert changed, "the SGD step changed nothing: this test could not fail"
+
+
+# max |TF.js on the quantized bundle - Keras float32| / max |output|; measured at most
+# float16 2.1e-3, uint16 1.4e-4, uint8 1.8e-2 (see the module docstring)
+QUANTIZATION_BOUNDS = {"float16": 5e-3, "uint16": 5e-4, "uint8": 5e-2}
+
+
+@pytest.mark.parametrize("quantization", ["float16", "uint16", "uint8"])
+def test_quantized_bundles(world: World, quantization: str) -> None:
+    """TF.js dequantizes like read_bundle_weights; the error against float32 stays bounded."""
+    for case_id in QUANTIZED:
+        built, bundle = world.built[case_id], world.work / f"{case_id}_{quantization}"
+        result = _result(world, bundle.name)
+        outputs = [_decode(t) for t in result["outputs"]]
+        dequantized = keras.models.clone_model(built.model)
+        load_tfjs_weights(dequantized, bundle)
+        inputs = built.inputs if len(built.inputs) > 1 else built.inputs[0]
+        same_weights = _as_list(dequantized(inputs, training=False))
+        assert _max_diff(outputs, same_weights) <= TOLERANCE, f"{case_id}: TF.js dequantizes differently"
+        error = _max_diff(outputs, built.predict)
+        scale = max(float(np.abs(p).max()) for p in built.predict)
+        print(f"quantization {quantization} {case_id}: max|TF.js - Keras float32| = {error:.3g} "
+              f"(outputs up to {scale:.3g}, relative {error / scale:.3g})")
+        assert 0.0 < error <= QUANTIZATION_BOUNDS[quantization] * scale, f"{case_id} {quantization}"
+        float_bytes = sum(p.stat().st_size for p in built.bundle.glob("*.bin"))
+        quantized_bytes = sum(p.stat().st_size for p in bundle.glob("*.bin"))
+        ratio = {"float16": 2, "uint16": 2, "uint8": 4}[quantization]
+        assert quantized_bytes == float_bytes // ratio
+
+
+def test_sharded_bundle_loads_in_tfjs(world: World) -> None:
+    shards = sorted(p.name for p in (world.work / "segment_sharded").glob("*.bin"))
+    assert len(shards) > 3 and shards[0].startswith("group1-shard1of")
+    outputs = [_decode(t) for t in _result(world, "segment_sharded")["outputs"]]
+    assert _max_diff(outputs, world.built["segment"].predict) <= TOLERANCE
+
+
+def test_tool_reports_a_missing_bundle(world: World) -> None:
+    assert "cannot read the TF.js bundle" in world.results["missing"]["error"]
+
+
+# ----------------------------------------------------------------------------- refusals
+class _Custom(L.Layer):
+    def call(self, x):
+        return x * 2.0
+
+
+class _MyDense(L.Dense):
+    pass
+
+
+def _single(layer_factory: Callable[[], L.Layer], shape: tuple[int, ...] = (6, 6, 3),
+            dtype: str = "float32") -> Callable[[], keras.Model]:
+    def build() -> keras.Model:
+        x = keras.Input(shape, dtype=dtype)
+        return keras.Model(x, layer_factory()(x))
+    return build
+
+
+def _frozen_batchnorm() -> keras.Model:
+    x = keras.Input((4,))
+    layer = L.BatchNormalization(name="frozen_bn")
+    layer.trainable = False
+    return keras.Model(x, layer(x))
+
+
+def _subtract() -> keras.Model:
+    a, b = keras.Input((3,)), keras.Input((3,))
+    return keras.Model([a, b], L.Subtract(name="sub")([a, b]))
+
+
+def _nested() -> keras.Model:
+    inner = keras.Sequential([keras.Input((3,)), L.Dense(2)], name="inner")
+    x = keras.Input((3,))
+    return keras.Model(x, inner(x))
+
+
+def _dict_inputs() -> keras.Model:
+    a = keras.Input((3,), name="a")
+    return keras.Model({"a": a}, L.Dense(2)(a))
+
+
+def _initial_state() -> keras.Model:
+    x, h, c = keras.Input((4, 3)), keras.Input((2,)), keras.Input((2,))
+    return keras.Model([x, h, c], L.LSTM(2, name="lstm_state")(x, initial_state=[h, c]))
+
+
+REFUSED = [
+    ("gru_reset_after", _single(lambda: L.GRU(3, name="gru_1"), (5, 2)),
+     "layer 'gru_1' (GRU): reset_after=True is not supported by TensorFlow.js; rebuild the layer "
+     "with reset_after=False"),
+    ("lambda", _single(lambda: L.Lambda(lambda t: t + 1.0, name="plus_one")),
+     "layer 'plus_one' (Lambda): Lambda layers run Python code"),
+    ("custom_layer", _single(lambda: _Custom(name="twice")), "layer 'twice' (_Custom): this layer type "
+     "is not supported"),
+    ("subclassed_builtin", _single(lambda: _MyDense(2, name="mine")), "layer 'mine' (_MyDense)"),
+    ("subtract", _subtract, "layer 'sub' (Subtract): TensorFlow.js 4.22 has no Subtract layer"),
+    ("upsampling", _single(lambda: L.UpSampling2D(name="up")), "layer 'up' (UpSampling2D): TF.js 4.22 "
+     "computes its gradient wrongly"),
+    ("relu_negative_slope", _single(lambda: L.ReLU(max_value=6.0, negative_slope=0.1, name="r")),
+     "layer 'r' (ReLU): negative_slope=0.1 is not supported by TensorFlow.js"),
+    ("relu_threshold", _single(lambda: L.ReLU(threshold=0.5, name="r")), "threshold=0.5"),
+    ("elu_alpha", _single(lambda: L.ELU(alpha=0.7, name="e")), "layer 'e' (ELU): alpha=0.7"),
+    ("hard_sigmoid", _single(lambda: L.Dense(2, activation="hard_sigmoid", name="d"), (3,)),
+     "layer 'd' (Dense): activation='hard_sigmoid' is not supported: TF.js computes 0.2*x+0.5"),
+    ("exponential", _single(lambda: L.Activation("exponential", name="a"), (3,)),
+     "activation='exponential' is not supported: TensorFlow.js 4.22 has no such activation"),
+    ("custom_activation", _single(lambda: L.Dense(2, activation=lambda t: t * 2.0, name="d"), (3,)),
+     "layer 'd' (Dense): activation=<custom function> is not supported: TF.js cannot run Python"),
+    ("groups", _single(lambda: L.Conv2D(6, 3, groups=3, name="c"), (6, 6, 6)), "groups=3"),
+    ("channels_first", _single(lambda: L.Conv2D(2, 3, data_format="channels_first", name="c")),
+     "data_format='channels_first' is not supported by TensorFlow.js; rebuild the layer with "
+     "data_format='channels_last'"),
+    ("dilation", _single(lambda: L.Conv2D(2, 3, dilation_rate=2, name="c")),
+     "dilation_rate=[2, 2] is not supported by TensorFlow.js; rebuild the layer with dilation_rate=[1, 1] "
+     "(TF.js 4.22 cannot compute gradients through dilated convolutions)"),
+    ("depthwise_dilation", _single(lambda: L.DepthwiseConv2D(3, dilation_rate=2, name="c")),
+     "layer 'c' (DepthwiseConv2D): dilation_rate=[2, 2]"),
+    ("causal", _single(lambda: L.Conv1D(2, 3, padding="causal", name="c"), (8, 2)), "padding='causal'"),
+    ("output_padding", _single(lambda: L.Conv2DTranspose(2, 3, strides=2, output_padding=1, name="t")),
+     "output_padding=[1, 1]"),
+    ("avg_pool_same", _single(lambda: L.AveragePooling2D(2, padding="same", name="p")), "padding='same'"),
+    ("keepdims", _single(lambda: L.GlobalAveragePooling2D(keepdims=True, name="g")), "keepdims=True"),
+    ("softmax_axis", _single(lambda: L.Softmax(axis=1, name="s"), (3, 4)),
+     "layer 's' (Softmax): axis=1 is not supported"),
+    ("batchnorm_axis", _single(lambda: L.BatchNormalization(axis=1, name="bn")), "layer 'bn' "
+     "(BatchNormalization): axis=1 is not supported: TF.js 4.22 only handles the last axis"),
+    ("batchnorm_frozen", _frozen_batchnorm, "layer 'frozen_bn' (BatchNormalization): trainable=False "
+     "is not supported"),
+    ("batchnorm_center", _single(lambda: L.BatchNormalization(center=False, name="bn")), "center=False"),
+    ("layernorm_scale", _single(lambda: L.LayerNormalization(scale=False, name="ln")), "scale=False"),
+    ("rms_scaling", _single(lambda: L.LayerNormalization(rms_scaling=True, name="ln")), "rms_scaling=True"),
+    ("constraint", _single(lambda: L.Dense(2, kernel_constraint=keras.constraints.MaxNorm(1.0),
+                                           name="d"), (3,)), "layer 'd' (Dense): kernel_constraint is set"),
+    ("activity_regularizer", _single(lambda: L.Conv2D(2, 3, activity_regularizer="l2", name="c")),
+     "activity_regularizer is set"),
+    ("orthogonal_regularizer", _single(lambda: L.Dense(2, kernel_regularizer=keras.regularizers
+                                                       .OrthogonalRegularizer(), name="d"), (3,)),
+     "kernel_regularizer='OrthogonalRegularizer' is not supported by TensorFlow.js"),
+    ("mixed_precision", _single(lambda: L.Dense(2, dtype="mixed_float16", name="d"), (3,)),
+     "dtype policy 'mixed_float16' is not supported"),
+    ("mask_zero", _single(lambda: L.Embedding(5, 2, mask_zero=True, name="emb"), (4,), "int32"),
+     "mask_zero=True"),
+    ("masking", _single(lambda: L.Masking(name="m"), (4, 2)), "layer 'm' (Masking): masks are not exported"),
+    ("dropout_noise_shape", _single(lambda: L.Dropout(0.5, noise_shape=(None, 1, 1, 3), name="d")),
+     "noise_shape=[None, 1, 1, 3]"),
+    ("stateful", lambda: keras.Model(x := keras.Input(batch_shape=(2, 4, 3)),
+                                     L.LSTM(2, stateful=True, name="s")(x)), "stateful=True"),
+    ("rescaling_vector", _single(lambda: L.Rescaling([0.5, 1.0, 2.0], name="r")), "scale=[0.5, 1.0, 2.0]"),
+    ("nested_model", _nested, "layer 'inner' (Sequential): nested models are not supported"),
+    ("dict_inputs", _dict_inputs, "the model's inputs or outputs are a dict"),
+    ("initial_state", _initial_state, "layer 'lstm_state' (LSTM): the layer is called with initial_state"),
+    ("bad_name", _single(lambda: L.Dense(2, name="shared:1:0"), (3,)), "layer 'shared:1:0' (Dense): TF.js "
+     "refuses the name 'shared:1:0'"),
+    ("string_input", _single(lambda: L.Identity(), (2,), "string"), "input dtype 'string'"),
+]
+
+
+@pytest.mark.parametrize("build,message", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_refused_with_a_clear_message(build: Callable[[], keras.Model], message: str, tmp_path: Path) -> None:
+    model = build()
+    with pytest.raises(ExportError) as refused:
+        check_tfjs_supported(model)
+    assert message in str(refused.value)
+    with pytest.raises(ExportError):
+        export_tfjs(model, tmp_path / "bundle")
+    assert not (tmp_path / "bundle" / "model.json").exists()
+
+
+# ----------------------------------------------------------------------------- bundle files
+def _small_model(name: str = "small") -> keras.Model:
+    x = keras.Input((3,), name="x")
+    y = L.BatchNormalization(name="bn")(L.Dense(4, name="dense")(x))
+    model = keras.Model(x, L.Dense(2, name="out")(y), name=name)
+    _randomize(model, seed=7)
+    return model
+
+
+def _weights(model: keras.Model) -> dict[str, np.ndarray]:
+    return {name: np.asarray(variable) for name, variable in tfjs_named_weights(model)}
+
+
+def test_model_json_layout(tmp_path: Path) -> None:
+    model = _small_model()
+    path = export_tfjs(model, tmp_path, metadata={"segment": "head", "cut": ["dense"]})
+    assert path == tmp_path / "model.json"
+    model_json = json.loads(path.read_text())
+    assert model_json["format"] == "layers-model"
+    assert model_json["userDefinedMetadata"] == {"segment": "head", "cut": ["dense"]}
+    config = model_json["modelTopology"]["model_config"]
+    assert config["config"]["input_layers"] == [["x", 0, 0]]
+    assert config["config"]["output_layers"] == [["out", 0, 0]]
+    layers = {layer["name"]: layer for layer in config["config"]["layers"]}
+    assert layers["x"]["config"]["batch_input_shape"] == [None, 3]
+    assert layers["bn"]["inbound_nodes"] == [[["dense", 0, 0, {}]]]
+    manifest = model_json["weightsManifest"]
+    assert manifest[0]["paths"] == ["group1-shard1of1.bin"]
+    names = [w["name"] for w in manifest[0]["weights"]]
+    assert names == ["dense/kernel", "dense/bias", "bn/gamma", "bn/beta", "bn/moving_mean",
+                     "bn/moving_variance", "out/kernel", "out/bias"]
+    assert (tmp_path / "group1-shard1of1.bin").stat().st_size == 4 * sum(
+        int(np.prod(w["shape"])) for w in manifest[0]["weights"])
+
+
+def test_read_back_is_exact_and_stale_shards_go(tmp_path: Path) -> None:
+    model = _small_model()
+    (tmp_path / "group1-shard3of11.bin").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("kept")
+    export_tfjs(model, tmp_path, shard_size_bytes=20)
+    assert not (tmp_path / "group1-shard3of11.bin").exists() and (tmp_path / "notes.txt").exists()
+    stored = read_bundle_weights(tmp_path)
+    for name, value in _weights(model).items():
+        assert np.array_equal(stored[name], value), name
+
+
+def test_load_reads_changed_weights(tmp_path: Path) -> None:
+    """Rewrite the shard with other numbers: the loaded model must follow the bundle."""
+    model = _small_model()
+    export_tfjs(model, tmp_path)
+    shard = tmp_path / "group1-shard1of1.bin"
+    changed = np.frombuffer(shard.read_bytes(), "<f4") * 2.0 + 0.5
+    shard.write_bytes(changed.astype("<f4").tobytes())
+    target = keras.models.clone_model(model)
+    load_tfjs_weights(target, tmp_path)
+    flat = np.concatenate([np.ravel(v) for v in _weights(target).values()])
+    assert np.array_equal(flat, changed)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    assert not np.allclose(target.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("quantization", ["float16", "uint8", "uint16"])
+def test_quantized_read_back(tmp_path: Path, quantization: str) -> None:
+    model = _small_model()
+    model.get_layer("dense").bias.assign(np.zeros(4, np.float32))
+    export_tfjs(model, tmp_path, quantization=quantization)
+    manifest = json.loads((tmp_path / "model.json").read_text())["weightsManifest"][0]["weights"]
+    assert all(w["dtype"] == "float32" and w["quantization"]["dtype"] == quantization for w in manifest)
+    stored = read_bundle_weights(tmp_path)
+    assert not stored["dense/bias"].any(), "zero must stay exactly zero"
+    levels = {"float16": None, "uint8": 255, "uint16": 65535}[quantization]
+    for name, value in _weights(model).items():
+        spread = float(value.max() - value.min())
+        bound = spread / levels / 2 + 1e-7 if levels else np.abs(value).max() * 2 ** -11
+        assert np.max(np.abs(stored[name] - value)) <= bound + 1e-7, name
+
+
+def test_load_is_strict_and_names_the_weights(tmp_path: Path) -> None:
+    export_tfjs(_small_model(), tmp_path)
+    x = keras.Input((3,), name="x")
+    other = keras.Model(x, L.Dense(2, name="out")(L.Dense(5, name="dense")(x)))
+    before = _weights(other)
+    with pytest.raises(ExportError) as refused:
+        load_tfjs_weights(other, tmp_path)
+    message = str(refused.value)
+    assert "in the bundle but not in the model: ['bn/beta', 'bn/gamma', 'bn/moving_mean'," in message
+    assert "dense/kernel: bundle [3, 4] vs model [3, 5]" in message
+    assert all(np.array_equal(before[n], v) for n, v in _weights(other).items()), "nothing is assigned"
+    y = keras.Input((3,), name="x")
+    bigger = keras.Model(y, L.Dense(2, name="extra")(_small_model()(y)))
+    with pytest.raises(ExportError, match="nested models are not supported"):
+        load_tfjs_weights(bigger, tmp_path)
+    renamed = _small_model()
+    renamed.get_layer("out").name = "head_out"
+    with pytest.raises(ExportError, match=r"missing from the bundle: \['head_out/kernel', 'head_out/bias'\]"):
+        load_tfjs_weights(renamed, tmp_path)
+
+
+def test_broken_bundles_are_reported(tmp_path: Path) -> None:
+    model = _small_model()
+    with pytest.raises(ExportError, match="cannot read a TF.js bundle"):
+        load_tfjs_weights(model, tmp_path / "nowhere")
+    export_tfjs(model, tmp_path)
+    shard = tmp_path / "group1-shard1of1.bin"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(ExportError, match="end inside weight 'out/bias'"):
+        load_tfjs_weights(model, tmp_path)
+    shard.unlink()
+    with pytest.raises(ExportError, match="group1-shard1of1.bin is missing"):
+        load_tfjs_weights(model, tmp_path)
+
+
+def test_export_argument_errors(tmp_path: Path) -> None:
+    model = _small_model()
+    with pytest.raises(ExportError, match=r"quantization='int4' is not supported; expected one of"):
+        export_tfjs(model, tmp_path, quantization="int4")
+    with pytest.raises(ExportError, match="metadata is not JSON-serializable"):
+        export_tfjs(model, tmp_path, metadata={"when": object()})
+    with pytest.raises(ExportError, match="finite numbers"):
+        export_tfjs(model, tmp_path, metadata={"loss": float("nan")})  # JSON.parse rejects NaN
+    with pytest.raises(ExportError, match="shard_size_bytes=0 must be a positive integer"):
+        export_tfjs(model, tmp_path, shard_size_bytes=0)
+    model.get_layer("out").bias.assign(np.array([np.nan, 1.0], np.float32))
+    with pytest.raises(ExportError, match="weight 'out/bias' contains NaN"):
+        export_tfjs(model, tmp_path)
+    model.get_layer("out").bias.assign(np.array([1e6, 1.0], np.float32))
+    with pytest.raises(ExportError, match="weight 'out/bias' has values beyond the float16 range"):
+        export_tfjs(model, tmp_path, quantization="float16")
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_missing_node_modules_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "MOBILE", tmp_path)
+    with pytest.raises(pytest.fail.Exception, match=r"run `npm ci --prefix mobile_export`"):
+        _require_node()
