@@ -125,11 +125,11 @@ def cmd_join(args: argparse.Namespace) -> int:
     import splitkeras
 
     folder = Path(args.split_dir)
-    result = splitkeras.load_split(folder, unsafe_deserialization=args.unsafe_deserialization)
-    model = result.join()
     out = Path(args.output or folder / "joined.keras")
     if out.suffix not in (".keras", ".h5"):
         raise CliError(f"join: output '{out}' must end in .keras or .h5")
+    result = splitkeras.load_split(folder, unsafe_deserialization=args.unsafe_deserialization)
+    model = result.join()
     model.save(out)
     print(f"Joined {len(result.segments)} segments of '{result.model_name}' into {out}")
     return 0
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=cmd_demo)
 
+    from splitkeras import cli_train  # noqa: F401  (appends the `train` command to _EXTRA_COMMANDS)
+    from splitkeras import cli_plan  # noqa: F401  (appends the `plan` command to _EXTRA_COMMANDS)
+    from splitkeras import cli_export  # noqa: F401  (appends the `export` command to _EXTRA_COMMANDS)
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser

@@ -134,8 +134,16 @@ class Manifest:
                 training=data.get("training"),
                 extra={k: v for k, v in data.items() if k not in known},
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise ManifestError(f"Malformed split manifest: missing or invalid field {error}.") from None
+        except KeyError as error:
+            raise ManifestError(
+                f"Malformed split manifest: the field {error} is missing. See docs/manifest.md, "
+                "or re-create the split with `splitkeras split`."
+            ) from None
+        except (TypeError, ValueError) as error:
+            raise ManifestError(
+                f"Malformed split manifest: a field has an invalid value ({error}). See "
+                "docs/manifest.md, or re-create the split with `splitkeras split`."
+            ) from None
         manifest.validate()
         return manifest
 
@@ -143,6 +151,11 @@ class Manifest:
         """Check that every segment input is produced earlier or is a model input."""
         if len(self.segments) < 2:
             raise ManifestError("A split manifest needs at least two segments.")
+        if len(self.cuts) != len(self.segments) - 1:
+            raise ManifestError(
+                f"The manifest lists {len(self.cuts)} cut(s) for {len(self.segments)} segments; "
+                "expected one cut fewer than segments."
+            )
         available = {s.name for s in self.model_inputs}
         names = set()
         for entry in self.segments:

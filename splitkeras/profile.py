@@ -69,7 +69,7 @@ class CutCandidate:
     layer: str
     class_name: str
     output_shapes: list[list[int | None]]
-    crossing: list[str]  # boundary tensors sent from the head to the rest
+    crossing: list[str]  # what the rest receives: head outputs and model inputs it reads
     bytes_per_sample: int  # float32 bytes of all crossing tensors, one sample
     head_parameters: int
     tail_parameters: int
@@ -110,7 +110,9 @@ def cut_candidates(model: keras.Model) -> list[CutCandidate]:
         head_layers = {id(n.operation): n.operation for n in head.nodes}
         head_params = sum(params[k] for k in head_layers)
         head_flops = sum(flops[id(n)] for n in head.nodes)
-        specs = [graph.spec(t) for t in head.outputs]
+        # Everything the rest receives crosses: the head's outputs and any model input
+        # the rest reads directly (it is sent from where the head runs).
+        specs = [graph.spec(t) for t in plans[1].inputs]
         rows.append(
             CutCandidate(
                 layer=layer.name,

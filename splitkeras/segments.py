@@ -180,6 +180,19 @@ class Split:
         (`<name>_tfjs/model.json`), named in the manifest.
         """
         folder = Path(folder)
+        if tfjs:  # refuse before writing anything
+            from converters import check_tfjs_supported
+            from splitkeras.errors import ExportError
+
+            for segment in self.segments:
+                if segment.placement == "device":
+                    try:
+                        check_tfjs_supported(segment.model)
+                    except ExportError as error:
+                        raise ExportError(
+                            f"Device segment '{segment.name}' cannot run in TF.js: {error} "
+                            "(to keep only the Keras segments, pass tfjs=False / --no-tfjs)."
+                        ) from None
         folder.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest
         for segment, entry in zip(self.segments, manifest.segments):
@@ -217,8 +230,13 @@ class Split:
         joined = keras.models.clone_model(shared, clone_function=_clone_layer)
         for layer, copy in zip(shared.layers, joined.layers):
             copy_layer_state(layer, copy)
-        if len(self.model_outputs) == 1:
-            joined = keras.Model(joined.inputs, joined.outputs[0], name=self.model_name)
+        if len(self.model_inputs) == 1 or len(self.model_outputs) == 1:
+            # One input or output is a tensor, not a list of one, as in most source models.
+            joined = keras.Model(
+                joined.inputs[0] if len(joined.inputs) == 1 else joined.inputs,
+                joined.outputs[0] if len(joined.outputs) == 1 else joined.outputs,
+                name=self.model_name,
+            )
         if self.training_config:
             _compile_from_training_config(joined, self.training_config)
         return joined
@@ -274,7 +292,7 @@ def _model_hash(model: keras.Model) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
     for weight in model.weights:
-        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
     return digest.hexdigest()
 
 
@@ -306,7 +324,7 @@ def split(
         >>> s = splitkeras.split(model, at=["conv2d_3", "dense_1"])   # doctest: +SKIP
     """
     functional = as_functional(model)
-    graph, plans = plan_segments(functional, [at] if isinstance(at, str) else list(at))
+    graph, plans = plan_segments(model, [at] if isinstance(at, str) else list(at))
     count = len(plans)
     names = list(names) if names is not None else default_names(count)
     placements = list(placements) if placements is not None else default_placements(count)
