@@ -303,3 +303,25 @@ def test_load_model_errors(tmp_path: Path) -> None:
     (tmp_path / "broken.keras").write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match=r"^Cannot read '.*broken\.keras' as a Keras model file"):
         splitkeras.load_model(tmp_path / "broken.keras")
+
+
+def test_save_with_tfjs_refuses_an_unexportable_device_segment_before_writing(tmp_path):
+    """A device segment TF.js cannot train (UpSampling2D: wrong gradient in TF.js 4.22) is
+    refused at save time, naming the segment and the way out, and nothing is written."""
+    import keras
+    from keras import layers
+
+    import splitkeras
+
+    inputs = keras.Input((4, 4, 2), name="image")
+    x = layers.UpSampling2D(name="up")(inputs)
+    x = layers.Conv2D(2, 3, name="conv")(x)
+    x = layers.Flatten(name="flat")(x)
+    outputs = layers.Dense(3, name="out")(x)
+    s = splitkeras.split(keras.Model(inputs, outputs), at=["up", "flat"])
+    folder = tmp_path / "out"
+    with pytest.raises(splitkeras.ExportError, match=r"Device segment 'head' cannot run in TF\.js: .*up.*--no-tfjs"):
+        s.save(folder, tfjs=True)
+    assert not folder.exists()
+    s.save(folder, tfjs=False)
+    assert (folder / "split.json").exists()
