@@ -2,8 +2,9 @@
 
 `server.ckpt.npz` holds the arrays and `state.json` the counters and sessions. Each is
 written to a temporary file, fsynced and renamed (`atomic_write_bytes`), so a crash at
-any moment leaves the previous checkpoint or the new one, never a torn file. The arrays
-are written first; `state.json` names the checkpoint it belongs to.
+any moment leaves the previous checkpoint or the new one, never a torn file. The state is
+also stored inside the `.npz` (`__state__`), so arrays and counters always come back as one
+pair even when a crash falls between the two renames; `state.json` is its readable copy.
 """
 
 from __future__ import annotations
@@ -22,25 +23,33 @@ __all__ = ["save_checkpoint", "load_checkpoint", "ARRAYS", "STATE"]
 
 ARRAYS = "server.ckpt.npz"
 STATE = "state.json"
+_STATE_KEY = "__state__"
 
 
 def save_checkpoint(folder: Path, model_vars: list[Any], optimizer_vars: list[Any],
                     state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
+    state = dict(state, model_variables=len(model_vars), optimizer_variables=len(optimizer_vars))
+    state_bytes = (json.dumps(state, indent=1) + "\n").encode()
     arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model_vars)}
     arrays.update({f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer_vars)})
+    arrays[_STATE_KEY] = np.frombuffer(state_bytes, dtype=np.uint8)
     np.savez(buffer, **arrays)
     atomic_write_bytes(folder / ARRAYS, buffer.getvalue())
-    state = dict(state, model_variables=len(model_vars), optimizer_variables=len(optimizer_vars))
-    atomic_write_bytes(folder / STATE, (json.dumps(state, indent=1) + "\n").encode())
+    atomic_write_bytes(folder / STATE, state_bytes)
 
 
 def load_checkpoint(folder: Path, model_vars: list[Any], optimizer_vars: list[Any]) -> dict[str, Any] | None:
     """Assign a saved checkpoint to the variables; returns its state, or None if there is none."""
-    if not (folder / ARRAYS).exists() or not (folder / STATE).exists():
+    if not (folder / ARRAYS).exists():
         return None
-    state = json.loads((folder / STATE).read_text())
     with np.load(folder / ARRAYS) as data:
+        if _STATE_KEY in data:  # the state saved with these very arrays
+            state = json.loads(data[_STATE_KEY].tobytes())
+        elif (folder / STATE).exists():
+            state = json.loads((folder / STATE).read_text())
+        else:
+            return None
         if state.get("model_variables") != len(model_vars) or \
                 state.get("optimizer_variables") != len(optimizer_vars):
             raise ManifestError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import secrets
 import threading
@@ -35,10 +36,31 @@ __all__ = ["SegmentService", "Session"]
 
 T = TypeVar("T")
 LABEL_PREFIX = "label:"
+log = logging.getLogger("splitkeras.server")
 
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _loss_for(loss: Any, index: int, output_name: str) -> Any:
+    """The compiled loss of one model output (a list or dict of losses gives one per output)."""
+    if isinstance(loss, dict):
+        return loss.get(output_name)
+    if isinstance(loss, (list, tuple)):
+        return loss[index] if index < len(loss) else None
+    return loss
+
+
+def _is_sparse_categorical(loss: Any) -> bool:
+    """Whether a loss takes class ids (whose range the server must check: an id out of range
+    gives a NaN loss, and a NaN update would poison the shared weights)."""
+    if loss is None:
+        return False
+    name = loss if isinstance(loss, str) else (
+        getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__)
+    text = f"{name} {type(loss).__name__}".lower().replace("_", "")
+    return "sparsecategorical" in text
 
 
 @dataclass
@@ -52,6 +74,7 @@ class Session:
     lost_step: int | None = None  # pending when the server restarted
     expired_step: int | None = None
     applied_steps: int = 0
+    pending_batch: int | None = None  # batch size of the pending forward (its gradients must match)
     # cached responses (step, bytes) for exactly-once retries; not persisted
     last_forward: tuple[int, bytes] | None = None
     last_backward: tuple[int, bytes] | None = None
@@ -105,11 +128,12 @@ class SegmentService:
 
             optimizer_config = keras.optimizers.serialize(keras.optimizers.get(optimizer_config))
         model_inputs = {s.name for s in self.manifest.model_inputs}
+        loss = restore_compile_value(training.get("loss")) if self.labels_on_server else None
         self.runner = SegmentRunner(
             self.segment, new_optimizer(optimizer_config),
             input_gradients=[s.name not in model_inputs for s in self.entry.inputs],
             jit_compile=settings.jit_compile,
-            loss=restore_compile_value(training.get("loss")) if self.labels_on_server else None,
+            loss=loss,
             metrics=restore_compile_value(training.get("metrics")) if self.labels_on_server else None,
             loss_weights=training.get("loss_weights") if self.labels_on_server else None,
         )
@@ -118,6 +142,9 @@ class SegmentService:
         self.label_specs = [
             TensorSpec(LABEL_PREFIX + s.name, s.shape, s.dtype) for s in self.manifest.model_outputs
         ]
+        self.class_id_labels = {spec.name for index, (spec, out) in
+                                enumerate(zip(self.label_specs, self.manifest.model_outputs))
+                                if _is_sparse_categorical(_loss_for(loss, index, out.name))}
         max_batch = settings.max_batch
         inputs_limit = wire.max_body_bytes(self.entry.inputs, max_batch)
         self.body_limits = {
@@ -203,7 +230,10 @@ class SegmentService:
         self._executor.shutdown(wait=True)
 
     def _shutdown(self) -> None:
-        self.save_checkpoint()
+        try:
+            self.save_checkpoint()
+        except OSError as error:  # still write the .keras below; /readyz already said 503
+            log.error("Could not write the checkpoint at shutdown: %s", error)
         self.save_segment()
 
     # ---- sessions ----------------------------------------------------------------------------
@@ -295,70 +325,96 @@ class SegmentService:
                                f"This split's server segment runs in mode '{self.mode}': use {other}, "
                                f"not {route}.")
 
+    def _require_open(self, session: Session) -> None:
+        # the session object was looked up before this job reached the writer: it may be closed now
+        if self.sessions.get(session.session_id) is not session:
+            raise ServiceError(404, "unknown_session",
+                               f"Session '{session.session_id}' was closed. Open a new one with "
+                               "POST /v1/sessions.")
+
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("forward")
+        self._require_open(session)
+        inputs = self._decode(body, self.entry.inputs)  # a retry's body is checked too
         if session.last_forward and session.last_forward[0] == step and \
                 (session.pending_step == step or session.next_step > step):
             return session.last_forward[1]  # a retry: same bytes, nothing runs
         if session.pending_step is not None or step < session.next_step:
             raise self._out_of_order(session, step, "forward")
-        inputs = self._decode(body, self.entry.inputs)
         key = (session.session_id, step)
         outputs = self.runner.forward(key, inputs)
-        regularization = float(self.runner.pending_regularization(key))
-        response = wire.encode({s.name: t for s, t in zip(self.output_specs, outputs)},
-                               wire_dtype=session.wire_dtype,
-                               metadata={"step": str(step), "regularization_loss": repr(regularization)})
+        try:
+            regularization = float(self.runner.pending_regularization(key))
+            response = wire.encode({s.name: t for s, t in zip(self.output_specs, outputs)},
+                                   wire_dtype=session.wire_dtype,
+                                   metadata={"step": str(step), "regularization_loss": repr(regularization)})
+        except BaseException:
+            self.runner.drop(key)  # e.g. an output beyond float16's range: no step is left pending
+            raise
         session.pending_step, session.pending_since = step, time.monotonic()
+        session.pending_batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
         session.lost_step = session.expired_step = None
         session.last_forward = (step, response)
         return response
 
     def backward(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("backward")
+        self._require_open(session)
+        grads = self._decode(body, self.output_specs)
         if session.pending_step != step:
             if session.last_backward and session.last_backward[0] == step:
                 return session.last_backward[1]
             raise self._out_of_order(session, step, "backward")
-        grads = self._decode(body, self.output_specs)
+        batch = int(grads[0].shape[0]) if grads and grads[0].ndim else None
+        if session.pending_batch is not None and batch != session.pending_batch:
+            raise ServiceError(400, "bad_tensor",
+                               f"The gradients have batch size {batch}, but the forward pass of step "
+                               f"{step} had {session.pending_batch}: send one gradient per output "
+                               "sample, shaped like the forward response.")
         input_grads = self.runner.backward((session.session_id, step), grads)
         response = wire.encode(
             {s.name: g for s, g in zip(self.entry.inputs, input_grads) if g is not None},
             wire_dtype=session.wire_dtype, metadata={"step": str(step)})
+        session.last_backward = (step, response)  # before the checkpoint: a retry must find it
         self._finish_step(session, step)
-        session.last_backward = (step, response)
         return response
 
     def train(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("train")
-        if session.last_backward and session.last_backward[0] == step and session.next_step > step:
-            return session.last_backward[1]
-        if step < session.next_step:
-            raise self._out_of_order(session, step, "train")
+        self._require_open(session)
         tensors, _ = wire.decode(body, None, max_batch=self.settings.max_batch)
         labels = self._labels(tensors)
         inputs = [self._checked(tensors, spec) for spec in self.entry.inputs]
         batch = inputs[0].shape[0]
-        for name, value in labels.items():
-            if value.shape[:1] != (batch,):
-                raise ServiceError(400, "bad_tensor",
-                                   f"Label '{name}' has batch {value.shape[:1]}, the inputs have {batch}.")
-        y = labels[self.label_specs[0].name] if len(labels) == 1 else [labels[s.name] for s in self.label_specs]
+        for spec, value in zip(self.entry.inputs, inputs):
+            if value.shape[0] != batch:
+                raise ServiceError(400, "bad_tensor", f"Input '{spec.name}' has batch {value.shape[0]}, "
+                                   f"input '{self.entry.inputs[0].name}' has {batch}: send one batch size.")
+        labels = {spec.name: self._check_label(spec, labels[spec.name], batch) for spec in self.label_specs}
         sample_weight = tensors.get("sample_weight")
+        if sample_weight is not None:
+            sample_weight = self._check_sample_weight(sample_weight, batch)
+        if session.last_backward and session.last_backward[0] == step and session.next_step > step:
+            return session.last_backward[1]
+        if step < session.next_step:
+            raise self._out_of_order(session, step, "train")
+        y = labels[self.label_specs[0].name] if len(labels) == 1 else [labels[s.name] for s in self.label_specs]
         if not self._built:
             self._build_label_model(y)
+        # The metadata reports THIS step's loss and metrics (the device averages them per epoch, as
+        # model.fit does), not running means over every device's steps since the server started.
+        self.runner.model.reset_metrics()
         input_grads, logs = self.runner.train_step((session.session_id, step), inputs, y, sample_weight)
         metadata = {"step": str(step)}
         metadata.update({k: repr(float(v)) for k, v in logs.items()})
         response = wire.encode(
             {s.name: g for s, g in zip(self.entry.inputs, input_grads) if g is not None},
             wire_dtype=session.wire_dtype, metadata=metadata)
+        session.last_backward = (step, response)  # before the checkpoint: a retry must find it
         self._finish_step(session, step)
-        session.last_backward = (step, response)
         return response
 
-    @staticmethod
-    def _checked(tensors: dict[str, np.ndarray], spec: TensorSpec) -> np.ndarray:
+    def _checked(self, tensors: dict[str, np.ndarray], spec: TensorSpec) -> np.ndarray:
         value = tensors.get(spec.name)
         if value is None:
             raise ServiceError(400, "bad_tensor", f"The body lacks the input tensor '{spec.name}'.")
@@ -370,7 +426,54 @@ class SegmentService:
         if value.dtype != np.dtype(spec.dtype):
             raise ServiceError(400, "bad_tensor",
                                f"Tensor '{spec.name}' has dtype {value.dtype}, expected {spec.dtype}.")
+        if value.ndim and not 1 <= value.shape[0] <= self.settings.max_batch:
+            raise ServiceError(400, "bad_tensor",
+                               f"Tensor '{spec.name}' has batch size {value.shape[0]}; expected 1 to "
+                               f"{self.settings.max_batch} (the server's max_batch).")
         return value
+
+    def _check_label(self, spec: TensorSpec, value: np.ndarray, batch: int) -> np.ndarray:
+        """Labels: the output's shape, or one class id per sample for a sparse categorical loss
+        (ids in [0, classes)). Anything else would fail inside the compiled step or, worse, apply
+        a NaN update to the shared weights (the decoder has refused NaN and Inf already).
+        Returns them in one shape and dtype per output, so the step is traced once."""
+        if value.shape[:1] != (batch,):
+            raise ServiceError(400, "bad_tensor", f"Label '{spec.name}' has batch "
+                               f"{list(value.shape[:1])}, the inputs have {batch}.")
+        if value.dtype.kind not in "biuf":
+            raise ServiceError(400, "bad_tensor",
+                               f"Label '{spec.name}' has dtype {value.dtype}; expected numbers.")
+        sample = tuple(spec.shape[1:])
+        classes = sample[-1] if sample else None
+        class_ids = spec.name in self.class_id_labels
+        if class_ids:  # one class id per sample: [batch] or [batch, 1]
+            shapes = [sample[:-1], sample[:-1] + (1,)]
+        else:  # the output's shape; [batch] also for an output of one unit
+            shapes = [sample] + ([sample[:-1]] if classes == 1 else [])
+        if not any(len(shape) == value.ndim - 1 and all(d is None or d == v for d, v in
+                                                        zip(shape, value.shape[1:])) for shape in shapes):
+            raise ServiceError(400, "bad_tensor",
+                               f"Label '{spec.name}' has shape {list(value.shape)}; expected "
+                               f"{' or '.join(str(['batch', *shape]) for shape in shapes)}.")
+        if class_ids and classes and value.size:
+            low, high = value.min(), value.max()
+            fractional = value.dtype.kind == "f" and not np.array_equal(value, np.round(value))
+            if low < 0 or high >= classes or fractional:
+                raise ServiceError(400, "bad_tensor",
+                                   f"Label '{spec.name}' holds class ids from {low} to {high}; expected "
+                                   f"whole numbers from 0 to {classes - 1} (the output has {classes} "
+                                   "classes).")
+        if class_ids:  # as [batch, ...] int32
+            return (value[..., 0] if value.ndim == len(spec.shape) else value).astype(np.int32)
+        return (value[..., None] if value.ndim < len(spec.shape) else value).astype(np.dtype(spec.dtype))
+
+    @staticmethod
+    def _check_sample_weight(value: np.ndarray, batch: int) -> np.ndarray:
+        if value.dtype.kind not in "biuf" or tuple(value.shape) != (batch,):
+            raise ServiceError(400, "bad_tensor",
+                               f"sample_weight has shape {list(value.shape)} and dtype {value.dtype}; "
+                               f"expected numbers shaped [{batch}] (one weight per sample).")
+        return value.astype(np.float32)
 
     def _labels(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [s.name for s in self.label_specs]
@@ -400,9 +503,13 @@ class SegmentService:
         self.applied_steps += 1
         self._since_checkpoint += 1
         if self._since_checkpoint >= self.settings.checkpoint_every:
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except OSError as error:  # the step is applied: answer it; retry at the next step
+                log.error("Could not write the checkpoint to '%s': %s", self.checkpoint_dir, error)
 
     def predict(self, session: Session, body: bytes) -> bytes:
+        self._require_open(session)
         inputs = self._decode(body, self.entry.inputs)
         outputs = self.runner.predict(inputs)
         return wire.encode({s.name: t for s, t in zip(self.output_specs, outputs)},
