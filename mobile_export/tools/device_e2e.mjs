@@ -12,11 +12,14 @@
 //    "x": tensor, "y": tensor,          // the first step's batch (details: server gradients)
 //    "train_x": tensor, "train_y": tensor, "batch_size": 8, "epochs": 3,  // then fit()
 //    "predict_x": tensor,               // then predict() through the server
-//    "save_dir": "dir"}                 // then <save_dir>/<segment>_tfjs bundles of the trained models
+//    "save_dir": "dir",                 // then <save_dir>/<segment>_tfjs bundles of the trained models
+//    "float16_epochs": 2}               // then a second device (fresh bundles), float16 on the
+//                                       //   wire, fits train_x/train_y: out.float16
 //   tensor = {"shape": [..], "dtype": "float32"|"int32", "data": "<base64 little-endian>"}
 // OUT.json: {"first_step": {loss, metrics, bytesSent, bytesReceived, server_input_gradients},
 //   "weights_after_first_step": {name: tensor}, "fit": {history, steps, bytesSent, bytesReceived},
-//   "prediction": tensor, "weights": {name: tensor}, "stats": {...}} or {"error": "..."}.
+//   "prediction": tensor, "weights": {name: tensor}, "stats": {...}, "float16"?: {history, ...}}
+//   or {"error": "..."}.
 
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -58,7 +61,7 @@ function weightsOut(device) {
     .map(([name, values]) => [name, encodeArray(shapes[name], values)]));
 }
 
-async function run(job) {
+async function loadDevice(job, wireDtype) {
   const app = path.resolve(job.app_dir);
   const { SplitDevice } = await import(pathToFileURL(path.join(app, 'splitkeras-device', 'src',
     'runtime.js')).href);
@@ -68,7 +71,12 @@ async function run(job) {
     models[entry.name] = await loadLayersModelFromDir(tf, path.join(app, path.dirname(entry.tfjs)));
   }
   const device = await SplitDevice.create({ tf, manifest, models, serverUrl: job.server_url,
-    key: job.key, wireDtype: job.wire_dtype ?? 'float32', seed: job.seed ?? 1 });
+    key: job.key, wireDtype, seed: job.seed ?? 1 });
+  return { device, models };
+}
+
+async function run(job) {
+  const { device, models } = await loadDevice(job, job.wire_dtype ?? 'float32');
   const out = {};
   await device.openSession();
   const first = await device.trainStep(decode(job.x), decode(job.y), { details: true });
@@ -92,6 +100,12 @@ async function run(job) {
   }
   out.stats = device.stats;
   await device.closeSession();
+  if (job.float16_epochs) {
+    const { device: half } = await loadDevice(job, 'float16');
+    out.float16 = await half.fit(decode(job.train_x), decode(job.train_y), {
+      batchSize: job.batch_size ?? 8, epochs: job.float16_epochs, shuffle: false });
+    await half.closeSession();
+  }
   return out;
 }
 

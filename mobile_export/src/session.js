@@ -1,0 +1,363 @@
+// The device's side of the split-learning HTTP protocol (docs/protocol.md), on `fetch`.
+//
+// The JavaScript twin of `splitkeras/client/transport.py`: safetensors bodies
+// (wire.js), the session's bearer token, and recovery from what a flaky network
+// and a restarting server do, in one place:
+//
+// * fetch throws (no network, reset, timeout) or 502/503/504: the SAME request
+//   again after `backoff * 2**attempt` ms (at most `retries` times; Retry-After is
+//   honoured up to `maxBackoff`). Safe: the server is idempotent per
+//   (session, step), a repeated forward or backward returns the same bytes and
+//   applies nothing.
+// * 404 unknown_session (the server restarted without its state): a new session,
+//   continuing at its next_step; a pending backward resends its forward first.
+// * 409 forward_lost / step_expired / step_out_of_order on a backward: the step's
+//   forward again, with the same bytes, then its backward.
+// * 409 step_out_of_order on a forward or train: continue at the server's
+//   expected_step, or in a new session when the server holds a step of ours that
+//   will never finish.
+// * any other refusal: a ProtocolError with the server's code and message.
+//
+// Step numbers are the device's; the session maps them onto the server's.
+// Bytes are counted as HTTP bodies (retries included).
+//
+// Example:
+//   const session = new SplitSession({ serverUrl: 'http://10.0.2.2:8000', key });
+//   const info = await session.open();            // {mode, max_batch, inputs, outputs, ...}
+//   const { tensors } = await session.forward(0, [{ name: 'h', dtype: 'float32',
+//     shape: [2, 3], data }]);
+
+import { MEDIA_TYPE, decodeTensors, encodeTensors, WIRE_DTYPES } from './wire.js';
+
+export const RETRY_STATUSES = [502, 503, 504];
+const LOST_FORWARD = ['forward_lost', 'step_expired', 'step_out_of_order'];
+const MAX_RECOVERIES = 4;
+
+/** The server refused a request, or could not be reached after the retries. */
+export class ProtocolError extends Error {
+  constructor(message, { status = 0, code = 'protocol_error' } = {}) {
+    super(message);
+    this.name = 'ProtocolError';
+    this.status = status;
+    this.code = code;
+  }
+}
+
+class Refused extends Error {
+  constructor(status, code, message, body, what) {
+    super(message);
+    Object.assign(this, { status, code, body, what });
+  }
+
+  get expectedStep() {
+    const value = this.body?.expected_step;
+    return Number.isInteger(value) ? value : null;
+  }
+
+  toError() {
+    return new ProtocolError(`The server refused ${this.what} (${this.status} ${this.code}): `
+      + `${this.message}`, { status: this.status, code: this.code });
+  }
+}
+
+const defaultSleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+export class SplitSession {
+  /**
+   * @param {{serverUrl: string, key?: string, wireDtype?: 'float32'|'float16',
+   *   fetch?: Function, retries?: number, backoff?: number, maxBackoff?: number,
+   *   timeoutMs?: number, sleep?: (ms: number) => Promise<void>, client?: string}} options
+   *   backoff and maxBackoff in milliseconds.
+   */
+  constructor({
+    serverUrl, key, wireDtype = 'float32', fetch = globalThis.fetch, retries = 5, backoff = 200,
+    maxBackoff = 10000, timeoutMs = 30000, sleep = defaultSleep, client = 'splitkeras-device/0.1.0',
+  }) {
+    if (!serverUrl) throw new TypeError('serverUrl is required, e.g. "http://10.0.2.2:8000"');
+    if (typeof fetch !== 'function') {
+      throw new TypeError('No fetch: pass fetch=... (React Native and Node >= 18 have one)');
+    }
+    if (!WIRE_DTYPES.includes(wireDtype)) {
+      throw new TypeError(`wireDtype must be one of ${WIRE_DTYPES.join(', ')}, got ${wireDtype}`);
+    }
+    if (!(retries >= 0 && backoff >= 0 && maxBackoff >= 0)) {
+      throw new TypeError('retries, backoff and maxBackoff must be >= 0');
+    }
+    Object.assign(this, { key, wireDtype, retries, backoff, maxBackoff, timeoutMs, sleep, client });
+    this.baseUrl = serverUrl.replace(/\/+$/, '');
+    this.fetch = fetch;
+    this.info = null; // the server's answer to POST /v1/sessions
+    this.offset = null; // server step - device step
+    this.forwardBodies = new Map(); // the step awaiting its backward -> its forward body
+    this.stats = { bytesSent: 0, bytesReceived: 0, requests: 0, retries: 0, recoveries: 0 };
+  }
+
+  // ---------------------------------------------------------------- sessions
+
+  /** Open a session (needs the key); returns the server's description of it. */
+  async open() {
+    const body = utf8Bytes(JSON.stringify({ wire_dtype: this.wireDtype, client: this.client }));
+    let response;
+    try {
+      response = await this.send('POST', '/v1/sessions', body, 'application/json', this.key,
+        'POST /v1/sessions');
+    } catch (error) {
+      if (!(error instanceof Refused)) throw error;
+      const hint = error.status === 401 && !this.key ? ' No key was given: pass key=... (the '
+        + 'server prints where its key is).' : '';
+      const refused = error.toError();
+      refused.message += hint;
+      throw refused;
+    }
+    this.info = JSON.parse(utf8Text(response.body));
+    this.offset = null;
+    return this.info;
+  }
+
+  /** Close the session on the server (best effort for an unknown one). */
+  async close() {
+    if (!this.info) return;
+    const path = this.sessionPath();
+    const { token } = this.info;
+    this.info = null;
+    this.offset = null;
+    this.forwardBodies.clear();
+    try {
+      await this.send('DELETE', path, null, null, token, `DELETE ${path}`);
+    } catch (error) {
+      if (!(error instanceof Refused)) throw error;
+      if (error.code !== 'unknown_session') throw error.toError();
+    }
+  }
+
+  /** The session's counters: next_step, pending_step, applied_steps. */
+  async state() {
+    const path = this.sessionPath();
+    try {
+      const response = await this.send('GET', path, null, null, this.info.token, `GET ${path}`);
+      return JSON.parse(utf8Text(response.body));
+    } catch (error) {
+      throw error instanceof Refused ? error.toError() : error;
+    }
+  }
+
+  // ---------------------------------------------------------------- steps
+
+  /** The server segment's training forward of `step`; its body is kept for recovery. */
+  async forward(step, tensors) {
+    const body = this.encode(tensors);
+    this.forwardBodies = new Map([[step, body]]);
+    return this.decode(await this.withSessionRecovery('forward', step, body), 'forward');
+  }
+
+  /** The gradients of the server outputs for `step`; returns the input gradients. */
+  async backward(step, tensors) {
+    const body = this.encode(tensors);
+    let refusal = null;
+    for (let attempt = 0; attempt < MAX_RECOVERIES; attempt += 1) {
+      try {
+        const data = await this.step('backward', step, body);
+        this.forwardBodies.delete(step);
+        return this.decode(data, 'backward');
+      } catch (error) {
+        if (!(error instanceof Refused)) throw error;
+        refusal = error;
+        if (error.code === 'unknown_session') await this.reopen(step);
+        else if (!LOST_FORWARD.includes(error.code)) throw error.toError();
+        const forwardBody = this.forwardBodies.get(step);
+        if (!forwardBody) {
+          throw new ProtocolError(`The server lost the forward pass of step ${step} `
+            + `(${error.code}) and this session no longer holds its body to resend: run the `
+            + 'step again.', { status: error.status, code: error.code });
+        }
+        this.stats.recoveries += 1;
+        await this.withSessionRecovery('forward', step, forwardBody);
+      }
+    }
+    throw refusal.toError();
+  }
+
+  /** Labels on the server: inputs + `label:<output>` tensors; returns input gradients
+   *  and the metadata (loss, metrics). */
+  async train(step, tensors) {
+    const body = this.encode(tensors);
+    return this.decode(await this.withSessionRecovery('train', step, body), 'train');
+  }
+
+  /** Inference-mode outputs of the server segment (nothing changes on the server). */
+  async predict(tensors) {
+    const body = this.encode(tensors);
+    return this.decode(await this.withSessionRecovery('predict', null, body), 'predict');
+  }
+
+  // ---------------------------------------------------------------- recovery
+
+  async withSessionRecovery(route, step, body) {
+    let refusal = null;
+    for (let attempt = 0; attempt < MAX_RECOVERIES; attempt += 1) {
+      try {
+        return await this.step(route, step, body);
+      } catch (error) {
+        if (!(error instanceof Refused)) throw error;
+        refusal = error;
+        if (error.code === 'unknown_session') await this.reopen(step);
+        else if (error.code === 'step_out_of_order' && step !== null) await this.resync(step, error);
+        else throw error.toError();
+        this.stats.recoveries += 1;
+      }
+    }
+    throw refusal.toError();
+  }
+
+  async reopen(step) {
+    const forwardBodies = new Map(this.forwardBodies); // close() forgets them; kept for the new one
+    if (this.info) {
+      try {
+        await this.close();
+      } catch (error) {
+        if (!(error instanceof ProtocolError)) throw error;
+      }
+    }
+    this.forwardBodies = forwardBodies;
+    const info = await this.open();
+    if (step !== null) this.offset = info.next_step - step;
+  }
+
+  async resync(step, refusal) {
+    const state = await this.state();
+    const pending = state.pending_step;
+    if (pending !== null && pending !== undefined && pending !== await this.serverStep(step)) {
+      await this.reopen(step); // a step of ours that will never get its backward
+      return;
+    }
+    const expected = refusal.expectedStep;
+    this.offset = (expected !== null ? expected : state.next_step) - step;
+  }
+
+  // ---------------------------------------------------------------- HTTP
+
+  sessionPath() {
+    if (!this.info) throw new ProtocolError('No session is open: call open() first.');
+    return `/v1/sessions/${this.info.session_id}`;
+  }
+
+  async serverStep(step) {
+    if (!this.info) await this.open();
+    if (this.offset === null) this.offset = this.info.next_step - step;
+    return step + this.offset;
+  }
+
+  async step(route, step, body) {
+    if (!this.info) await this.open();
+    const path = this.sessionPath() + (step !== null
+      ? `/steps/${await this.serverStep(step)}/${route}` : `/${route}`);
+    const what = step !== null ? `${route} of step ${step} (POST ${path})` : `POST ${path}`;
+    return (await this.send('POST', path, body, MEDIA_TYPE, this.info.token, what)).body;
+  }
+
+  /** One request, repeated on transient failures: {status, body: Uint8Array} or throws. */
+  async send(method, path, body, contentType, bearer, what) {
+    const headers = { Accept: `${MEDIA_TYPE}, application/json` };
+    if (contentType) headers['Content-Type'] = contentType;
+    if (bearer) headers.Authorization = `Bearer ${bearer}`;
+    const size = body ? body.byteLength : 0;
+    let failure = '';
+    let status = 0;
+    for (let attempt = 0; attempt <= this.retries; attempt += 1) {
+      if (attempt) this.stats.retries += 1;
+      this.stats.requests += 1;
+      this.stats.bytesSent += size;
+      let retryAfter = null;
+      let response = null;
+      const controller = typeof AbortController === 'function' && this.timeoutMs
+        ? new AbortController() : null;
+      const timer = controller ? setTimeout(() => controller.abort(), this.timeoutMs) : null;
+      try {
+        response = await this.fetch(this.baseUrl + path, {
+          method, headers, body: body ?? undefined, signal: controller?.signal,
+        });
+        const data = new Uint8Array(await response.arrayBuffer());
+        this.stats.bytesReceived += data.byteLength;
+        if (response.ok) return { status: response.status, body: data };
+        if (!RETRY_STATUSES.includes(response.status)) throw refusedFrom(response, data, what);
+        failure = `HTTP ${response.status}`;
+        status = response.status;
+        retryAfter = parseRetryAfter(response.headers?.get?.('retry-after'));
+      } catch (error) {
+        if (error instanceof Refused) throw error;
+        failure = `${error?.name ?? 'Error'}: ${error?.message ?? error}`;
+        status = 0;
+      } finally {
+        if (timer) clearTimeout(timer);
+      }
+      if (attempt < this.retries) {
+        let delay = Math.min(this.backoff * 2 ** attempt, this.maxBackoff);
+        if (retryAfter !== null) delay = Math.max(delay, Math.min(retryAfter, this.maxBackoff));
+        await this.sleep(delay);
+      }
+    }
+    throw new ProtocolError(`Could not complete ${what} on ${this.baseUrl} after `
+      + `${this.retries + 1} attempts (last: ${failure}). Is the server (\`splitkeras serve\`) `
+      + 'running and reachable?', { status, code: 'unreachable' });
+  }
+
+  // ---------------------------------------------------------------- bodies
+
+  encode(tensors) {
+    return encodeTensors(tensors, { wireDtype: this.wireDtype });
+  }
+
+  decode(data, route) {
+    try {
+      return decodeTensors(data);
+    } catch (error) {
+      throw new ProtocolError(`The server's ${route} response is not a valid tensor body: `
+        + `${error.message}`);
+    }
+  }
+}
+
+function refusedFrom(response, data, what) {
+  let code = 'http_error';
+  let message = `HTTP ${response.status}`;
+  let body = {};
+  try {
+    const parsed = JSON.parse(utf8Text(data));
+    if (parsed?.error?.code && parsed?.error?.message) {
+      body = parsed.error;
+      code = String(body.code);
+      message = String(body.message);
+    }
+  } catch {
+    const text = utf8Text(data).split(/\s+/).join(' ').slice(0, 200);
+    if (text) message += `: ${text}`;
+  }
+  return new Refused(response.status, code, message, body, what);
+}
+
+function parseRetryAfter(value) {
+  if (value === null || value === undefined) return null;
+  const seconds = Number(value);
+  return Number.isFinite(seconds) ? Math.max(0, seconds) * 1000 : null;
+}
+
+// UTF-8 without TextEncoder/TextDecoder (Hermes, the React Native engine, may lack them).
+function utf8Text(bytes) {
+  if (typeof TextDecoder !== 'undefined') return new TextDecoder().decode(bytes);
+  let escaped = '';
+  for (const byte of bytes) escaped += `%${byte.toString(16).padStart(2, '0')}`;
+  return decodeURIComponent(escaped);
+}
+
+function utf8Bytes(text) {
+  if (typeof TextEncoder !== 'undefined') return new TextEncoder().encode(text);
+  const escaped = encodeURIComponent(text);
+  const bytes = [];
+  for (let i = 0; i < escaped.length; i += 1) {
+    if (escaped[i] === '%') {
+      bytes.push(parseInt(escaped.slice(i + 1, i + 3), 16));
+      i += 2;
+    } else bytes.push(escaped.charCodeAt(i));
+  }
+  return new Uint8Array(bytes);
+}

@@ -1,0 +1,76 @@
+"""`splitkeras export`: the app bundle of a split folder (no server, no node here; the bundle is
+trained by the JavaScript runtime in tests/test_js_device.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import splitkeras  # noqa: E402
+from converters.tfjs_bundle import read_bundle_weights  # noqa: E402
+from splitkeras.cli import main  # noqa: E402
+from splitkeras.cli_export import export_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-shaped split saved WITHOUT TF.js bundles: export has to make them."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,), name="features")
+    h = keras.layers.Dense(3, name="h")(inputs)
+    m = keras.layers.Dense(3, activation="relu", name="m")(h)
+    out = keras.layers.Dense(2, activation="softmax", name="out")(m)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    folder = tmp_path_factory.mktemp("export") / "split"
+    splitkeras.split(model, at=["h", "m"]).save(folder)
+    return folder
+
+
+def test_export_makes_missing_bundles_and_the_runtime(split_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(split_dir), "--format", "json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    app = split_dir / "app"
+    assert summary["app"] == str(app)
+    assert summary["device_segments"] == {"head": "exported (float32)", "tail": "exported (float32)"}
+    manifest = json.loads((app / "split.json").read_text())
+    assert [s.get("tfjs") for s in manifest["segments"]] == ["head_tfjs/model.json", None,
+                                                             "tail_tfjs/model.json"]
+    head = splitkeras.load_split(split_dir)["head"].model
+    weights = read_bundle_weights(app / "head_tfjs")
+    np.testing.assert_array_equal(weights["h/kernel"], keras.ops.convert_to_numpy(head.layers[1].kernel))
+    package = json.loads((app / "splitkeras-device" / "package.json").read_text())
+    assert package["main"] == "src/runtime.js" and "scripts" not in package
+    assert not (app / "splitkeras-device" / "src" / "node_io.js").exists()
+    assert "tail: bundleResourceIO(require('./tail_tfjs/model.json')" in (app / "assets.js").read_text()
+
+
+def test_export_again_replaces_its_own_output_and_can_quantize(split_dir: Path) -> None:
+    out = split_dir.parent / "app_f16"
+    export_app(split_dir, out)
+    (out / "stale.txt").write_text("from an older export")
+    summary = export_app(split_dir, out, quantization="float16")
+    assert not (out / "stale.txt").exists()
+    assert summary["device_segments"]["head"] == "exported (float16)"
+    spec = json.loads((out / "head_tfjs" / "model.json").read_text())["weightsManifest"][0]["weights"]
+    assert {w["quantization"]["dtype"] for w in spec} == {"float16"}
+
+
+def test_export_refuses_a_foreign_folder_in_one_line(split_dir: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = split_dir.parent / "my_app"
+    foreign.mkdir()
+    (foreign / "App.js").write_text("// someone's app")
+    assert main(["export", str(split_dir), "-o", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty and was not written by `splitkeras export`" in err
+    assert (foreign / "App.js").exists()
+    assert main(["export", str(split_dir.parent / "missing")]) == 1
+    assert "No split manifest" in capsys.readouterr().err
