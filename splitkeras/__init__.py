@@ -40,6 +40,7 @@ _EXPORTS = {
     "UnsupportedModelError": "splitkeras.errors",
     "WireFormatError": "splitkeras.errors",
     "load_model": "converters.keras_io",
+    "DeviceClient": "splitkeras.client",
 }
 
 
@@ -62,6 +63,7 @@ __all__ = [
     "load_split",
     "load_model",
     "Split",
+    "DeviceClient",
     "Segment",
     "Manifest",
     "TensorSpec",

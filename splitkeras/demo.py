@@ -81,29 +81,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode} while starting")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server at {url} was not ready after {timeout:.0f} s")
-
-
 def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_size: int = 32,
              wire_dtype: str = "float32", verbose: int = 1) -> DemoResult:
     """Run the demo; returns the figures it prints."""
     import keras
 
     import splitkeras
-    from splitkeras.client import DeviceClient
+    from splitkeras.client import DeviceClient, wait_until_ready
 
     folder = Path(folder)
     if folder.exists():
@@ -133,7 +117,7 @@ def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_s
     server = subprocess.Popen([sys.executable, "-m", "splitkeras.cli", "serve", str(folder),
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
     try:
-        _wait_ready(url, server)
+        wait_until_ready(url, alive=lambda: server.poll() is None)
         say(f"Server ready at {url}; training {epochs} epochs over HTTP (batch {batch_size})")
         device = DeviceClient(folder, url, key=key, wire_dtype=wire_dtype)
         device.compile()

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["DeviceClient", "NetworkConditions", "Transport"]
+__all__ = ["DeviceClient", "NetworkConditions", "Transport", "wait_until_ready"]
 
 if TYPE_CHECKING:
     from splitkeras.client.device import DeviceClient
     from splitkeras.client.network import NetworkConditions
-    from splitkeras.client.transport import Transport
+    from splitkeras.client.transport import Transport, wait_until_ready
 
 _MODULES = {"DeviceClient": "splitkeras.client.device",
             "NetworkConditions": "splitkeras.client.network",
-            "Transport": "splitkeras.client.transport"}
+            "Transport": "splitkeras.client.transport",
+            "wait_until_ready": "splitkeras.client.transport"}
 
 
 def __getattr__(name: str) -> Any:

@@ -396,6 +396,32 @@ class Transport:
                 from None
 
 
+def wait_until_ready(base_url: str, *, timeout: float = 120.0,
+                     alive: Callable[[], bool] | None = None) -> None:
+    """Poll `GET /readyz` until the server answers 200.
+
+    Args:
+        base_url: e.g. `"http://127.0.0.1:8000"`.
+        timeout: seconds to wait in all.
+        alive: optional check (e.g. that the server process still runs); when it returns
+            False, waiting stops at once.
+
+    Raises:
+        ProtocolError: the server was not ready in time, or `alive()` turned False.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise ProtocolError(f"The server at {base_url} stopped while starting.")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise ProtocolError(f"The server at {base_url} was not ready after {timeout:.0f} s.")
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     try:
