@@ -27,18 +27,29 @@ import numpy as np
 import tensorflow as tf
 
 from splitkeras.errors import TrainingError
-from splitkeras.split import Segment
+from splitkeras.segments import Segment
 
 __all__ = ["SegmentRunner", "resolve_jit_compile", "new_optimizer"]
 
 
 def resolve_jit_compile(model: keras.Model, jit_compile: bool | str) -> bool:
-    """Resolve `"auto"` exactly as `keras.Model.compile` does on the TF backend."""
-    if jit_compile == "auto":
-        from keras.src.trainers.trainer import model_supports_jit
+    """Resolve `"auto"` exactly as `keras.Model.compile` does on the TF backend.
 
-        return bool(model_supports_jit(model))
-    return bool(jit_compile)
+    Keras turns XLA off on CPU-only machines, under a distribution strategy, with op
+    determinism, and for layers that do not support it (`Trainer._resolve_auto_jit_compile`);
+    an explicit True stays off with op determinism or such layers (`Trainer.jit_compile`).
+    """
+    from keras.src.trainers.trainer import model_supports_jit
+
+    if jit_compile == "auto":
+        resolve = getattr(model, "_resolve_auto_jit_compile", None)
+        if resolve is not None:
+            return bool(resolve())
+        if not [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]:
+            return False
+    elif not jit_compile:
+        return False
+    return bool(model_supports_jit(model))
 
 
 def new_optimizer(config: dict[str, Any]) -> keras.optimizers.Optimizer:
@@ -150,8 +161,9 @@ class SegmentRunner:
     def _apply_impl(self, grads: list[tf.Tensor]) -> None:
         self.optimizer.apply(grads, self.trainable)
 
-    def _predict_impl(self, xs: list[tf.Tensor]) -> list[tf.Tensor]:
-        return _as_list(self.model(self._call_inputs(xs), training=False))
+    def _predict_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
+        outputs = _as_list(self.model(self._call_inputs(xs), training=False))
+        return outputs, self._regularization()
 
     def _train_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any,
                     other_losses: tf.Tensor) -> Any:
@@ -172,24 +184,45 @@ class SegmentRunner:
         logs = model.compute_metrics(xs, y, y_pred, sample_weight=sample_weight)
         return grads[len(self.trainable):], logs, y_pred
 
-    def _test_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any) -> Any:
+    def _test_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any,
+                   other_losses: tf.Tensor) -> Any:
         model = self.model
         y_pred = model(self._call_inputs(xs), training=False)
         loss = model._compute_loss(x=xs, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                    training=False)
-        model._loss_tracker.update_state(loss, sample_weight=tf.shape(xs[0])[0])
+        # As model.evaluate's loss, it includes the other segments' regularization.
+        model._loss_tracker.update_state(loss + other_losses, sample_weight=tf.shape(xs[0])[0])
         return model.compute_metrics(xs, y, y_pred, sample_weight=sample_weight)
 
     # ---- the step protocol -------------------------------------------------------------------
     def forward(self, step: Any, inputs: Sequence[Any]) -> list[tf.Tensor]:
         """Training-mode forward for `step`; keeps the tape until `backward(step)`."""
-        xs = self._inputs(inputs)
+        pending = self.taped_forward(self._inputs(inputs), self._forward_fn)
+        self._pending[step] = pending
+        return list(pending.outputs)
+
+    def taped_forward(self, xs: list[tf.Tensor], forward: Any = None) -> _Pending:
+        """The training-mode pass under a tape that watches the weights and the inputs
+        whose gradients are needed. `forward` defaults to the traceable body, for use
+        inside a caller's `tf.function` (see `SplitTrainer`'s fused step)."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self._tf_variables)
             tape.watch([x for x, need in zip(xs, self.input_gradients) if need])
-            outputs, regularization = self._forward_fn(xs)
-        self._pending[step] = _Pending(tape, xs, list(outputs), regularization)
-        return list(outputs)
+            outputs, regularization = (forward or self._forward_impl)(xs)
+        return _Pending(tape, xs, list(outputs), regularization)
+
+    def vjp(self, pending: _Pending, output_gradients: Sequence[Any]
+            ) -> tuple[list[tf.Tensor], list[tf.Tensor | None]]:
+        """The exact vector-Jacobian product of a taped pass: the gradients of
+        `sum(outputs * g) + regularization` for (weights, inputs). `None` seeds count as 0."""
+        targets = pending.outputs + [pending.regularization]
+        seeds = [
+            tf.zeros_like(out) if g is None else tf.convert_to_tensor(g, dtype=out.dtype)
+            for out, g in zip(pending.outputs, output_gradients)
+        ] + [tf.ones_like(pending.regularization)]
+        watched = [x for x, need in zip(pending.inputs, self.input_gradients) if need]
+        grads = pending.tape.gradient(targets, self._tf_variables + watched, output_gradients=seeds)
+        return list(grads[: len(self.trainable)]), self._per_input(grads[len(self.trainable):])
 
     def pending_regularization(self, step: Any) -> tf.Tensor:
         """The regularization loss of the forward pass of `step` (0 if the segment has none)."""
@@ -219,16 +252,10 @@ class SegmentRunner:
                 f"{self.output_names}, received {len(output_gradients)} gradients."
             )
         del self._pending[step]
-        targets = pending.outputs + [pending.regularization]
-        seeds = [
-            tf.zeros_like(out) if g is None else tf.convert_to_tensor(g, dtype=out.dtype)
-            for out, g in zip(pending.outputs, output_gradients)
-        ] + [tf.ones_like(pending.regularization)]
-        watched = [x for x, need in zip(pending.inputs, self.input_gradients) if need]
-        grads = pending.tape.gradient(targets, self._tf_variables + watched, output_gradients=seeds)
+        weight_gradients, input_gradients = self.vjp(pending, output_gradients)
         if self.trainable:
-            self._apply_fn(list(grads[: len(self.trainable)]))
-        return self._per_input(grads[len(self.trainable):])
+            self._apply_fn(weight_gradients)
+        return input_gradients
 
     def train_step(self, step: Any, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
                    other_losses: Any = 0.0) -> tuple[list[tf.Tensor | None], dict[str, Any]]:
@@ -243,13 +270,25 @@ class SegmentRunner:
                                         tf.convert_to_tensor(other_losses, tf.float32))
         return self._per_input(grads), logs
 
-    def test_step(self, inputs: Sequence[Any], y: Any, sample_weight: Any = None) -> dict[str, Any]:
-        """Loss and metrics in inference mode (label segment)."""
-        return self._test_fn(self._inputs(inputs), y, sample_weight)
+    def test_step(self, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
+                  other_losses: Any = 0.0) -> dict[str, Any]:
+        """Loss and metrics in inference mode (label segment).
+
+        `other_losses` (the other segments' regularization, see `predict_with_regularization`)
+        is added to the reported loss, as `model.evaluate` reports it.
+        """
+        return self._test_fn(self._inputs(inputs), y, sample_weight,
+                             tf.convert_to_tensor(other_losses, tf.float32))
 
     def predict(self, inputs: Sequence[Any]) -> list[tf.Tensor]:
         """Inference-mode forward: no training state is touched."""
-        return list(self._predict_fn(self._inputs(inputs)))
+        return self.predict_with_regularization(inputs)[0]
+
+    def predict_with_regularization(
+            self, inputs: Sequence[Any]) -> tuple[list[tf.Tensor], tf.Tensor]:
+        """Inference-mode forward, and the segment's regularization loss (0 if none)."""
+        outputs, regularization = self._predict_fn(self._inputs(inputs))
+        return list(outputs), regularization
 
     def _per_input(self, watched_grads: Sequence[Any]) -> list[tf.Tensor | None]:
         grads = iter(watched_grads)

@@ -64,10 +64,19 @@ def restore_compile_value(value: Any) -> Any:
 
 
 class SplitTrainer:
-    """Trains the segments of a `Split` in process. Made by `Split.compile`."""
+    """Trains the segments of a `Split` in process. Made by `Split.compile`.
+
+    `fused=True` (the default) runs each step as ONE `tf.function`: every segment's
+    taped forward, the label segment's step, then every segment's vector-Jacobian
+    product and optimizer update, in reverse -- the same computation as the step
+    protocol (`SegmentRunner.forward` / `backward`, what the server runs), without an
+    eager tape and a function call per segment. `fused=False` runs the protocol,
+    segment by segment.
+    """
 
     def __init__(self, split: Any, *, optimizer: Any = None, loss: Any = None, metrics: Any = None,
-                 loss_weights: Any = None, jit_compile: bool | str = "auto") -> None:
+                 loss_weights: Any = None, jit_compile: bool | str = "auto",
+                 fused: bool = True) -> None:
         if loss is None:
             raise TrainingError("compile() needs a loss, e.g. loss='sparse_categorical_crossentropy'.")
         if any(s.model is None for s in split.segments):
@@ -92,6 +101,9 @@ class SplitTrainer:
         self.label_model = self.runners[-1].model
         self._built = False
         self.step_counter = 0
+        self.fused = fused
+        self._fused_fn = tf.function(self._fused_step_impl, reduce_retracing=True,
+                                     jit_compile=all(r.jit_compile for r in self.runners))
 
     @classmethod
     def from_training_config(cls, split: Any, config: dict[str, Any]) -> "SplitTrainer":
@@ -118,18 +130,43 @@ class SplitTrainer:
         step = self.step_counter
         self.step_counter += 1
         store = model_inputs_by_name(self.split, x)
+        if self.fused:
+            return self._fused_fn(store, y, sample_weight)
         for runner in self.runners[:-1]:
             outputs = runner.forward(step, [store[n] for n in runner.input_names])
             store.update(zip(runner.output_names, outputs))
         last = self.runners[-1]
         grads: dict[str, Any] = defaultdict(lambda: None)
-        other_losses = tf.add_n([r.pending_regularization(step) for r in self.runners[:-1]])
+        other_losses = tf.add_n([r.pending_regularization(step) for r in self.runners[:-1]]) \
+            if len(self.runners) > 1 else 0.0
         input_grads, logs = last.train_step(step, [store[n] for n in last.input_names], y,
                                             sample_weight, other_losses)
         self._collect(grads, last, input_grads)
         for runner in reversed(self.runners[:-1]):
             output_grads = [grads.pop(n, None) for n in runner.output_names]
             self._collect(grads, runner, runner.backward(step, output_grads))
+        return logs
+
+    def _fused_step_impl(self, store: dict[str, Any], y: Any, sample_weight: Any) -> Any:
+        """`train_batch`'s protocol, traced as one function (see the class docstring)."""
+        store = dict(store)
+        taped = []
+        for runner in self.runners[:-1]:
+            xs = runner._inputs([store[n] for n in runner.input_names])
+            taped.append(runner.taped_forward(xs))
+            store.update(zip(runner.output_names, taped[-1].outputs))
+        last = self.runners[-1]
+        other_losses = tf.add_n([t.regularization for t in taped]) if taped else tf.zeros(())
+        input_grads, logs, _ = last._train_impl(
+            last._inputs([store[n] for n in last.input_names]), y, sample_weight, other_losses)
+        grads: dict[str, Any] = {}
+        self._collect(grads, last, last._per_input(input_grads))
+        for runner, pass_ in reversed(list(zip(self.runners[:-1], taped))):
+            weight_grads, runner_input_grads = runner.vjp(
+                pass_, [grads.pop(n, None) for n in runner.output_names])
+            if runner.trainable:
+                runner._apply_impl(weight_grads)
+            self._collect(grads, runner, runner_input_grads)
         return logs
 
     @staticmethod
@@ -141,9 +178,16 @@ class SplitTrainer:
 
     def test_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
         self._ensure_built(y)
-        store = forward_inference(self.split, self.runners[:-1], x)
+        store = model_inputs_by_name(self.split, x)
+        other_losses = []
+        for runner in self.runners[:-1]:
+            outputs, regularization = runner.predict_with_regularization(
+                [store[n] for n in runner.input_names])
+            store.update(zip(runner.output_names, outputs))
+            other_losses.append(regularization)
         last = self.runners[-1]
-        return last.test_step([store[n] for n in last.input_names], y, sample_weight)
+        return last.test_step([store[n] for n in last.input_names], y, sample_weight,
+                              tf.add_n(other_losses) if other_losses else 0.0)
 
     # ---- the Keras loops ---------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,
@@ -220,8 +264,7 @@ class SplitTrainer:
         callbacks.on_test_end(logs)
         if return_dict:
             return logs
-        values = [logs[k] for k in logs]
-        return values[0] if len(values) == 1 else values
+        return self.label_model._flatten_metrics_in_order(logs)  # Keras' order: loss first
 
 
 def forward_inference(split: Any, runners: Sequence[SegmentRunner] | None, x: Any) -> dict[str, Any]:
