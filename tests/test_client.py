@@ -531,8 +531,18 @@ def test_train_command_needs_a_key_and_a_reachable_server(templates: dict[str, P
 def test_the_client_package_exports_its_public_names() -> None:
     import splitkeras.client as client
 
-    assert client.__all__ == ["DeviceClient", "NetworkConditions", "Transport"]
+    assert client.__all__ == ["DeviceClient", "NetworkConditions", "Transport", "wait_until_ready"]
     for name in client.__all__:
         assert getattr(client, name).__name__ == name
     with pytest.raises(AttributeError, match="has no attribute 'Session'"):
         client.Session  # noqa: B018
+
+
+def test_wait_until_ready_stops_when_the_server_process_dies() -> None:
+    from splitkeras.client import wait_until_ready
+    from splitkeras.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="stopped while starting"):
+        wait_until_ready("http://127.0.0.1:9", timeout=5, alive=lambda: False)
+    with pytest.raises(ProtocolError, match="was not ready after 0.5 s"):
+        wait_until_ready("http://127.0.0.1:9", timeout=0.5)

@@ -419,7 +419,7 @@ def wait_until_ready(base_url: str, *, timeout: float = 120.0,
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise ProtocolError(f"The server at {base_url} was not ready after {timeout:.0f} s.")
+    raise ProtocolError(f"The server at {base_url} was not ready after {timeout:g} s.")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
