@@ -206,6 +206,22 @@ class Split:
         return manifest.write(folder)
 
     # ---- joining -----------------------------------------------------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        """The weights of every segment in order, like `keras.Model.get_weights`."""
+        return [w for segment in self.segments for w in segment.model.get_weights()]
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        """Set the weights of every segment from a `get_weights()` list."""
+        weights = list(weights)
+        expected = sum(len(s.model.weights) for s in self.segments)
+        if len(weights) != expected:
+            raise ValueError(f"set_weights() needs {expected} arrays for this split, got {len(weights)}.")
+        start = 0
+        for segment in self.segments:
+            count = len(segment.model.weights)
+            segment.model.set_weights(weights[start:start + count])
+            start += count
+
     def join(self) -> keras.Model:
         """The whole model again, with the original layer names and the segments' current
         weights (an independent copy: training it does not change the segments)."""

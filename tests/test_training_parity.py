@@ -507,3 +507,41 @@ def test_jit_compile_resolves_as_keras_compile(jit_compile: Any) -> None:
     with pytest.warns(UserWarning) if jit_compile is True else contextlib.nullcontext():
         model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
     assert resolve_jit_compile(skip_model(), jit_compile) == model.jit_compile
+
+
+def test_early_stopping_restores_the_best_weights_as_model_fit_does() -> None:
+    """`EarlyStopping(restore_best_weights=True)` reads and writes weights through
+    `Split.get_weights` / `set_weights`: it ends on the same (restored) weights as model.fit."""
+    x, y = data((12,), n=64)
+    reference, split = _early_stopping_pair()
+
+    def callbacks() -> list[keras.callbacks.Callback]:
+        # val_loss of a tiny model bounces on 8 samples: a patience of 1 stops early and restores
+        return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=1,
+                                              restore_best_weights=True)]
+
+    reference_history, split_history = fit_both(
+        reference, split, x, y, epochs=12, callbacks=callbacks(), validation_data=(x[:8], y[:8]))
+    assert len(split_history.epoch) == len(reference_history.epoch) < 12  # it did stop early
+    assert_same_weights(weights_by_name(reference), weights_by_name(split.join()))
+    assert len(split.get_weights()) == len(reference.get_weights())
+    with pytest.raises(ValueError, match="needs 6 arrays for this split, got 1"):
+        split.set_weights(split.get_weights()[:1])
+
+
+def _early_stopping_pair() -> tuple[keras.Model, splitkeras.Split]:
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((12,), name="features")
+        h = L.Dense(16, activation="relu", name="hidden")(inputs)
+        m = L.Dense(16, activation="relu", name="middle")(h)
+        return keras.Model(inputs, L.Dense(3, name="logits")(m))
+
+    def compile_(target: Any) -> None:
+        target.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=logits_loss())
+
+    reference, source = build(), build()
+    compile_(reference)
+    split = splitkeras.split(source, at=["hidden", "middle"])
+    compile_(split)
+    return reference, split
