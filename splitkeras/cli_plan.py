@@ -1,0 +1,134 @@
+"""`splitkeras plan MODEL`: rank the cut points by predicted training time per sample.
+
+The cost model is `splitkeras.planning` (its docstring states it in full); the
+inputs are `splitkeras inspect`'s numbers and the link and machine speeds given
+on the command line. Registered in `splitkeras.cli._EXTRA_COMMANDS` on import.
+
+Example:
+    $ splitkeras plan model.keras --bandwidth 20 --latency 50 --device-flops 10 --top 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from splitkeras import cli as _cli
+
+__all__ = ["register", "cmd_plan"]
+
+
+def _positive(kind: type, what: str, allow_zero: bool = False) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got '{text}'") from None
+        if value < 0 or (value == 0 and not allow_zero) or value != value:
+            bound = ">= 0" if allow_zero else "> 0"
+            raise argparse.ArgumentTypeError(f"{what} must be {bound}, got '{text}'")
+        return value
+
+    return parse
+
+
+def register(sub: Any) -> None:
+    """Add the `plan` subcommand to the `splitkeras` parser's subparsers."""
+    p = sub.add_parser("plan", help="rank cut points by predicted training time per sample")
+    p.add_argument("model", help="a .keras or .h5 model file")
+    p.add_argument("--bandwidth", required=True, type=_positive(float, "--bandwidth"),
+                   metavar="MBIT", help="link bandwidth in Mbit/s (each direction)")
+    p.add_argument("--latency", required=True, type=_positive(float, "--latency", True),
+                   metavar="MS", help="one-way latency in milliseconds")
+    p.add_argument("--device-flops", required=True, type=_positive(float, "--device-flops"),
+                   metavar="GFLOPS", help="the device's sustained training speed in GFLOP/s")
+    p.add_argument("--server-flops", type=_positive(float, "--server-flops"), metavar="GFLOPS",
+                   help="the server's speed in GFLOP/s (default: server compute counted as free)")
+    p.add_argument("--device-memory", type=_positive(float, "--device-memory"), metavar="MB",
+                   help="leave out cuts whose device parameters need more (16 bytes/parameter)")
+    p.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=32,
+                   help="samples per step: the latency of a step is shared by them (32)")
+    p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--cuts", choices=["single", "pairs", "both"], default="both",
+                   help="single cuts (labels on the server), pairs (U-shaped) or both (default)")
+    p.add_argument("--top", type=_positive(int, "--top"), default=10, metavar="N",
+                   help="show the N fastest plans (10)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    _cli._add_unsafe(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.3f}"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from splitkeras.errors import SplitKerasError
+    from splitkeras.graph import as_functional, plan_segments
+    from splitkeras.planning import Conditions, device_only, rank_cuts
+    from splitkeras.profile import cut_candidates
+
+    model, source = _cli._load(args.model, args.unsafe_deserialization)
+    conditions = Conditions(
+        bandwidth_bps=args.bandwidth * 1e6, latency_s=args.latency / 1e3,
+        device_flops=args.device_flops * 1e9,
+        server_flops=None if args.server_flops is None else args.server_flops * 1e9,
+        batch_size=args.batch_size, wire_dtype=args.wire_dtype,
+        device_memory_bytes=None if args.device_memory is None else args.device_memory * 1e6)
+    candidates = cut_candidates(model)
+    if not candidates:
+        raise _cli.CliError(f"plan: model '{model.name}' has no layer that can be a cut")
+    functional = as_functional(model)
+
+    def valid_pair(first: str, second: str) -> bool:
+        try:
+            plan_segments(functional, [first, second])
+        except SplitKerasError:
+            return False
+        return True
+
+    plans = rank_cuts(candidates, conditions, single=args.cuts in ("single", "both"),
+                      pairs=args.cuts in ("pairs", "both"), top=args.top, valid_pair=valid_pair)
+    reference = device_only(candidates, conditions)
+    assumptions = {
+        "bandwidth_mbit_s": args.bandwidth, "latency_ms": args.latency,
+        "device_gflops": args.device_flops, "server_gflops": args.server_flops,
+        "device_memory_mb": args.device_memory, "batch_size": args.batch_size,
+        "wire_dtype": args.wire_dtype,
+        "model": "seconds/sample = 3*device FLOPs/device FLOP/s + 3*server FLOPs/server FLOP/s "
+                 "+ 2*crossing bytes*8/bandwidth + 2*requests per step*latency/batch size",
+    }
+    if args.format == "json":
+        print(json.dumps({"model": model.name, "source": source, "assumptions": assumptions,
+                          "device_only": reference.to_json(),
+                          "plans": [p.to_json() for p in plans]}, indent=2))
+        return 0
+    server = "free" if args.server_flops is None else f"{args.server_flops:g} GFLOP/s"
+    print(f"Model '{model.name}': {len(plans)} fastest plans, predicted ms per training sample")
+    print(f"  link {args.bandwidth:g} Mbit/s, {args.latency:g} ms one way; device "
+          f"{args.device_flops:g} GFLOP/s; server {server}; batch {args.batch_size}; "
+          f"{args.wire_dtype} on the wire")
+    header = (f"{'#':>3} {'cut(s)':<40} {'mode':<8} {'total':>10} {'device':>10} {'server':>10} "
+              f"{'transfer':>10} {'latency':>9} {'KB/sample':>10} {'dev params':>11}")
+    print(header)
+    print("-" * len(header))
+    for index, plan in enumerate(plans, 1):
+        mode = "U" if plan.mode == "u_shaped" else "1 cut"
+        cuts = ", ".join(plan.cuts) + (" *" if plan.head_parameters == 0 else "")
+        print(f"{index:>3} {cuts:<40.40} {mode:<8} {_ms(plan.total_seconds):>10} "
+              f"{_ms(plan.device_seconds):>10} {_ms(plan.server_seconds):>10} "
+              f"{_ms(plan.transfer_seconds):>10} {_ms(plan.latency_seconds):>9} "
+              f"{plan.wire_bytes_per_sample / 1e3:>10.1f} {plan.device_parameters:>11,}")
+    if any(plan.head_parameters == 0 for plan in plans):
+        print("* the head has no parameters: the server receives the input (almost) raw, "
+              "which split learning is meant to avoid.")
+    print(f"Reference, whole model on the device: {_ms(reference.total_seconds)} ms per sample "
+          f"({reference.device_parameters:,} parameters).")
+    print("Model: 3 x forward FLOPs per side / its speed + 2 x crossing bytes / bandwidth + "
+          "2 x requests per step x latency / batch (U-shaped: 2 requests; 1 cut: 1); no overlap.")
+    return 0
+
+
+if register not in _cli._EXTRA_COMMANDS:
+    _cli._EXTRA_COMMANDS.append(register)
