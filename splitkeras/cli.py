@@ -262,4 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the `splitkeras.cli` module object, not this `__main__` copy: the extra command
+    # modules register on `splitkeras.cli._EXTRA_COMMANDS`.
+    from splitkeras.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,7 @@
+"""`python -m splitkeras ...` is the `splitkeras` command."""
+
+import sys
+
+from splitkeras.cli import main
+
+sys.exit(main())
