@@ -138,7 +138,7 @@ FEATURES, FEATURE_LABELS = data((6,))
 
 # ---- helpers -----------------------------------------------------------------------------------
 def weights_by_name(model: keras.Model) -> dict[str, np.ndarray]:
-    return {w.path: np.array(w) for w in model.weights}
+    return {w.path: w.numpy() for w in model.weights}
 
 
 def weight_diffs(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, float]:
