@@ -17,7 +17,7 @@ ones `model.fit` would draw from the same state.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -50,6 +50,24 @@ def model_inputs_by_name(split: Any, x: Any) -> dict[str, Any]:
     if len(values) != len(names):
         raise TrainingError(f"The model takes {len(names)} inputs {names}, received {len(values)}.")
     return dict(zip(names, values))
+
+
+def callback_list(callbacks: Any, *, model: Any, verbose: Any, epochs: int, steps: int | None,
+                  add_history: bool = False) -> callbacks_module.CallbackList:
+    """Keras' `CallbackList` as `fit` / `evaluate` build it (progress bar unless verbose=0)."""
+    if isinstance(callbacks, callbacks_module.CallbackList):
+        return callbacks
+    return callbacks_module.CallbackList(callbacks, add_history=add_history,
+                                         add_progbar=verbose != 0, verbose=verbose,
+                                         epochs=epochs, steps=steps, model=model)
+
+
+def epoch_batches(iterator: Any) -> Iterator[tuple[int, int, Any, Any, Any]]:
+    """One epoch of a Keras epoch iterator: `(begin_step, end_step, x, y, sample_weight)`."""
+    with iterator.catch_stop_iteration():
+        for begin_step, end_step, batches in iterator:
+            x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
+            yield begin_step, end_step, x, y, sample_weight
 
 
 def restore_compile_value(value: Any) -> Any:
@@ -206,10 +224,8 @@ class SplitTrainer:
                                    steps_per_epoch=steps_per_epoch, shuffle=shuffle,
                                    class_weight=class_weight)
         split = self.split
-        if not isinstance(callbacks, callbacks_module.CallbackList):
-            callbacks = callbacks_module.CallbackList(
-                callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
-                epochs=epochs, steps=iterator.num_batches, model=split)
+        callbacks = callback_list(callbacks, model=split, verbose=verbose, epochs=epochs,
+                                  steps=iterator.num_batches, add_history=True)
         split.stop_training = False
         callbacks.on_train_begin()
         training_logs: dict[str, Any] | None = None
@@ -217,14 +233,12 @@ class SplitTrainer:
         for epoch in range(initial_epoch, epochs):
             self.label_model.reset_metrics()
             callbacks.on_epoch_begin(epoch)
-            with iterator.catch_stop_iteration():
-                for begin_step, end_step, batches in iterator:
-                    callbacks.on_train_batch_begin(begin_step)
-                    bx, by, bsw = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
-                    logs = self.train_batch(bx, by, bsw)
-                    callbacks.on_train_batch_end(end_step, logs)
-                    if split.stop_training:
-                        break
+            for begin_step, end_step, bx, by, bsw in epoch_batches(iterator):
+                callbacks.on_train_batch_begin(begin_step)
+                logs = self.train_batch(bx, by, bsw)
+                callbacks.on_train_batch_end(end_step, logs)
+                if split.stop_training:
+                    break
             epoch_logs = dict(self.label_model._get_metrics_result_or_logs(logs))
             if validation_data is not None and (epoch + 1) % validation_freq == 0:
                 vx, vy, vsw = data_adapter_utils.unpack_x_y_sample_weight(validation_data)
@@ -247,19 +261,15 @@ class SplitTrainer:
         """Evaluate like `keras.Model.evaluate` (inference mode, no state touched)."""
         iterator = TFEpochIterator(x=x, y=y, sample_weight=sample_weight, batch_size=batch_size,
                                    steps_per_epoch=steps, shuffle=False)
-        if not isinstance(callbacks, callbacks_module.CallbackList):
-            callbacks = callbacks_module.CallbackList(
-                callbacks, add_progbar=verbose != 0, verbose=verbose, epochs=1,
-                steps=iterator.num_batches, model=self.split)
+        callbacks = callback_list(callbacks, model=self.split, verbose=verbose, epochs=1,
+                                  steps=iterator.num_batches)
         callbacks.on_test_begin()
         self.label_model.reset_metrics()
         logs: dict[str, Any] = {}
-        with iterator.catch_stop_iteration():
-            for begin_step, end_step, batches in iterator:
-                callbacks.on_test_batch_begin(begin_step)
-                bx, by, bsw = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
-                logs = self.test_batch(bx, by, bsw)
-                callbacks.on_test_batch_end(end_step, logs)
+        for begin_step, end_step, bx, by, bsw in epoch_batches(iterator):
+            callbacks.on_test_batch_begin(begin_step)
+            logs = self.test_batch(bx, by, bsw)
+            callbacks.on_test_batch_end(end_step, logs)
         logs = pythonify_logs(self.label_model._get_metrics_result_or_logs(logs))
         callbacks.on_test_end(logs)
         if return_dict:
@@ -290,19 +300,17 @@ def predict(split: Any, x: Any, batch_size: int | None = None, verbose: Any = "a
     progbar = keras.utils.Progbar(iterator.num_batches, verbose=0 if verbose == 0 else 1) \
         if verbose not in (0, "auto") else None
     outputs: list[list[np.ndarray]] = []
-    with iterator.catch_stop_iteration():
-        for _, end_step, batches in iterator:
-            bx, _, _ = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
-            if runners is None:
-                store = forward_inference(split, None, bx)
-            else:
-                store = forward_inference(split, runners, bx)
-                last = runners[-1]
-                store.update(zip(last.output_names,
-                                 last.predict([store[n] for n in last.input_names])))
-            outputs.append([np.asarray(store[s.name]) for s in split.model_outputs])
-            if progbar is not None:
-                progbar.update(end_step + 1)
+    for _, end_step, bx, _, _ in epoch_batches(iterator):
+        if runners is None:
+            store = forward_inference(split, None, bx)
+        else:
+            store = forward_inference(split, runners, bx)
+            last = runners[-1]
+            store.update(zip(last.output_names,
+                             last.predict([store[n] for n in last.input_names])))
+        outputs.append([np.asarray(store[s.name]) for s in split.model_outputs])
+        if progbar is not None:
+            progbar.update(end_step + 1)
     if not outputs:
         raise TrainingError("predict() received no data.")
     merged = [np.concatenate(parts, axis=0) for parts in zip(*outputs)]

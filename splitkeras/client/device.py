@@ -33,7 +33,6 @@ from typing import Any, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src import callbacks as callbacks_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils.python_utils import pythonify_logs
 
@@ -44,7 +43,13 @@ from splitkeras.engine import SegmentRunner, new_optimizer
 from splitkeras.errors import ProtocolError, TrainingError
 from splitkeras.manifest import Manifest
 from splitkeras.segments import Segment, Split, load_split
-from splitkeras.training import TFEpochIterator, model_inputs_by_name, restore_compile_value
+from splitkeras.training import (
+    TFEpochIterator,
+    callback_list,
+    epoch_batches,
+    model_inputs_by_name,
+    restore_compile_value,
+)
 
 __all__ = ["DeviceClient", "ClientStats", "resolve_key", "KEY_ENV"]
 
@@ -296,10 +301,8 @@ class DeviceClient:
         label = self._require_compiled()
         iterator = TFEpochIterator(x=x, y=y, sample_weight=sample_weight, batch_size=batch_size,
                                    steps_per_epoch=steps_per_epoch, shuffle=shuffle)
-        if not isinstance(callbacks, callbacks_module.CallbackList):
-            callbacks = callbacks_module.CallbackList(
-                callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
-                epochs=epochs, steps=iterator.num_batches, model=self)
+        callbacks = callback_list(callbacks, model=self, verbose=verbose, epochs=epochs,
+                                  steps=iterator.num_batches, add_history=True)
         self.stop_training = False
         callbacks.on_train_begin()
         epoch_logs: dict[str, Any] = {}
@@ -308,17 +311,15 @@ class DeviceClient:
             meter, means = _EpochMeter(self), _BatchMeans()
             callbacks.on_epoch_begin(epoch)
             logs: dict[str, Any] = {}
-            with iterator.catch_stop_iteration():
-                for begin_step, end_step, batches in iterator:
-                    callbacks.on_train_batch_begin(begin_step)
-                    bx, by, bsw = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
-                    samples_before = self._samples
-                    logs = self.train_on_batch(bx, by, bsw)
-                    if self.labels_on_server:  # per-step values from the server
-                        logs = means.add(logs, self._samples - samples_before)
-                    callbacks.on_train_batch_end(end_step, {**logs, **meter.logs()})
-                    if self.stop_training:
-                        break
+            for begin_step, end_step, bx, by, bsw in epoch_batches(iterator):
+                callbacks.on_train_batch_begin(begin_step)
+                samples_before = self._samples
+                logs = self.train_on_batch(bx, by, bsw)
+                if self.labels_on_server:  # per-step values from the server
+                    logs = means.add(logs, self._samples - samples_before)
+                callbacks.on_train_batch_end(end_step, {**logs, **meter.logs()})
+                if self.stop_training:
+                    break
             if not self.labels_on_server:
                 logs = dict(label.model._get_metrics_result_or_logs(logs))
             epoch_logs = {**logs, **meter.logs()}
@@ -344,23 +345,18 @@ class DeviceClient:
         label = self._require_compiled()
         iterator = TFEpochIterator(x=x, y=y, sample_weight=sample_weight, batch_size=batch_size,
                                    steps_per_epoch=steps, shuffle=False)
-        if not isinstance(callbacks, callbacks_module.CallbackList):
-            callbacks = callbacks_module.CallbackList(
-                callbacks, add_progbar=verbose != 0, verbose=verbose, epochs=1,
-                steps=iterator.num_batches, model=self)
+        callbacks = callback_list(callbacks, model=self, verbose=verbose, epochs=1,
+                                  steps=iterator.num_batches)
         callbacks.on_test_begin()
         label.model.reset_metrics()
         logs: dict[str, Any] = {}
         feeders = self.runners if self.labels_on_server else self.runners[:-1]
-        with iterator.catch_stop_iteration():
-            for begin_step, end_step, batches in iterator:
-                callbacks.on_test_batch_begin(begin_step)
-                bx, by, bsw = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
-                self._ensure_built(by)
-                store, regularization = self._infer(feeders, bx)
-                logs = label.test_step([store[n] for n in label.input_names], by, bsw,
-                                       regularization)
-                callbacks.on_test_batch_end(end_step, logs)
+        for begin_step, end_step, bx, by, bsw in epoch_batches(iterator):
+            callbacks.on_test_batch_begin(begin_step)
+            self._ensure_built(by)
+            store, regularization = self._infer(feeders, bx)
+            logs = label.test_step([store[n] for n in label.input_names], by, bsw, regularization)
+            callbacks.on_test_batch_end(end_step, logs)
         logs = pythonify_logs(label.model._get_metrics_result_or_logs(logs))
         callbacks.on_test_end(logs)
         if return_dict:
@@ -374,13 +370,11 @@ class DeviceClient:
         iterator = TFEpochIterator(x=x, batch_size=batch_size, shuffle=False)
         progbar = keras.utils.Progbar(iterator.num_batches) if verbose not in (0, "auto") else None
         outputs: list[list[np.ndarray]] = []
-        with iterator.catch_stop_iteration():
-            for _, end_step, batches in iterator:
-                bx, _, _ = data_adapter_utils.unpack_x_y_sample_weight(next(batches))
-                store, _ = self._infer(self.runners, bx)
-                outputs.append([np.asarray(store[s.name]) for s in self.split.model_outputs])
-                if progbar is not None:
-                    progbar.update(end_step + 1)
+        for _, end_step, bx, _, _ in epoch_batches(iterator):
+            store, _ = self._infer(self.runners, bx)
+            outputs.append([np.asarray(store[s.name]) for s in self.split.model_outputs])
+            if progbar is not None:
+                progbar.update(end_step + 1)
         if not outputs:
             raise TrainingError("predict() received no data.")
         merged = [np.concatenate(parts, axis=0) for parts in zip(*outputs)]
