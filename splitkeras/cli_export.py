@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +36,14 @@ MARKER = ".splitkeras-app.json"
 _NODE_ONLY = {"node_io.js"}
 
 
-def _usage(message: str) -> Exception:
-    """A `CliError` of the module whose `main` runs (one line on stderr, exit status 2)."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "splitkeras.cli":
-        return main.CliError(message)  # type: ignore[union-attr]
-    return cli.CliError(message)
 
 
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise _usage(f"export: '{out}' is a file; give a folder with -o")
+        raise cli.CliError(f"export: '{out}' is a file; give a folder with -o")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).exists() and not force:
-            raise _usage(f"export: '{out}' is not empty and was not written by `splitkeras export`; "
+            raise cli.CliError(f"export: '{out}' is not empty and was not written by `splitkeras export`; "
                          "choose another folder with -o, or pass --force to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +130,7 @@ def export_app(split_dir: str | Path, output: str | Path | None = None, *,
     manifest = Manifest.read(folder)
     out = Path(output) if output is not None else folder / "app"
     if out.resolve() == folder.resolve():
-        raise _usage("export: the app folder cannot be the split folder itself; use -o")
+        raise cli.CliError("export: the app folder cannot be the split folder itself; use -o")
     _prepare(out, force)
     bundles: dict[str, list[str]] = {}
     exported: dict[str, str] = {}
@@ -204,19 +197,11 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty output folder not written by `splitkeras export`")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--unsafe-deserialization", action="store_true",
-                   help="allow Lambda layers (they run arbitrary code; only for files you trust)")
+    cli._add_unsafe(p)
     p.set_defaults(func=cmd_export)
 
 
-def _cli_modules() -> list[Any]:
-    modules = [cli]
-    main = sys.modules.get("__main__")
-    if main is not cli and getattr(getattr(main, "__spec__", None), "name", None) == "splitkeras.cli":
-        modules.append(main)
-    return modules
 
 
-for _module in _cli_modules():
-    if register not in _module._EXTRA_COMMANDS:
-        _module._EXTRA_COMMANDS.append(register)
+if register not in cli._EXTRA_COMMANDS:
+    cli._EXTRA_COMMANDS.append(register)
