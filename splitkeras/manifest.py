@@ -181,11 +181,12 @@ class Manifest:
     def read(cls, path: str | os.PathLike[str]) -> "Manifest":
         """Read `split.json` from a file or from the split folder that holds it."""
         path = Path(path)
-        if path.is_dir():
+        if path.suffix != ".json":  # a split folder, as the CLI takes it
             path = path / MANIFEST_NAME
         if not path.exists():
             raise ManifestError(
-                f"No split manifest at '{path}'. Create one with `splitkeras split MODEL --at LAYER -o {path.parent}`."
+                f"No split manifest at '{path}'. Create one with "
+                f"`splitkeras split MODEL --at LAYER -o {path.parent}`."
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
