@@ -139,10 +139,26 @@ def _suggest(name: str, candidates: Sequence[str]) -> str:
     return "Run `splitkeras inspect MODEL` to list the layers you can cut at."
 
 
+def _nested_owner(model: keras.Model, name: str) -> str | None:
+    """The top-level nested model that holds a layer called `name`, if any."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if any(inner.name == name for inner in layer.layers) or _nested_owner(layer, name):
+                return layer.name
+    return None
+
+
 def _cut_node(graph: ModelGraph, name: str, model_name: str) -> Any:
     model = graph.model
     names = [layer.name for layer in model.layers]
     if name not in names:
+        owner = _nested_owner(model, name)
+        if owner is not None:
+            raise CutError(
+                f"Layer '{name}' is inside the nested model '{owner}', which splitkeras cuts as "
+                f"one layer. Cut at '{owner}' or at a layer before it, or rebuild the model "
+                "without nesting to cut inside it."
+            )
         raise CutError(f"Model '{model_name}' has no layer named '{name}'. {_suggest(name, names)}")
     layer = model.get_layer(name)
     if isinstance(layer, keras.layers.InputLayer):

@@ -268,3 +268,18 @@ class SubclassedModel(keras.Model):
 
     def call(self, inputs: Any) -> Any:
         return self.logits(self.hidden(inputs))
+
+
+def nested_model(seed: int = SEED) -> keras.Model:
+    """A Sequential (`inner`: `inner_d1`, `inner_d2`) used as one layer of a functional model.
+
+    `features` Input(6) -> `h` Dense(8) -> `inner` -> `act` -> `logits`(3). splitkeras cuts
+    a nested model as one layer: a cut at `h` or `inner` works, a cut at `inner_d1` is refused.
+    """
+    keras.utils.set_random_seed(seed)
+    inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="relu", name="inner_d1"),
+                              keras.layers.Dense(8, name="inner_d2")], name="inner")
+    inputs = keras.Input(shape=(6,), name="features")
+    x = keras.layers.Dense(8, name="h")(inputs)
+    x = keras.layers.Activation("relu", name="act")(inner(x))
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name="nested_model")

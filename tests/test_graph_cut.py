@@ -323,3 +323,29 @@ def test_keras_applications_recompose(name: str, cuts: list[str], crossing: list
     expected = model_outputs(model, inputs)
     assert np.isfinite(expected[0]).all() and np.abs(expected[0]).max() > 0.1
     assert max_abs_diff(expected, run_segments(result, inputs)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("cuts", [["h", "inner"], ["inner"], ["h"]])
+def test_a_nested_model_is_cut_as_one_layer_and_trains_like_model_fit(cuts: list[str]) -> None:
+    """A Model used as a layer goes whole into one segment; recomposition, join and
+    training (the nested model's weights included) match the unsplit model."""
+    from models import nested_model
+
+    model = nested_model()
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, 32)
+    result = splitkeras.split(model, at=cuts)
+    assert sum(isinstance(l, keras.Model) for s in result.segments for l in s.model.layers) == 1
+    assert max_abs_diff(model_outputs(model, [x]), run_segments(result, [x])) <= 1e-6
+    reference = nested_model()
+    for target in (reference, result):
+        target.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras.utils.set_random_seed(7)
+    reference.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    keras.utils.set_random_seed(7)
+    result.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    joined = result.join()
+    assert [l.name for l in joined.layers] == [l.name for l in reference.layers]
+    for expected, actual in zip(reference.get_weights(), joined.get_weights()):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)

@@ -325,3 +325,12 @@ def test_save_with_tfjs_refuses_an_unexportable_device_segment_before_writing(tm
     assert not folder.exists()
     s.save(folder, tfjs=False)
     assert (folder / "split.json").exists()
+
+
+def test_cut_inside_a_nested_model_is_refused_with_the_way_out() -> None:
+    from models import nested_model
+
+    with pytest.raises(splitkeras.CutError, match=r"Layer 'inner_d1' is inside the nested model "
+                       r"'inner', which splitkeras cuts as one layer\. Cut at 'inner' or at a layer "
+                       r"before it"):
+        splitkeras.split(nested_model(), at=["inner_d1"])
