@@ -546,3 +546,35 @@ def test_wait_until_ready_stops_when_the_server_process_dies() -> None:
         wait_until_ready("http://127.0.0.1:9", timeout=5, alive=lambda: False)
     with pytest.raises(ProtocolError, match="was not ready after 0.5 s"):
         wait_until_ready("http://127.0.0.1:9", timeout=0.5)
+
+
+def test_save_refreshes_the_tfjs_bundles_with_the_trained_weights(templates: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """After training, the device's TF.js bundles hold the trained weights, not the split's."""
+    import keras
+
+    import splitkeras
+    from client_support import DATA
+    from converters import load_tfjs_weights
+
+    folder = tmp_path / "split"
+    splitkeras.load_split(templates["u_shaped"]).save(folder, tfjs=True)
+    before = (folder / "head_tfjs" / "model.json").read_bytes()
+    with _in_process_server(folder) as server:
+        client = _client(folder, server)
+        client.compile()
+        client.fit(*DATA, batch_size=32, epochs=1, verbose=0)
+        written = client.save()
+        client.close()
+    assert [p.name for p in written] == ["head.keras", "model.json", "tail.keras", "model.json"]
+    assert not list(folder.glob(".*saving*"))
+    for segment in ("head", "tail"):
+        trained = client.split[segment].model
+        reread = keras.models.clone_model(trained)
+        load_tfjs_weights(reread, folder / f"{segment}_tfjs")
+        for a, b in zip(reread.get_weights(), trained.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    untrained = splitkeras.load_split(templates["u_shaped"])["head"].model
+    assert any(not np.array_equal(a, b) for a, b in zip(untrained.get_weights(),
+                                                         client.split["head"].model.get_weights()))
+    assert (folder / "head_tfjs" / "model.json").read_bytes() == before  # same topology

@@ -399,7 +399,8 @@ class DeviceClient:
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str] | None = None) -> list[Path]:
         """Write the device segments' `.keras` files into the split folder (default: the one
-        this client was made from), each atomically. Returns the paths written."""
+        this client was made from), each atomically, and re-export the TF.js bundles the
+        manifest names, so that an app never ships stale weights. Returns the paths written."""
         target = Path(folder) if folder is not None else self.folder
         if target is None:
             raise TrainingError("This client was made from a Split, not a folder: pass save(folder).")
@@ -413,7 +414,25 @@ class DeviceClient:
             segment.model.save(temporary)
             os.replace(temporary, path)
             written.append(path)
+            bundle = manifest.segment(segment.name).tfjs
+            if bundle:
+                written.append(_replace_tfjs_bundle(segment.model, target / bundle))
         return written
+
+
+def _replace_tfjs_bundle(model: keras.Model, model_json: Path) -> Path:
+    """Export `model` next to the old bundle, then swap the folders."""
+    import shutil
+
+    from converters import export_tfjs
+
+    folder = model_json.parent
+    fresh = folder.with_name(f".{folder.name}.saving")
+    shutil.rmtree(fresh, ignore_errors=True)
+    export_tfjs(model, fresh, metadata={"splitkeras_segment": model.name})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(fresh, folder)
+    return model_json
 
 
 def _collect(grads: dict[str, Any], runner: Any, input_grads: Sequence[Any]) -> None:
