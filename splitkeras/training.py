@@ -52,6 +52,14 @@ def model_inputs_by_name(split: Any, x: Any) -> dict[str, Any]:
     return dict(zip(names, values))
 
 
+def accumulate_gradients(grads: dict[str, Any], runner: Any, input_grads: Sequence[Any]) -> None:
+    """Add a segment's input gradients into `grads` by boundary name: a tensor used by
+    several later segments receives the sum of their gradients."""
+    for name, grad in zip(runner.input_names, input_grads):
+        if grad is not None:
+            grads[name] = grad if grads.get(name) is None else grads[name] + grad
+
+
 def callback_list(callbacks: Any, *, model: Any, verbose: Any, epochs: int, steps: int | None,
                   add_history: bool = False) -> callbacks_module.CallbackList:
     """Keras' `CallbackList` as `fit` / `evaluate` build it (progress bar unless verbose=0)."""
@@ -159,10 +167,10 @@ class SplitTrainer:
             if len(self.runners) > 1 else 0.0
         input_grads, logs = last.train_step(step, [store[n] for n in last.input_names], y,
                                             sample_weight, other_losses)
-        self._collect(grads, last, input_grads)
+        accumulate_gradients(grads, last, input_grads)
         for runner in reversed(self.runners[:-1]):
             output_grads = [grads.pop(n, None) for n in runner.output_names]
-            self._collect(grads, runner, runner.backward(step, output_grads))
+            accumulate_gradients(grads, runner, runner.backward(step, output_grads))
         return logs
 
     def _fused_step_impl(self, store: dict[str, Any], y: Any, sample_weight: Any) -> Any:
@@ -178,21 +186,14 @@ class SplitTrainer:
         input_grads, logs, _ = last._train_impl(
             last._inputs([store[n] for n in last.input_names]), y, sample_weight, other_losses)
         grads: dict[str, Any] = {}
-        self._collect(grads, last, last._per_input(input_grads))
+        accumulate_gradients(grads, last, last._per_input(input_grads))
         for runner, pass_ in reversed(list(zip(self.runners[:-1], taped))):
             weight_grads, runner_input_grads = runner.vjp(
                 pass_, [grads.pop(n, None) for n in runner.output_names])
             if runner.trainable:
                 runner._apply_impl(weight_grads)
-            self._collect(grads, runner, runner_input_grads)
+            accumulate_gradients(grads, runner, runner_input_grads)
         return logs
-
-    @staticmethod
-    def _collect(grads: dict[str, Any], runner: SegmentRunner, input_grads: Sequence[Any]) -> None:
-        for name, grad in zip(runner.input_names, input_grads):
-            if grad is None:
-                continue
-            grads[name] = grad if grads.get(name) is None else grads[name] + grad
 
     def test_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
         self._ensure_built(y)

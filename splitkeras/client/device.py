@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +37,7 @@ from keras.src.utils.python_utils import pythonify_logs
 
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.remote import RemoteSegment
+from splitkeras.client.stats import BatchMeans, ClientStats, EpochMeter
 from splitkeras.client.transport import Transport
 from splitkeras.engine import SegmentRunner, new_optimizer
 from splitkeras.errors import ProtocolError, TrainingError
@@ -45,6 +45,7 @@ from splitkeras.manifest import Manifest
 from splitkeras.segments import Segment, Split, load_split
 from splitkeras.training import (
     TFEpochIterator,
+    accumulate_gradients,
     callback_list,
     epoch_batches,
     model_inputs_by_name,
@@ -68,35 +69,6 @@ def resolve_key(key: str | None, split_dir: str | os.PathLike[str] | None) -> st
         if path.is_file():
             return path.read_text(encoding="utf-8").strip() or None
     return None
-
-
-@dataclass(frozen=True)
-class ClientStats:
-    """What training over the network has cost so far.
-
-    Attributes:
-        bytes_sent, bytes_received: HTTP body bytes, retries included.
-        transport_seconds: wall-clock seconds inside HTTP requests (and emulated delay).
-        device_seconds: wall-clock seconds of the device's own segments (steps, evaluation).
-        steps: training steps completed.
-        samples: training samples seen.
-    """
-
-    bytes_sent: int
-    bytes_received: int
-    transport_seconds: float
-    device_seconds: float
-    steps: int
-    samples: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __getitem__(self, name: str) -> Any:
-        """`stats["bytes_sent"]` as well as `stats.bytes_sent`."""
-        if name not in self.__dataclass_fields__:
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 class DeviceClient:
@@ -273,10 +245,10 @@ class DeviceClient:
             input_grads, logs = last.train_step(step, [store[n] for n in last.input_names], y,
                                                 sample_weight, other_losses)
             grads: dict[str, Any] = {}
-            _collect(grads, last, input_grads)
+            accumulate_gradients(grads, last, input_grads)
             for runner in reversed(self.runners[:-1]):
                 output_grads = [grads.pop(n, None) for n in runner.output_names]
-                _collect(grads, runner, runner.backward(step, output_grads))
+                accumulate_gradients(grads, runner, runner.backward(step, output_grads))
         except BaseException:
             for runner in self.runners:
                 runner.drop(step)  # free the tapes of a step that will not finish
@@ -308,7 +280,7 @@ class DeviceClient:
         epoch_logs: dict[str, Any] = {}
         for epoch in range(initial_epoch, epochs):
             label.model.reset_metrics()
-            meter, means = _EpochMeter(self), _BatchMeans()
+            meter, means = EpochMeter(self), BatchMeans()
             callbacks.on_epoch_begin(epoch)
             logs: dict[str, Any] = {}
             for begin_step, end_step, bx, by, bsw in epoch_batches(iterator):
@@ -435,12 +407,6 @@ def _replace_tfjs_bundle(model: keras.Model, model_json: Path) -> Path:
     return model_json
 
 
-def _collect(grads: dict[str, Any], runner: Any, input_grads: Sequence[Any]) -> None:
-    for name, grad in zip(runner.input_names, input_grads):
-        if grad is not None:
-            grads[name] = grad if grads.get(name) is None else grads[name] + grad
-
-
 def _prediction_segment(split: Split) -> Segment:
     """An identity model over the model outputs, compiled on the device to compute the loss
     and metrics from the server's predictions (labels-on-server evaluation)."""
@@ -458,34 +424,3 @@ def _spec_key(specs: Any) -> Any:
 
 def _names(specs: Any) -> list[Any]:
     return [s.get("name") for s in specs or []]
-
-
-class _EpochMeter:
-    """This epoch's transfer: MB sent and received, wall-clock milliseconds per sample."""
-
-    def __init__(self, client: DeviceClient) -> None:
-        self.client = client
-        self.start = (time.perf_counter(), client.transport.stats.bytes_sent,
-                      client.transport.stats.bytes_received, client._samples)
-
-    def logs(self) -> dict[str, float]:
-        started, sent, received, samples = self.start
-        stats = self.client.transport.stats
-        seen = max(self.client._samples - samples, 1)
-        return {"sent_MB": (stats.bytes_sent - sent) / 1e6,
-                "received_MB": (stats.bytes_received - received) / 1e6,
-                "ms_per_sample": (time.perf_counter() - started) * 1e3 / seen}
-
-
-class _BatchMeans:
-    """Running, batch-size weighted means of per-step values (the server's logs)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, logs: dict[str, float], batch: int) -> dict[str, float]:
-        self.count += batch
-        for key, value in logs.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * batch
-        return {key: total / self.count for key, total in self.sums.items()}
