@@ -19,6 +19,11 @@
 //   const { tensors, metadata } = decodeTensors(await response.arrayBuffer(), {
 //     expected: [{ name: 'grad', shape: [null, 4], dtype: 'float32' }], maxBatch: 64 });
 
+import { float16BitsToFloat32, float32ToFloat16Bits } from './float16.js';
+import { utf8Decode, utf8Encode } from './utf8.js';
+
+export { float16BitsToFloat32, float32ToFloat16Bits };
+
 export const MEDIA_TYPE = 'application/vnd.splitkeras.safetensors';
 export const ACCEPTED_MEDIA_TYPES = [MEDIA_TYPE, 'application/octet-stream'];
 export const WIRE_DTYPES = ['float32', 'float16'];
@@ -77,118 +82,6 @@ function bad(name, problem) {
 export function isWireMediaType(contentType) {
   if (!contentType) return false;
   return ACCEPTED_MEDIA_TYPES.includes(contentType.split(';')[0].trim().toLowerCase());
-}
-
-// ---------------------------------------------------------------- float16
-
-/** float32 bits -> float16 bits, round to nearest even (NumPy's npy_floatbits_to_halfbits). */
-function halfBitsFromFloatBits(f) {
-  const sign = (f >>> 16) & 0x8000;
-  const exponent = f & 0x7f800000;
-  if (exponent >= 0x47800000) {
-    // Overflow to Inf, Inf, or NaN (keeping the top of its payload, never becoming Inf).
-    const significand = f & 0x007fffff;
-    if (exponent !== 0x7f800000 || significand === 0) return sign + 0x7c00;
-    return sign + 0x7c00 + ((significand >>> 13) || 1);
-  }
-  if (exponent <= 0x38000000) {
-    // A float16 subnormal, or zero. The lost bits decide the rounding ("sticky").
-    if (exponent < 0x33000000) return sign;
-    let significand = (0x00800000 + (f & 0x007fffff)) >>> (113 - (exponent >>> 23));
-    if ((significand & 0x3fff) !== 0x1000 || (f & 0x7ff) !== 0) significand += 0x1000;
-    return sign + (significand >>> 13);
-  }
-  let significand = f & 0x007fffff;
-  if ((significand & 0x3fff) !== 0x1000) significand += 0x1000;
-  // A carry out of the significand bumps the exponent, up to Inf: both are right.
-  return sign + ((exponent - 0x38000000) >>> 13) + (significand >>> 13);
-}
-
-/** float16 bits -> float32 bits (exact; NaN payloads kept). */
-function floatBitsFromHalfBits(h) {
-  const sign = (h & 0x8000) << 16;
-  const exponent = h & 0x7c00;
-  let significand = h & 0x03ff;
-  if (exponent === 0x7c00) return sign | 0x7f800000 | (significand << 13);
-  if (exponent !== 0) return sign | (((h & 0x7fff) << 13) + 0x38000000);
-  if (significand === 0) return sign;
-  let shift = 0;
-  while ((significand & 0x0400) === 0) {
-    significand <<= 1;
-    shift += 1;
-  }
-  return sign | ((113 - shift) << 23) | ((significand & 0x03ff) << 13);
-}
-
-/**
- * Convert float32 values to float16 bit patterns, exactly as NumPy's
- * `astype(np.float16)` does (round to nearest even, subnormals, Inf, NaN).
- * @param {Float32Array} values
- * @returns {Uint16Array}
- */
-export function float32ToFloat16Bits(values) {
-  const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
-  const out = new Uint16Array(values.length);
-  for (let i = 0; i < bits.length; i += 1) out[i] = halfBitsFromFloatBits(bits[i]);
-  return out;
-}
-
-/**
- * Convert float16 bit patterns to float32 values (exact).
- * @param {Uint16Array} halves
- * @returns {Float32Array}
- */
-export function float16BitsToFloat32(halves) {
-  const out = new Float32Array(halves.length);
-  const bits = new Uint32Array(out.buffer);
-  for (let i = 0; i < halves.length; i += 1) bits[i] = floatBitsFromHalfBits(halves[i]);
-  return out;
-}
-
-// ---------------------------------------------------------------- UTF-8
-
-function utf8Encode(text) {
-  if (typeof TextEncoder !== 'undefined') return new TextEncoder().encode(text);
-  const bytes = [];
-  for (const character of text) {
-    let code = character.codePointAt(0);
-    if (code >= 0xd800 && code <= 0xdfff) code = 0xfffd; // lone surrogate
-    if (code < 0x80) bytes.push(code);
-    else if (code < 0x800) bytes.push(0xc0 | (code >> 6), 0x80 | (code & 63));
-    else if (code < 0x10000) {
-      bytes.push(0xe0 | (code >> 12), 0x80 | ((code >> 6) & 63), 0x80 | (code & 63));
-    } else {
-      bytes.push(0xf0 | (code >> 18), 0x80 | ((code >> 12) & 63), 0x80 | ((code >> 6) & 63),
-        0x80 | (code & 63));
-    }
-  }
-  return new Uint8Array(bytes);
-}
-
-function utf8Decode(bytes) {
-  if (typeof TextDecoder !== 'undefined') {
-    return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes);
-  }
-  // Strict: no overlong forms, surrogates, or code points past U+10FFFF.
-  let text = '';
-  for (let i = 0; i < bytes.length;) {
-    const lead = bytes[i];
-    const length = lead < 0x80 ? 1 : lead >= 0xc2 && lead < 0xe0 ? 2 : lead >= 0xe0 && lead < 0xf0
-      ? 3 : lead >= 0xf0 && lead < 0xf5 ? 4 : 0;
-    if (length === 0 || i + length > bytes.length) throw new TypeError(`invalid byte at ${i}`);
-    let code = length === 1 ? lead : lead & (0x7f >> length);
-    for (let k = 1; k < length; k += 1) {
-      if ((bytes[i + k] & 0xc0) !== 0x80) throw new TypeError(`invalid byte at ${i + k}`);
-      code = (code << 6) | (bytes[i + k] & 63);
-    }
-    if ((length === 3 && (code < 0x800 || (code >= 0xd800 && code <= 0xdfff)))
-      || (length === 4 && (code < 0x10000 || code > 0x10ffff))) {
-      throw new TypeError(`invalid sequence at ${i}`);
-    }
-    text += String.fromCodePoint(code);
-    i += length;
-  }
-  return text;
 }
 
 // ---------------------------------------------------------------- encode
