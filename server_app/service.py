@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -118,7 +117,6 @@ class SegmentService:
             loss_weights=training.get("loss_weights") if self.labels_on_server else None,
         )
         self.output_specs = self.entry.outputs
-        self.grad_specs = [s for s, need in zip(self.entry.inputs, self.runner.input_gradients) if need]
         self.train_body = TrainBody(self.entry.inputs, self.manifest.model_outputs, loss,
                                     settings.max_batch)
         self.label_specs = self.train_body.label_specs
@@ -136,7 +134,6 @@ class SegmentService:
         self.server_key = settings.key or self._load_or_create_key()
         self.checkpoint_dir = settings.resolved_checkpoint_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
-        self._lock = threading.Lock()
         self._since_checkpoint = 0
         self._built = False
         self.resumed_from: int | None = None
