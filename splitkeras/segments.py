@@ -300,8 +300,10 @@ class Split:
 def _compile_from_training_config(model: keras.Model, training: dict[str, Any]) -> None:
     try:
         model.compile_from_config(training)
-    except Exception:  # a config that cannot compile here still joins
-        pass
+    except Exception as error:  # a config that cannot compile here still joins, uncompiled
+        warnings.warn(f"The joined model is not compiled: its saved compile config could not be "
+                      f"restored ({type(error).__name__}: {error}). Call model.compile(...) yourself.",
+                      stacklevel=3)
 
 
 def _model_hash(model: keras.Model) -> str:
