@@ -78,6 +78,17 @@ def epoch_batches(iterator: Any) -> Iterator[tuple[int, int, Any, Any, Any]]:
             yield begin_step, end_step, x, y, sample_weight
 
 
+def finish_evaluation(label_model: keras.Model, logs: dict[str, Any], callbacks: Any,
+                      return_dict: bool) -> Any:
+    """The end of `evaluate`, as Keras does it: the metrics' results, `on_test_end`, then a
+    dict or a list in Keras' order (loss first)."""
+    logs = pythonify_logs(label_model._get_metrics_result_or_logs(logs))
+    callbacks.on_test_end(logs)
+    if return_dict:
+        return logs
+    return label_model._flatten_metrics_in_order(logs)
+
+
 def restore_compile_value(value: Any) -> Any:
     """Deserialize one entry of a saved compile config (optimizer, loss or metrics)."""
     from keras.src.saving import serialization_lib
@@ -271,11 +282,7 @@ class SplitTrainer:
             callbacks.on_test_batch_begin(begin_step)
             logs = self.test_batch(bx, by, bsw)
             callbacks.on_test_batch_end(end_step, logs)
-        logs = pythonify_logs(self.label_model._get_metrics_result_or_logs(logs))
-        callbacks.on_test_end(logs)
-        if return_dict:
-            return logs
-        return self.label_model._flatten_metrics_in_order(logs)  # Keras' order: loss first
+        return finish_evaluation(self.label_model, logs, callbacks, return_dict)
 
 
 def forward_inference(split: Any, runners: Sequence[SegmentRunner] | None, x: Any) -> dict[str, Any]:

@@ -28,13 +28,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import httpx  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -130,19 +128,14 @@ class Server:
             stdout=self.handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"`splitkeras serve` exited ({self.process.returncode}):\n"
-                            f"{self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"`splitkeras serve` was not ready after {timeout:g} s:\n"
-                    f"{self.log.read_text(errors='replace')[-3000:]}")
+        from splitkeras.client import wait_until_ready
+        from splitkeras.errors import ProtocolError
+
+        try:
+            wait_until_ready(self.url, timeout=timeout, alive=lambda: self.process.poll() is None)
+        except ProtocolError as error:
+            pytest.fail(f"{error} (exit status {self.process.poll()}):\n"
+                        f"{self.log.read_text(errors='replace')[-3000:]}")
 
     def terminate(self) -> None:
         """Ask for a graceful shutdown (checkpoint, trained segment saved) without waiting."""

@@ -33,7 +33,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras.src.trainers.data_adapters import data_adapter_utils
-from keras.src.utils.python_utils import pythonify_logs
 
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.remote import RemoteSegment
@@ -48,6 +47,7 @@ from splitkeras.training import (
     accumulate_gradients,
     callback_list,
     epoch_batches,
+    finish_evaluation,
     model_inputs_by_name,
     restore_compile_value,
 )
@@ -329,11 +329,7 @@ class DeviceClient:
             store, regularization = self._infer(feeders, bx)
             logs = label.test_step([store[n] for n in label.input_names], by, bsw, regularization)
             callbacks.on_test_batch_end(end_step, logs)
-        logs = pythonify_logs(label.model._get_metrics_result_or_logs(logs))
-        callbacks.on_test_end(logs)
-        if return_dict:
-            return logs
-        return label.model._flatten_metrics_in_order(logs)  # Keras' order: loss first
+        return finish_evaluation(label.model, logs, callbacks, return_dict)
 
     def predict(self, x: Any, batch_size: int | None = 32, verbose: Any = "auto") -> Any:
         """The model's outputs in inference mode, batch by batch, like `keras.Model.predict`."""
