@@ -17,7 +17,7 @@ ones `model.fit` would draw from the same state.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -303,20 +303,29 @@ def forward_inference(split: Any, runners: Sequence[SegmentRunner] | None, x: An
 
 def predict(split: Any, x: Any, batch_size: int | None = None, verbose: Any = "auto") -> Any:
     """Run the whole split in inference mode, batch by batch, like `keras.Model.predict`."""
-    iterator = TFEpochIterator(x=x, batch_size=batch_size, shuffle=False)
     runners = split._trainer.runners if split._trainer is not None else None
-    progbar = keras.utils.Progbar(iterator.num_batches, verbose=0 if verbose == 0 else 1) \
-        if verbose not in (0, "auto") else None
+
+    def infer(bx: Any) -> dict[str, Any]:
+        if runners is None:
+            return forward_inference(split, None, bx)
+        store = forward_inference(split, runners, bx)
+        last = runners[-1]
+        store.update(zip(last.output_names, last.predict([store[n] for n in last.input_names])))
+        return store
+
+    return predict_batches(x, batch_size, verbose, infer, [s.name for s in split.model_outputs])
+
+
+def predict_batches(x: Any, batch_size: int | None, verbose: Any,
+                    infer: Callable[[Any], dict[str, Any]], output_names: Sequence[str]) -> Any:
+    """Keras' predict loop: `infer(batch)` gives the tensors by name; the named outputs are
+    concatenated over batches (one array, or a list for several outputs)."""
+    iterator = TFEpochIterator(x=x, batch_size=batch_size, shuffle=False)
+    progbar = keras.utils.Progbar(iterator.num_batches) if verbose not in (0, "auto") else None
     outputs: list[list[np.ndarray]] = []
     for _, end_step, bx, _, _ in epoch_batches(iterator):
-        if runners is None:
-            store = forward_inference(split, None, bx)
-        else:
-            store = forward_inference(split, runners, bx)
-            last = runners[-1]
-            store.update(zip(last.output_names,
-                             last.predict([store[n] for n in last.input_names])))
-        outputs.append([np.asarray(store[s.name]) for s in split.model_outputs])
+        store = infer(bx)
+        outputs.append([np.asarray(store[name]) for name in output_names])
         if progbar is not None:
             progbar.update(end_step + 1)
     if not outputs:

@@ -49,6 +49,7 @@ from splitkeras.training import (
     epoch_batches,
     finish_evaluation,
     model_inputs_by_name,
+    predict_batches,
     restore_compile_value,
 )
 
@@ -335,18 +336,8 @@ class DeviceClient:
         """The model's outputs in inference mode, batch by batch, like `keras.Model.predict`."""
         if not self.runners:
             self._require_compiled()
-        iterator = TFEpochIterator(x=x, batch_size=batch_size, shuffle=False)
-        progbar = keras.utils.Progbar(iterator.num_batches) if verbose not in (0, "auto") else None
-        outputs: list[list[np.ndarray]] = []
-        for _, end_step, bx, _, _ in epoch_batches(iterator):
-            store, _ = self._infer(self.runners, bx)
-            outputs.append([np.asarray(store[s.name]) for s in self.split.model_outputs])
-            if progbar is not None:
-                progbar.update(end_step + 1)
-        if not outputs:
-            raise TrainingError("predict() received no data.")
-        merged = [np.concatenate(parts, axis=0) for parts in zip(*outputs)]
-        return merged[0] if len(merged) == 1 else merged
+        return predict_batches(x, batch_size, verbose, lambda bx: self._infer(self.runners, bx)[0],
+                               [s.name for s in self.split.model_outputs])
 
     def _infer(self, runners: Sequence[Any], x: Any) -> tuple[dict[str, Any], Any]:
         """Inference through `runners`: the tensors by name and the sum of their
