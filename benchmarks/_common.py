@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from splitkeras.client import free_port  # noqa: F401  (the benchmarks import it from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,10 +92,6 @@ def verdict(met: bool) -> str:
 
 
 # ---- a real server on loopback ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(split_dir: Path, key: str, *, extra_env: dict[str, str] | None = None,

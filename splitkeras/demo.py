@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -75,11 +74,6 @@ class DemoResult:
     folder: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_size: int = 32,
              wire_dtype: str = "float32", verbose: int = 1) -> DemoResult:
@@ -87,7 +81,7 @@ def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_s
     import keras
 
     import splitkeras
-    from splitkeras.client import DeviceClient, wait_until_ready
+    from splitkeras.client import DeviceClient, free_port, wait_until_ready
 
     folder = Path(folder)
     if folder.exists():
@@ -110,7 +104,7 @@ def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_s
     say(f"Split '{model.name}' at {CUTS}: " + ", ".join(
         f"{s.name} ({s.placement}, {s.model.count_params():,} params)" for s in split.segments))
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     key = os.urandom(16).hex()
     env = dict(os.environ, SPLITKERAS_SERVER_KEY=key, TF_CPP_MIN_LOG_LEVEL="3")

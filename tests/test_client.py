@@ -531,7 +531,8 @@ def test_train_command_needs_a_key_and_a_reachable_server(templates: dict[str, P
 def test_the_client_package_exports_its_public_names() -> None:
     import splitkeras.client as client
 
-    assert client.__all__ == ["DeviceClient", "NetworkConditions", "Transport", "wait_until_ready"]
+    assert client.__all__ == ["DeviceClient", "NetworkConditions", "Transport", "free_port",
+                              "wait_until_ready"]
     for name in client.__all__:
         assert getattr(client, name).__name__ == name
     with pytest.raises(AttributeError, match="has no attribute 'Session'"):

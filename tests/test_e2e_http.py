@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import pytest
 
 import splitkeras
+from splitkeras.client import free_port
 from client_support import DATA, assert_same_training, make_split_folder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -42,17 +42,12 @@ KEY = "e2e-test-key"
 EPOCH = dict(batch_size=16, shuffle=False, verbose=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 class Server:
     """`splitkeras serve FOLDER` on a fixed port; restartable."""
 
     def __init__(self, folder: Path, checkpoint_every: int) -> None:
-        self.folder, self.port = folder, _free_port()
+        self.folder, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.checkpoint_every = checkpoint_every
         self.log = folder.parent / f"{folder.name}-server.log"

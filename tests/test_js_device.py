@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ import splitkeras  # noqa: E402
 from converters import load_tfjs_weights  # noqa: E402
 from converters.tfjs_config import tfjs_named_weights  # noqa: E402
 from splitkeras.cli import main as cli_main  # noqa: E402
+from splitkeras.client import free_port  # noqa: E402
 from splitkeras.training import SplitTrainer  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -105,17 +105,12 @@ def _array(tensor: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(tensor["data"]), dtype).reshape(tensor["shape"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 class Server:
     """`splitkeras serve FOLDER` in a subprocess, stopped gracefully (SIGTERM)."""
 
     def __init__(self, folder: Path, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         executable = Path(sys.executable).with_name("splitkeras")

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["DeviceClient", "NetworkConditions", "Transport", "wait_until_ready"]
+__all__ = ["DeviceClient", "NetworkConditions", "Transport", "free_port", "wait_until_ready"]
 
 if TYPE_CHECKING:
     from splitkeras.client.device import DeviceClient
     from splitkeras.client.network import NetworkConditions
-    from splitkeras.client.transport import Transport, wait_until_ready
+    from splitkeras.client.transport import Transport, free_port, wait_until_ready
 
 _MODULES = {"DeviceClient": "splitkeras.client.device",
             "NetworkConditions": "splitkeras.client.network",
             "Transport": "splitkeras.client.transport",
+            "free_port": "splitkeras.client.transport",
             "wait_until_ready": "splitkeras.client.transport"}
 
 

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -394,6 +395,13 @@ class Transport:
         except WireFormatError as error:
             raise ProtocolError(f"The server's {route} response is not a valid tensor body: {error}") \
                 from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (for a local server)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until_ready(base_url: str, *, timeout: float = 120.0,
