@@ -20,12 +20,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -57,6 +59,7 @@ class Case:
     int_high: int = 0  # > 0: integer inputs in [0, int_high)
     sgd_round_trip: bool = False  # node applies an SGD step, saves; Python reads it back
     tolerance: float = TOLERANCE
+    requires: str | None = None  # a TensorFlow op probe (see PROBES) that must pass on this CPU
 
 
 def _model(inputs: Any, outputs: Any, name: str) -> keras.Model:
@@ -94,12 +97,23 @@ def _conv_transpose() -> keras.Model:
 
 
 def _depthwise_separable() -> keras.Model:
+    """Runs on every CPU: equal strides (non-square kernels included)."""
     x = keras.Input((9, 9, 3))
     a = L.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same", activation="relu")(x)
-    b = L.DepthwiseConv2D((2, 3), strides=(1, 2), use_bias=False)(x)
+    b = L.DepthwiseConv2D((2, 3), use_bias=False)(x)
     c = L.SeparableConv2D(5, 3, depth_multiplier=2, strides=2, padding="same", activation="elu")(x)
-    d = L.SeparableConv2D(3, (3, 2), strides=(2, 1), use_bias=False)(x)
+    d = L.SeparableConv2D(3, (3, 2), use_bias=False)(x)
     return _model(x, [a, b, c, d], "depthwise_separable")
+
+
+def _depthwise_unequal_strides() -> keras.Model:
+    """Row and column strides differ: TensorFlow's own depthwise kernel without oneDNN
+    refuses these ("only supports equal length strides"), so Keras cannot give a reference
+    there; TF.js runs them."""
+    x = keras.Input((9, 9, 3))
+    b = L.DepthwiseConv2D((2, 3), strides=(1, 2), use_bias=False)(x)
+    d = L.SeparableConv2D(3, (3, 2), strides=(2, 1), use_bias=False)(x)
+    return _model(x, [b, d], "depthwise_unequal_strides")
 
 
 def _batchnorm() -> keras.Model:
@@ -224,6 +238,8 @@ def _no_weights() -> keras.Model:
 CASES = [
     Case("dense_activations", _dense_activations), Case("conv2d", _conv2d), Case("conv1d", _conv1d),
     Case("conv_transpose", _conv_transpose), Case("depthwise_separable", _depthwise_separable),
+    Case("depthwise_unequal_strides", _depthwise_unequal_strides,
+         requires="depthwise_unequal_strides"),
     Case("batchnorm", _batchnorm, sgd_round_trip=True), Case("layernorm", _layernorm),
     Case("activation_layers", _activation_layers), Case("pooling", _pooling), Case("shapes", _shapes),
     Case("padding_cropping", _padding_cropping), Case("merges", _merges),
@@ -233,6 +249,37 @@ CASES = [
     Case("sequential", _sequential), Case("no_weights", _no_weights),
 ]
 QUANTIZED = ["segment", "conv2d", "lstm"]  # exported again with each quantization
+
+
+# ----------------------------------------------------------------------------- op probes
+def _probe_depthwise_unequal_strides() -> str | None:
+    """None if TensorFlow runs a depthwise conv with strides (1, 2) on this CPU, else why not.
+
+    TensorFlow's depthwise kernel without oneDNN (AMD CPUs without AVX-512, or
+    TF_ENABLE_ONEDNN_OPTS=0) supports only equal row and column strides."""
+    x = np.zeros((1, 5, 5, 2), np.float32)
+    try:
+        for layer in (L.DepthwiseConv2D(2, strides=(1, 2)), L.SeparableConv2D(2, 2, strides=(2, 1))):
+            np.asarray(layer(x))
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+        text = str(error)  # TensorFlow's own words sit inside Keras' wrapper: "}} ... [Op:"
+        found = re.search(r"\}\}\s*(.*?)\s*\[Op:", text, re.S)
+        message = found.group(1) if found else text.strip().splitlines()[0]
+        return (f"TensorFlow on this CPU cannot run a depthwise convolution with unequal strides "
+                f"('{message[:160]}'); the equal-stride case 'depthwise_separable' covers the layer "
+                "types here")
+    return None
+
+
+PROBES: dict[str, Callable[[], str | None]] = {"depthwise_unequal_strides": _probe_depthwise_unequal_strides}
+_PROBED: dict[str, str | None] = {}
+
+
+def probe(name: str) -> str | None:
+    """Run the named op probe once per process; None if the op runs, else the skip reason."""
+    if name not in _PROBED:
+        _PROBED[name] = PROBES[name]()
+    return _PROBED[name]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -352,39 +399,71 @@ class World:
     built: dict[str, Built]
     results: dict[str, dict[str, Any]]
     work: Path
+    failures: dict[str, str]  # case id -> why its Keras side could not be built
+    skipped: dict[str, str]  # case id -> why this CPU cannot run it (an op probe)
+
+    def case(self, case_id: str) -> Built:
+        """The built case, or this one test fails (or skips) naming the case; the others run."""
+        if case_id in self.skipped:
+            pytest.skip(self.skipped[case_id])
+        if case_id in self.failures:
+            pytest.fail(f"case '{case_id}' could not be built on the Keras side:\n{self.failures[case_id]}")
+        return self.built[case_id]
+
+
+def _build_case(index: int, case: Case, work: Path) -> tuple[Built, list[dict[str, Any]]]:
+    """Export one case, compute its Keras reference; the node jobs that check it."""
+    model = case.build()
+    _randomize(model, seed=index)
+    rng = np.random.default_rng(1000 + index)
+    inputs = _inputs(model, case, rng)
+    encoded = [_encode(a) for a in inputs]
+    bundle = work / case.id
+    export_tfjs(model, bundle)  # before any training pass changes the moving statistics
+    jobs: list[dict[str, Any]] = []
+    for quantization in ("float16", "uint8", "uint16") if case.id in QUANTIZED else ():
+        quantized = work / f"{case.id}_{quantization}"
+        export_tfjs(model, quantized, quantization=quantization)
+        jobs.append({"id": quantized.name, "bundle_dir": str(quantized), "inputs": encoded})
+    if case.id == "segment":
+        export_tfjs(model, work / "segment_sharded", shard_size_bytes=300)
+        jobs.append({"id": "segment_sharded", "bundle_dir": str(work / "segment_sharded"),
+                     "inputs": encoded})
+    predict = _as_list(model.predict(inputs if len(inputs) > 1 else inputs[0], verbose=0))
+    losses = [float(keras.ops.convert_to_numpy(loss)) for loss in model.losses]
+    item = Built(case, model, inputs, predict, sum(losses), bundle)
+    job = {"id": case.id, "bundle_dir": str(bundle), "inputs": encoded}
+    if case.deterministic:
+        job.update(_training_reference(item, rng))
+    jobs.append(job)
+    return item, jobs
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """Every case built on the Keras side, then all bundles in ONE node process. A case that
+    fails to build is recorded, so only that case's tests fail; the others still run."""
+    import traceback
+
     _require_node()
     work = tmp_path_factory.mktemp("tfjs")
     built: dict[str, Built] = {}
+    failures: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     jobs: list[dict[str, Any]] = []
     for index, case in enumerate(CASES):
-        model = case.build()
-        _randomize(model, seed=index)
-        rng = np.random.default_rng(1000 + index)
-        inputs = _inputs(model, case, rng)
-        bundle = work / case.id
-        export_tfjs(model, bundle)  # before any training pass changes the moving statistics
-        for quantization in ("float16", "uint8", "uint16") if case.id in QUANTIZED else ():
-            quantized = work / f"{case.id}_{quantization}"
-            export_tfjs(model, quantized, quantization=quantization)
-            jobs.append({"id": quantized.name, "bundle_dir": str(quantized),
-                         "inputs": [_encode(a) for a in inputs]})
-        if case.id == "segment":
-            export_tfjs(model, work / "segment_sharded", shard_size_bytes=300)
-            jobs.append({"id": "segment_sharded", "bundle_dir": str(work / "segment_sharded"),
-                         "inputs": [_encode(a) for a in inputs]})
-        predict = _as_list(model.predict(inputs if len(inputs) > 1 else inputs[0], verbose=0))
-        losses = [float(keras.ops.convert_to_numpy(loss)) for loss in model.losses]
-        built[case.id] = item = Built(case, model, inputs, predict, sum(losses), bundle)
-        job = {"id": case.id, "bundle_dir": str(bundle), "inputs": [_encode(a) for a in inputs]}
-        if case.deterministic:
-            job.update(_training_reference(item, rng))
-        jobs.append(job)
+        reason = probe(case.requires) if case.requires else None
+        if reason is not None:
+            skipped[case.id] = reason
+            continue
+        try:
+            built[case.id], case_jobs = _build_case(index, case, work)
+        except Exception:  # noqa: BLE001 - reported by this case's own tests
+            failures[case.id] = traceback.format_exc(limit=-6)
+            continue
+        jobs.extend(case_jobs)
     jobs.append({"id": "missing", "bundle_dir": str(work / "does_not_exist"), "inputs": []})
-    return World(built, run_tfjs(jobs, work), work)
+    return World(built, run_tfjs(jobs, work), work, failures, skipped)
 
 
 def _result(world: World, job_id: str) -> dict[str, Any]:
@@ -396,7 +475,7 @@ def _result(world: World, job_id: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- numeric matrix
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_predict_matches_keras(world: World, case: Case) -> None:
-    built, result = world.built[case.id], _result(world, case.id)
+    built, result = world.case(case.id), _result(world, case.id)
     outputs = [_decode(t) for t in result["outputs"]]
     diff = _max_diff(outputs, built.predict)
     scale = max((float(np.abs(p).max()) for p in built.predict if p.size), default=0.0)
@@ -409,7 +488,7 @@ def test_predict_matches_keras(world: World, case: Case) -> None:
 @pytest.mark.parametrize("case", [c for c in CASES if c.deterministic], ids=lambda c: c.id)
 def test_training_pass_matches_keras(world: World, case: Case) -> None:
     """model.apply(x, {training: true}), the VJP and the updated moving statistics."""
-    built, result = world.built[case.id], _result(world, case.id)
+    built, result = world.case(case.id), _result(world, case.id)
     assert "training_error" not in result, f"TF.js training failed: {result['training_error']}"
     output_diff = _max_diff([_decode(t) for t in result["training_outputs"]], built.training)
     assert output_diff <= case.tolerance
@@ -431,16 +510,43 @@ def test_training_pass_matches_keras(world: World, case: Case) -> None:
         assert _max_diff([_decode(result["weights"][name])], [reference]) <= 1e-5, name
 
 
-def test_every_supported_layer_is_in_the_numeric_matrix(world: World) -> None:
-    tested = {type(layer).__name__ for built in world.built.values() for layer in built.model.layers}
+def test_every_supported_layer_is_in_the_numeric_matrix() -> None:
+    """Counted over the cases that run on every CPU (no op probe), so a CPU that skips a
+    probed case still checks every layer type."""
+    everywhere = [case.build() for case in CASES if case.requires is None]
+    tested = {type(layer).__name__ for model in everywhere for layer in model.layers}
     assert SUPPORTED_LAYERS <= tested, f"supported but never checked in TF.js: {SUPPORTED_LAYERS - tested}"
+
+
+def test_a_case_that_fails_to_build_fails_alone(world: World) -> None:
+    """The fixture records a broken case; asking for it fails with the case's name."""
+    world.failures["broken_for_this_test"] = "ValueError: boom"
+    try:
+        with pytest.raises(pytest.fail.Exception, match="case 'broken_for_this_test' could not be built"):
+            world.case("broken_for_this_test")
+    finally:
+        del world.failures["broken_for_this_test"]
+    assert world.case("conv2d").case.id == "conv2d"
+
+
+def test_the_depthwise_probe_agrees_with_tensorflow() -> None:
+    """The probe's verdict is what TensorFlow does on this CPU with the probed case itself."""
+    reason = probe("depthwise_unequal_strides")
+    model = _depthwise_unequal_strides()
+    x = np.zeros((1, 9, 9, 3), np.float32)
+    if reason is None:
+        assert [np.asarray(t).shape for t in model(x)] == [(1, 8, 4, 3), (1, 4, 8, 3)]
+    else:
+        assert "unequal strides" in reason
+        with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.UnimplementedError)):
+            model(x)
 
 
 # ----------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("case", [c for c in CASES if c.sgd_round_trip], ids=lambda c: c.id)
 def test_device_trained_bundle_loads_back_into_keras(world: World, case: Case) -> None:
     """TF.js takes one SGD step and saves; load_tfjs_weights reads exactly those weights back."""
-    built = world.built[case.id]
+    built = world.case(case.id)
     result = _result(world, case.id)
     assert "training_error" not in result
     model = keras.models.clone_model(built.model)
@@ -463,7 +569,7 @@ QUANTIZATION_BOUNDS = {"float16": 5e-3, "uint16": 5e-4, "uint8": 5e-2}
 def test_quantized_bundles(world: World, quantization: str) -> None:
     """TF.js dequantizes like read_bundle_weights; the error against float32 stays bounded."""
     for case_id in QUANTIZED:
-        built, bundle = world.built[case_id], world.work / f"{case_id}_{quantization}"
+        built, bundle = world.case(case_id), world.work / f"{case_id}_{quantization}"
         result = _result(world, bundle.name)
         outputs = [_decode(t) for t in result["outputs"]]
         dequantized = keras.models.clone_model(built.model)
@@ -486,7 +592,7 @@ def test_sharded_bundle_loads_in_tfjs(world: World) -> None:
     shards = sorted(p.name for p in (world.work / "segment_sharded").glob("*.bin"))
     assert len(shards) > 3 and shards[0].startswith("group1-shard1of")
     outputs = [_decode(t) for t in _result(world, "segment_sharded")["outputs"]]
-    assert _max_diff(outputs, world.built["segment"].predict) <= TOLERANCE
+    assert _max_diff(outputs, world.case("segment").predict) <= TOLERANCE
 
 
 def test_tool_reports_a_missing_bundle(world: World) -> None:

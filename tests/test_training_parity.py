@@ -35,8 +35,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -44,9 +45,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from models import multi_io_model, skip_model  # noqa: E402
 
 import splitkeras  # noqa: E402
-from models import multi_io_model, skip_model  # noqa: E402
 from splitkeras.errors import TrainingError  # noqa: E402
 
 tf.config.experimental.enable_op_determinism()
@@ -151,6 +152,7 @@ def assert_same_weights(reference: dict[str, np.ndarray], other: dict[str, np.nd
                         tolerance: float = TOLERANCE) -> float:
     diffs = weight_diffs(reference, other)
     worst = max(diffs, key=diffs.__getitem__)
+    print(f" max|weight diff| {diffs[worst]:.3g} ({worst})", end="")  # `pytest -s -v` shows it
     assert diffs[worst] <= tolerance, (
         f"'{worst}' differs by {diffs[worst]:.3g} (> {tolerance}); all over tolerance: "
         f"{ {k: v for k, v in diffs.items() if v > tolerance} }")
@@ -191,7 +193,7 @@ KITCHEN_SINK_FIT = dict(batch_size=BATCH, epochs=EPOCHS, verbose=0,
                         validation_data=(VAL_IMAGES, VAL_LABELS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kitchen_sink_reference(optimizer: str) -> tuple[keras.Model, keras.callbacks.History, dict]:
     """model.fit of the uncut model (cached: one per optimizer serves both cuts)."""
     reference = kitchen_sink_model()
@@ -201,7 +203,7 @@ def kitchen_sink_reference(optimizer: str) -> tuple[keras.Model, keras.callbacks
     return reference, history, weights_by_name(reference)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_kitchen_sink(optimizer: str, cuts: tuple[str, ...]) -> Trained:
     """The parity matrix's runs (cached: several tests look at the same run)."""
     split = splitkeras.split(kitchen_sink_model(), at=list(cuts))
