@@ -51,7 +51,6 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-
 from _common import RESULTS, machine, median, stop_server, table, write_results
 from table1 import BATCH, CLASSES, LATE_CUT, build, launch, wait_ready
 
@@ -64,8 +63,8 @@ def stem_layers(model: Any) -> list[str]:
     """The layer to cut after for each of the paper's 7 stem layers."""
     import keras
 
-    acts = [l.name for l in model.layers if isinstance(l, keras.layers.Activation)][:5]
-    pools = [l.name for l in model.layers if isinstance(l, keras.layers.MaxPooling2D)][:2]
+    acts = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Activation)][:5]
+    pools = [layer.name for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)][:2]
     return [acts[0], acts[1], acts[2], pools[0], acts[3], acts[4], pools[1]]
 
 
@@ -124,10 +123,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import keras
+    from http_overhead import measure_loopback
 
     import splitkeras
     from splitkeras.client import DeviceClient, NetworkConditions
-    from http_overhead import measure_loopback
     from splitkeras.planning import Conditions, plan_pair
 
     started = time.perf_counter()
@@ -232,7 +231,7 @@ def main() -> None:
     total = time.perf_counter() - started
     data = {"benchmark": "figure4b", "command": command, "model": "InceptionResNetV2",
             "input": [SIDE, SIDE, 3], "batch": BATCH, "second_cut": LATE_CUT,
-            "networks": [{"name": n, "bandwidth_bps": b, "latency_s": l} for n, b, l in NETWORKS],
+            "networks": [{"name": n, "bandwidth_bps": b, "latency_s": lat} for n, b, lat in NETWORKS],
             "calibration": calibration, "loopback": loopback, "forward_flops_per_image": total_flops,
             "machine": machine(), "rows": rows, "total_wall_s": total,
             "measured_over_predicted_total": {"median": median(ratios) if ratios else None,
@@ -303,8 +302,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 mew=2, label="measured comm.")
         ax.set_xticks(xs, [r["paper_layer"] for r in rs], rotation=45, ha="right")
         ax.set_yscale("log")
-        ax.set_title(f"{network} ({dict((n, (b, l)) for n, b, l in NETWORKS)[network][0] / 1e6:g} "
-                     f"Mbit/s, {1e3 * dict((n, (b, l)) for n, b, l in NETWORKS)[network][1]:g} ms)")
+        ax.set_title(f"{network} ({dict((n, (b, lat)) for n, b, lat in NETWORKS)[network][0] / 1e6:g} "
+                     f"Mbit/s, {1e3 * dict((n, (b, lat)) for n, b, lat in NETWORKS)[network][1]:g} ms)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("seconds per image")
     axes[0].legend(fontsize=8)

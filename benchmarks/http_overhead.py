@@ -39,9 +39,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-
-from _common import (machine, median, process_cpu_seconds, start_server, stop_server, table,
-                     verdict, write_results)
+from _common import machine, median, process_cpu_seconds, start_server, stop_server, table, verdict, write_results
 
 BATCH = 32
 CUTS = ["pool_1", "dense_1"]

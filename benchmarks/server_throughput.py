@@ -14,8 +14,8 @@ same batch) measured in this process while the server is idle. A middle level,
 HTTP), splits the overhead into wire+service and HTTP. The levels are
 interleaved round by round and each figure is the median of its rounds; a rate
 is completed steps in a timed window after a warm-up (for c devices at least
-2 and 3 "cycles" of c steps; a shared machine: compare the ratios). On this loopback set-up the devices' threads share the CPU cores
-with the server, which a real deployment would not.
+2 and 3 "cycles" of c steps; a shared machine: compare the ratios). On this loopback
+set-up the devices' threads share the CPU cores with the server, which a real deployment would not.
 
 Floor: server steps/s with 8 devices >= 0.85 x in-process.
 
@@ -37,7 +37,6 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-
 from _common import machine, median, process_cpu_seconds, start_server, stop_server, table, verdict, write_results
 
 BATCH = 32

@@ -25,7 +25,6 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-
 from _common import machine, median, start_server, stop_server, table, write_results
 from http_overhead import BATCH, build_model, fresh_copy, seconds_per_step
 

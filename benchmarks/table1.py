@@ -61,9 +61,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
-
-from _common import (ROOT, free_port, machine, median, process_cpu_seconds, stop_server, table,
-                     write_results)
+from _common import ROOT, free_port, machine, median, process_cpu_seconds, stop_server, table, write_results
 
 BATCH = 8
 CLASSES = 10

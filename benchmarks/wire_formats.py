@@ -23,10 +23,10 @@ import argparse
 import json
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-
 from _common import machine, median, table, verdict, write_results
 
 from splitkeras import wire

@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from splitkeras.errors import ModelLoadError
 

@@ -31,7 +31,7 @@ def save_checkpoint(folder: Path, model_vars: list[Any], optimizer_vars: list[An
     buffer = io.BytesIO()
     state = dict(state, model_variables=len(model_vars), optimizer_variables=len(optimizer_vars))
     state_bytes = (json.dumps(state, indent=1) + "\n").encode()
-    arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model_vars)}
+    arrays: dict[str, Any] = {f"model_{i}": np.asarray(v) for i, v in enumerate(model_vars)}
     arrays.update({f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer_vars)})
     arrays[_STATE_KEY] = np.frombuffer(state_bytes, dtype=np.uint8)
     np.savez(buffer, **arrays)

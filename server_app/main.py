@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
@@ -50,7 +50,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
-async def _sweep(service: "object") -> None:
+async def _sweep(service: object) -> None:
     from server_app.service import SegmentService
 
     assert isinstance(service, SegmentService)

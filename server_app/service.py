@@ -14,10 +14,11 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -380,7 +381,7 @@ class SegmentService:
     def _build_label_model(self, y: Any) -> None:
         import tensorflow as tf
 
-        x = [np.zeros((1, *s.sample_shape), dtype=s.dtype) for s in self.entry.inputs]
+        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in self.entry.inputs]
         y1 = tf.nest.map_structure(lambda t: t[:1], y)
         self.runner.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
         self._built = True

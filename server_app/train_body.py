@@ -8,7 +8,8 @@ a NaN update to the weights every device shares.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -22,7 +23,7 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage block
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
         raise CliError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
@@ -44,8 +45,8 @@ def _quiet_tensorflow() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow as tf
         import keras  # noqa: F401
+        import tensorflow as tf
 
         tf.config.list_physical_devices()  # probes CUDA now, while muted
     finally:
@@ -227,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
     p.set_defaults(func=cmd_demo)
 
-    from splitkeras import cli_train  # noqa: F401  (appends the `train` command to _EXTRA_COMMANDS)
-    from splitkeras import cli_plan  # noqa: F401  (appends the `plan` command to _EXTRA_COMMANDS)
-    from splitkeras import cli_export  # noqa: F401  (appends the `export` command to _EXTRA_COMMANDS)
+    from splitkeras import (
+        cli_export,  # noqa: F401  (appends the `export` command to _EXTRA_COMMANDS)
+        cli_plan,  # noqa: F401  (appends the `plan` command to _EXTRA_COMMANDS)
+        cli_train,  # noqa: F401  (appends the `train` command to _EXTRA_COMMANDS)
+    )
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser

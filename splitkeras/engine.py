@@ -19,8 +19,9 @@ implement these semantics, so their results can be compared one to one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np

@@ -14,8 +14,9 @@ segment models themselves are built by Keras (see `splitkeras.segments`).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 
@@ -67,7 +68,7 @@ class ModelGraph:
     tensors: dict[int, Any] = field(default_factory=dict)  # tensor id -> KerasTensor
 
     @classmethod
-    def of(cls, model: keras.Model) -> "ModelGraph":
+    def of(cls, model: keras.Model) -> ModelGraph:
         graph = cls(model=model)
         for depth in sorted(model._nodes_by_depth, reverse=True):
             for node in model._nodes_by_depth[depth]:

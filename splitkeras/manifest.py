@@ -56,7 +56,7 @@ class SegmentEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SegmentEntry":
+    def from_json(cls, data: dict[str, Any]) -> SegmentEntry:
         return cls(
             name=str(data["name"]),
             placement=str(data["placement"]),
@@ -110,7 +110,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: Any) -> "Manifest":
+    def from_json(cls, data: Any) -> Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ManifestError(
                 f"This is not a splitkeras manifest (expected \"format\": \"{FORMAT}\"). "
@@ -178,7 +178,7 @@ class Manifest:
             raise ManifestError(f"No segment produces the model outputs {missing}.")
 
     @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> "Manifest":
+    def read(cls, path: str | os.PathLike[str]) -> Manifest:
         """Read `split.json` from a file or from the split folder that holds it."""
         path = Path(path)
         if path.suffix != ".json":  # a split folder, as the CLI takes it

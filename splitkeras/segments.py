@@ -14,15 +14,16 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 
 from splitkeras.errors import CutError, ManifestError
-from splitkeras.graph import ModelGraph, as_functional, plan_segments
+from splitkeras.graph import as_functional, plan_segments
 from splitkeras.manifest import PLACEMENTS, Manifest, SegmentEntry
 from splitkeras.tensor_spec import TensorSpec
 

@@ -48,7 +48,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TensorSpec":
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(
             name=str(data["name"]),
             shape=tuple(None if d is None else int(d) for d in data["shape"]),

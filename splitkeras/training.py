@@ -17,7 +17,8 @@ ones `model.fit` would draw from the same state.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -143,7 +144,7 @@ class SplitTrainer:
                                      jit_compile=all(r.jit_compile for r in self.runners))
 
     @classmethod
-    def from_training_config(cls, split: Any, config: dict[str, Any]) -> "SplitTrainer":
+    def from_training_config(cls, split: Any, config: dict[str, Any]) -> SplitTrainer:
         """Compile from a saved Keras compile config (`model.get_compile_config()`)."""
         optimizer = config.get("optimizer")
         return cls(split, optimizer=restore_compile_value(optimizer) if optimizer else None,

@@ -118,7 +118,7 @@ def encode(
         ):
             raise WireFormatError("metadata must map strings to strings")
         header[_METADATA_KEY] = dict(metadata)
-    arrays: list[np.ndarray] = []
+    arrays: list[Any] = []  # C-contiguous arrays: buffers for bytes.join
     offset = 0
     for name, value in tensors.items():
         if not isinstance(name, str) or name == _METADATA_KEY:

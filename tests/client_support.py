@@ -17,9 +17,9 @@ from typing import Any
 
 import keras
 import numpy as np
+from models import mlp_model, skip_model
 
 import splitkeras
-from models import mlp_model, skip_model
 
 TOLERANCE = 1e-5
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import keras
@@ -170,7 +171,7 @@ class LiveApp:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __enter__(self) -> "LiveApp":
+    def __enter__(self) -> LiveApp:
         return self
 
     def __exit__(self, *_: Any) -> None:

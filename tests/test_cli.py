@@ -17,9 +17,9 @@ from pathlib import Path
 
 import keras
 import pytest
+from models import max_abs_diff, model_outputs, multi_io_model, residual_model, sample_inputs
 
 import splitkeras
-from models import max_abs_diff, model_outputs, multi_io_model, residual_model, sample_inputs
 from splitkeras.cli import main
 
 SCRIPT = Path(sys.executable).parent / "splitkeras"
@@ -152,7 +152,8 @@ def test_split_warns_when_raw_input_leaves_the_device(tmp_path: Path, capsys: py
          1, "error: Model file '{tmp}/missing.keras' does not exist."),
         (["inspect", "{tmp}/missing.h5"], 1, "error: Model file '{tmp}/missing.h5' does not exist."),
         (["join", "{tmp}"],
-         1, "error: No split manifest at '{tmp}/split.json'. Create one with `splitkeras split MODEL --at LAYER -o {tmp}`."),
+         1, "error: No split manifest at '{tmp}/split.json'. Create one with "
+            "`splitkeras split MODEL --at LAYER -o {tmp}`."),
         (["split", "{model}", "--at", "stem", "-o", "{model}", "--no-tfjs"], 1, "error: File exists: {model}"),
         ([], 2, "error: splitkeras: the following arguments are required: COMMAND (see `splitkeras --help`)"),
         (["split", "{model}", "--at", "stem", "--bogus"],

@@ -11,8 +11,9 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -441,8 +442,9 @@ def _client(folder: Path, server: Any, dropping: bool = False, **options: Any) -
 def test_http_training_matches_in_process_training(templates: dict[str, Path], tmp_path: Path,
                                                   mode: str) -> None:
     """Same weights, same batches: the same model, even when every step's first answer is lost."""
-    import splitkeras
     from client_support import DATA, assert_same_training
+
+    import splitkeras
 
     folder = Path(shutil.copytree(templates[mode], tmp_path / "split"))
     reference = splitkeras.load_split(templates[mode])
@@ -468,8 +470,9 @@ def test_device_client_checks_the_server_serves_its_split(templates: dict[str, P
 
 
 def test_save_writes_the_device_segments_back(templates: dict[str, Path], tmp_path: Path) -> None:
-    import splitkeras
     from client_support import DATA
+
+    import splitkeras
 
     folder = Path(shutil.copytree(templates["u_shaped"], tmp_path / "split"))
     with _in_process_server(folder) as server:
@@ -553,9 +556,9 @@ def test_save_refreshes_the_tfjs_bundles_with_the_trained_weights(templates: dic
                                                                    tmp_path: Path) -> None:
     """After training, the device's TF.js bundles hold the trained weights, not the split's."""
     import keras
+    from client_support import DATA
 
     import splitkeras
-    from client_support import DATA
     from converters import load_tfjs_weights
 
     folder = tmp_path / "split"

@@ -25,16 +25,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from client_support import DATA, assert_same_training, make_split_folder
 
 import splitkeras
 from splitkeras.client import free_port
-from client_support import DATA, assert_same_training, make_split_folder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -54,7 +55,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = dict(os.environ, SPLITKERAS_SERVER_KEY=KEY, TF_CPP_MIN_LOG_LEVEL="3",
                    TF_DETERMINISTIC_OPS="1")
         with open(self.log, "ab") as log:

@@ -7,13 +7,12 @@ compares with the whole model in inference mode: max|diff| <= 1e-6.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
 import pytest
-
-import splitkeras
 from models import (
     bn_model,
     inception_model,
@@ -29,6 +28,8 @@ from models import (
     shared_layer_model,
     skip_model,
 )
+
+import splitkeras
 
 TOLERANCE = 1e-6
 

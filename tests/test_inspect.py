@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from models import bn_model, mlp_model, multi_io_model, residual_model, shared_layer_model
+
 from splitkeras.cli import main
 from splitkeras.profile import CutCandidate, cut_candidates
 

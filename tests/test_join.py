@@ -6,14 +6,12 @@ Checked for `Split.join()`, for split -> save -> `load_split` -> join, and for t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
 import pytest
-
-import splitkeras
 from models import (
     bn_model,
     inception_model,
@@ -27,6 +25,8 @@ from models import (
     shared_layer_model,
     skip_model,
 )
+
+import splitkeras
 from splitkeras.cli import main
 from splitkeras.errors import ManifestError
 

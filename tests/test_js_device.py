@@ -27,8 +27,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -253,7 +254,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, node: str) -> Iterator[dict[s
             servers.append(server)
             prepared[name] = {"tmp": tmp, "out": out, "ref": ref, "app": app, "data": data,
                               "server": server, "options": options}
-        for name, run in prepared.items():
+        for run in prepared.values():
             run["server"].wait_ready()
             job = {"app_dir": str(run["app"]), "server_url": run["server"].url, "key": KEY,
                    "save_dir": str(run["tmp"] / "trained"), **run["options"],

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from models import mlp_model, skip_model
 
 import splitkeras
-from models import mlp_model, skip_model
 from splitkeras.cli import main
 from splitkeras.errors import ManifestError
 from splitkeras.manifest import FORMAT, FORMAT_VERSION, Manifest
@@ -273,9 +273,11 @@ def test_segment_input_produced_only_later(written: Path) -> None:
     "change, message",
     [
         (lambda d: d.update(segments=d["segments"][:1], cuts=[]), "A split manifest needs at least two segments."),
-        (lambda d: d.update(cuts=["encode"]), "The manifest lists 1 cut(s) for 3 segments; expected one cut fewer than segments."),
+        (lambda d: d.update(cuts=["encode"]),
+         "The manifest lists 1 cut(s) for 3 segments; expected one cut fewer than segments."),
         (lambda d: d["segments"][2].update(name="head"), "Segment name 'head' appears twice."),
-        (lambda d: d["segments"][1].update(placement="cloud"), "Segment 'middle' has placement 'cloud'; expected one of ('device', 'server')."),
+        (lambda d: d["segments"][1].update(placement="cloud"),
+         "Segment 'middle' has placement 'cloud'; expected one of ('device', 'server')."),
         (lambda d: d["model_outputs"][0].update(name="scores"), "No segment produces the model outputs ['scores']."),
     ],
 )
@@ -286,7 +288,8 @@ def test_inconsistent_manifest(written: Path, change: Any, message: str) -> None
 
 
 def test_missing_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match=r"^No split manifest at '.*split\.json'\. Create one with `splitkeras split MODEL --at LAYER -o "):
+    with pytest.raises(ManifestError, match=r"^No split manifest at '.*split\.json'\. "
+                                            r"Create one with `splitkeras split MODEL --at LAYER -o "):
         Manifest.read(tmp_path)
 
 

@@ -16,17 +16,15 @@ import os
 import re
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from server_app import checkpoint as checkpoint_module
-from splitkeras import wire
 from server_fixtures import (
     KEY,
     MAX_BATCH,
@@ -39,6 +37,9 @@ from server_fixtures import (
     snapshot,
     tensor_headers,
 )
+
+from server_app import checkpoint as checkpoint_module
+from splitkeras import wire
 
 RNG = np.random.default_rng(0)
 

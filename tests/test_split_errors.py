@@ -12,8 +12,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
-import splitkeras
 from models import (
     SubclassedModel,
     lambda_model,
@@ -27,6 +25,8 @@ from models import (
     sequential_model,
     shared_layer_model,
 )
+
+import splitkeras
 from splitkeras.cli import main
 from splitkeras.errors import CutError, ModelLoadError, SplitKerasError, UnsupportedModelError
 

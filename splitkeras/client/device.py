@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -136,7 +137,7 @@ class DeviceClient:
         return (f"<DeviceClient {self.mode} split of '{self.split.model_name}' -> "
                 f"{self.transport.base_url}>")
 
-    def __enter__(self) -> "DeviceClient":
+    def __enter__(self) -> DeviceClient:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -206,7 +207,7 @@ class DeviceClient:
         if self._built:
             return
         label = self._require_compiled()
-        x = [np.zeros((1, *s.sample_shape), dtype=s.dtype) for s in label.segment.inputs]
+        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in label.segment.inputs]
         y1 = tf.nest.map_structure(lambda t: t[:1], y)
         label.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
         self._built = True

@@ -10,7 +10,8 @@ arrays named by their boundary names and come back in the manifest's order.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -88,7 +89,7 @@ class RemoteSegment:
             tensors["sample_weight"] = np.asarray(sample_weight)
         input_grads, metadata = self.transport.train(step, tensors)
         logs = {}
-        for key, value in metadata.items():
+        for key in metadata:
             if key != "step":
                 logs[key] = _float(metadata, key, float("nan"))
         if "loss" in logs:

@@ -41,8 +41,9 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import httpx
 import numpy as np
@@ -89,7 +90,7 @@ class _Refused(Exception):
         self.status, self.code, self.message, self.body, self.what = status, code, message, body, what
 
     @classmethod
-    def from_response(cls, response: httpx.Response, what: str) -> "_Refused":
+    def from_response(cls, response: httpx.Response, what: str) -> _Refused:
         try:
             error = response.json()["error"]
             code, message = str(error["code"]), str(error["message"])
@@ -165,7 +166,7 @@ class Transport:
         session = self.session["session_id"] if self.session else None
         return f"<Transport {self.base_url} session={session}>"
 
-    def __enter__(self) -> "Transport":
+    def __enter__(self) -> Transport:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
