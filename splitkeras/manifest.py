@@ -1,8 +1,9 @@
 """`split.json`: the contract between the segments, the server and the device.
 
-The schema is versioned and documented in `splitkeras/schema/split-manifest-v1.json`
-(JSON Schema) and `docs/manifest.md`. Readers refuse a manifest whose
-`format_version` they do not know.
+The schema is versioned and documented in `splitkeras/schema/split-manifest-v2.json`
+(JSON Schema) and `docs/manifest.md`. Version 2 adds each segment's `host` (which
+server runs it); version 1 files still load (hosts derived: see `splitkeras.topology`).
+Readers refuse a manifest whose `format_version` they do not know.
 
 Example:
     >>> manifest = Manifest.read("out/split.json")      # doctest: +SKIP
@@ -25,7 +26,8 @@ from splitkeras.tensor_spec import TensorSpec
 __all__ = ["FORMAT", "FORMAT_VERSION", "PLACEMENTS", "Manifest", "SegmentEntry", "atomic_write_bytes"]
 
 FORMAT = "splitkeras.split"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PLACEMENTS = ("device", "server")
 MANIFEST_NAME = "split.json"
 
@@ -41,11 +43,19 @@ class SegmentEntry:
     outputs: list[TensorSpec]
     parameters: int = 0
     tfjs: str | None = None  # relative path of the TF.js model.json (device segments)
+    host: str | None = None  # the server that runs a server segment; None: its own name
+
+    def __post_init__(self) -> None:
+        from splitkeras.topology import default_host
+
+        if self.host is None:
+            self.host = default_host(self)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "name": self.name,
             "placement": self.placement,
+            "host": self.host,
             "keras_file": self.keras_file,
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
@@ -65,6 +75,7 @@ class SegmentEntry:
             outputs=[TensorSpec.from_json(s) for s in data["outputs"]],
             parameters=int(data.get("parameters", 0)),
             tfjs=data.get("tfjs"),
+            host=data.get("host"),
         )
 
 
@@ -117,10 +128,11 @@ class Manifest:
                 "Create one with `splitkeras split MODEL --at LAYER`."
             )
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise ManifestError(
                 f"Manifest format_version {version!r} is not supported by this splitkeras "
-                f"(it reads version {FORMAT_VERSION}). Re-create the split with this version."
+                f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}). Re-create the "
+                "split with this version."
             )
         known = {"format", "format_version", "splitkeras_version", "source", "cuts",
                  "model_inputs", "model_outputs", "segments", "training"}
@@ -156,6 +168,10 @@ class Manifest:
                 f"The manifest lists {len(self.cuts)} cut(s) for {len(self.segments)} segments; "
                 "expected one cut fewer than segments."
             )
+        for entry in self.segments:
+            if entry.placement == "device" and entry.host != "device":
+                raise ManifestError(f"Device segment '{entry.name}' has host '{entry.host}'; a device "
+                                    "segment's host is \"device\".")
         available = {s.name for s in self.model_inputs}
         names = set()
         for entry in self.segments:
@@ -176,6 +192,14 @@ class Manifest:
         missing = [s.name for s in self.model_outputs if s.name not in available]
         if missing:
             raise ManifestError(f"No segment produces the model outputs {missing}.")
+        _ = self.topology  # the placement rules (first segment on the device, ...)
+
+    @property
+    def topology(self) -> Any:
+        """The split's shape (`splitkeras.topology.Topology`), derived from the segments."""
+        from splitkeras.topology import Topology
+
+        return Topology.from_manifest(self)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Manifest:

@@ -26,6 +26,7 @@ from splitkeras.errors import CutError, ManifestError
 from splitkeras.graph import as_functional, plan_segments
 from splitkeras.manifest import PLACEMENTS, Manifest, SegmentEntry
 from splitkeras.tensor_spec import TensorSpec
+from splitkeras.topology import check_placements
 
 __all__ = ["Segment", "Split", "split", "load_split", "copy_layer_state"]
 
@@ -154,6 +155,13 @@ class Split:
     def __repr__(self) -> str:
         parts = ", ".join(f"{s.name}@{s.placement}" for s in self.segments)
         return f"<Split of '{self.model_name}' at {self.cuts}: {parts}>"
+
+    @property
+    def topology(self) -> Any:
+        """The split's shape (`splitkeras.topology.Topology`): stages, hosts, label segment."""
+        from splitkeras.topology import Topology
+
+        return Topology.from_split(self)
 
     def __getitem__(self, name: str) -> Segment:
         for segment in self.segments:
@@ -355,6 +363,10 @@ def split(
     for placement in placements:
         if placement not in PLACEMENTS:
             raise CutError(f"Unknown placement '{placement}'; expected one of {PLACEMENTS}.")
+    try:
+        check_placements(names, placements)
+    except ManifestError as error:
+        raise CutError(str(error)) from None
 
     notes: list[str] = []
     segments = []

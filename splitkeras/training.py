@@ -16,7 +16,6 @@ ones `model.fit` would draw from the same state.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,8 +29,9 @@ from keras.src.utils.python_utils import pythonify_logs
 
 from splitkeras.engine import SegmentRunner, new_optimizer
 from splitkeras.errors import TrainingError
+from splitkeras.steps import StepLoop, accumulate_gradients
 
-__all__ = ["SplitTrainer", "predict", "model_inputs_by_name", "restore_compile_value"]
+__all__ = ["SplitTrainer", "predict", "model_inputs_by_name", "restore_compile_value", "accumulate_gradients"]
 
 
 def TFEpochIterator(**kwargs: Any) -> Any:
@@ -51,14 +51,6 @@ def model_inputs_by_name(split: Any, x: Any) -> dict[str, Any]:
     if len(values) != len(names):
         raise TrainingError(f"The model takes {len(names)} inputs {names}, received {len(values)}.")
     return dict(zip(names, values))
-
-
-def accumulate_gradients(grads: dict[str, Any], runner: Any, input_grads: Sequence[Any]) -> None:
-    """Add a segment's input gradients into `grads` by boundary name: a tensor used by
-    several later segments receives the sum of their gradients."""
-    for name, grad in zip(runner.input_names, input_grads):
-        if grad is not None:
-            grads[name] = grad if grads.get(name) is None else grads[name] + grad
 
 
 def callback_list(callbacks: Any, *, model: Any, verbose: Any, epochs: int, steps: int | None,
@@ -137,6 +129,7 @@ class SplitTrainer:
                 loss_weights=loss_weights if holds_labels else None,
             ))
         self.label_model = self.runners[-1].model
+        self.loop = StepLoop(self.runners)  # the step protocol, segment by segment (fused=False)
         self._built = False
         self.step_counter = 0
         self.fused = fused
@@ -170,20 +163,7 @@ class SplitTrainer:
         store = model_inputs_by_name(self.split, x)
         if self.fused:
             return self._fused_fn(store, y, sample_weight)
-        for runner in self.runners[:-1]:
-            outputs = runner.forward(step, [store[n] for n in runner.input_names])
-            store.update(zip(runner.output_names, outputs))
-        last = self.runners[-1]
-        grads: dict[str, Any] = defaultdict(lambda: None)
-        other_losses = tf.add_n([r.pending_regularization(step) for r in self.runners[:-1]]) \
-            if len(self.runners) > 1 else 0.0
-        input_grads, logs = last.train_step(step, [store[n] for n in last.input_names], y,
-                                            sample_weight, other_losses)
-        accumulate_gradients(grads, last, input_grads)
-        for runner in reversed(self.runners[:-1]):
-            output_grads = [grads.pop(n, None) for n in runner.output_names]
-            accumulate_gradients(grads, runner, runner.backward(step, output_grads))
-        return logs
+        return self.loop.train(step, store, y, sample_weight)[1]
 
     def _fused_step_impl(self, store: dict[str, Any], y: Any, sample_weight: Any) -> Any:
         """`train_batch`'s protocol, traced as one function (see the class docstring)."""
@@ -209,16 +189,9 @@ class SplitTrainer:
 
     def test_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
         self._ensure_built(y)
-        store = model_inputs_by_name(self.split, x)
-        other_losses = []
-        for runner in self.runners[:-1]:
-            outputs, regularization = runner.predict_with_regularization(
-                [store[n] for n in runner.input_names])
-            store.update(zip(runner.output_names, outputs))
-            other_losses.append(regularization)
+        store, other_losses = self.loop.infer(model_inputs_by_name(self.split, x), self.runners[:-1])
         last = self.runners[-1]
-        return last.test_step([store[n] for n in last.input_names], y, sample_weight,
-                              tf.add_n(other_losses) if other_losses else 0.0)
+        return last.test_step([store[n] for n in last.input_names], y, sample_weight, other_losses)
 
     # ---- the Keras loops ---------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 1,

@@ -123,10 +123,16 @@ def test_split_default_output_folder(model_file: Path, tmp_path: Path, monkeypat
 
 def test_split_placement_option(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["split", str(model_file), "--at", "stem", "--placement", "server,device",
+    assert main(["split", str(model_file), "--at", "stem", "--placement", "device,device",
                  "-o", str(out), "--no-tfjs"]) == 0
     loaded = splitkeras.load_split(out)
-    assert [(s.name, s.placement) for s in loaded.segments] == [("head", "server"), ("tail", "device")]
+    assert [(s.name, s.placement) for s in loaded.segments] == [("head", "device"), ("tail", "device")]
+    # the first segment reads the model inputs: it cannot go to a server
+    assert main(["split", str(model_file), "--at", "stem", "--placement", "server,device",
+                 "-o", str(tmp_path / "refused"), "--no-tfjs"]) == 1
+    assert capsys.readouterr().err.strip().startswith(
+        "error: The first segment 'head' is placed on the server, but it reads the model inputs")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_split_warns_when_raw_input_leaves_the_device(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

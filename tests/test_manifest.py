@@ -1,7 +1,7 @@
 """`split.json`: the JSON Schema, the round trip, and every refusal of a bad manifest.
 
 `jsonschema` is not a dependency, so a written manifest is checked against
-`splitkeras/schema/split-manifest-v1.json` by a small validator of the
+`splitkeras/schema/split-manifest-v2.json` by a small validator of the
 keywords that schema uses (below; a test makes sure the schema uses no
 others). Where `jsonschema` is installed, it validates too.
 """
@@ -22,7 +22,7 @@ from splitkeras.cli import main
 from splitkeras.errors import ManifestError
 from splitkeras.manifest import FORMAT, FORMAT_VERSION, Manifest
 
-SCHEMA_PATH = Path(splitkeras.__file__).parent / "schema" / "split-manifest-v1.json"
+SCHEMA_PATH = Path(splitkeras.__file__).parent / "schema" / "split-manifest-v2.json"
 
 
 # ---- a validator for the subset of JSON Schema 2020-12 the manifest schema uses -------------------
@@ -120,7 +120,7 @@ def read(folder: Path) -> dict[str, Any]:
 # ---- the schema --------------------------------------------------------------------------------------
 def test_schema_is_draft_2020_12_and_versioned(schema: dict[str, Any]) -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["$id"].endswith(":v1")
+    assert schema["$id"].endswith(":v2")
     assert schema["properties"]["format"]["const"] == FORMAT
     assert schema["properties"]["format_version"]["const"] == FORMAT_VERSION
 
@@ -157,7 +157,8 @@ def test_a_manifest_with_tfjs_bundles_is_valid(schema: dict[str, Any], written: 
     "change, error",
     [
         (lambda d: d.update(format="other"), "$.format: 'other' is not 'splitkeras.split'"),
-        (lambda d: d.update(format_version=2), "$.format_version: 2 is not 1"),
+        (lambda d: d.update(format_version=1), "$.format_version: 1 is not 2"),
+        (lambda d: d["segments"][1].update(host=""), "$.segments[1].host: shorter than 1"),
         (lambda d: d.pop("segments"), "$: 'segments' is required"),
         (lambda d: d["segments"][1].update(placement="cloud"), "$.segments[1].placement: 'cloud' is not one of"),
         (lambda d: d["segments"][0]["inputs"][0].update(shape=[None, "6"]), "$.segments[0].inputs[0].shape[1]: '6'"),
@@ -235,11 +236,42 @@ def test_bad_format(written: Path) -> None:
 
 def test_unknown_version(written: Path) -> None:
     data = read(written)
-    data["format_version"] = 2
+    data["format_version"] = 3
     assert refused(data) == (
-        "Manifest format_version 2 is not supported by this splitkeras (it reads version 1). "
+        "Manifest format_version 3 is not supported by this splitkeras (it reads versions 1, 2). "
         "Re-create the split with this version."
     )
+
+
+def test_version_1_files_still_load_with_derived_hosts(written: Path) -> None:
+    """A version 1 split.json (no hosts) reads as before; server hosts default to names."""
+    data = read(written)
+    data["format_version"] = 1
+    for segment in data["segments"]:
+        del segment["host"]
+    manifest = Manifest.from_json(data)
+    assert [(s.name, s.host) for s in manifest.segments] == [
+        ("head", "device"), ("middle", "middle"), ("tail", "device")]
+    assert manifest.to_json()["format_version"] == 2  # written back as version 2
+
+
+def test_written_manifests_name_every_host(written: Path) -> None:
+    assert [s.get("host") for s in read(written)["segments"]] == ["device", "middle", "device"]
+
+
+def test_a_device_segment_on_another_host_is_refused(written: Path) -> None:
+    data = read(written)
+    data["segments"][0]["host"] = "edge"
+    assert refused(data) == "Device segment 'head' has host 'edge'; a device segment's host is \"device\"."
+
+
+def test_a_first_segment_on_a_server_is_refused(written: Path) -> None:
+    data = read(written)
+    data["segments"][0]["placement"] = "server"
+    data["segments"][0]["host"] = "head"
+    assert refused(data).startswith(
+        "The first segment 'head' is placed on the server, but it reads the model inputs, which "
+        "must not leave the device.")
 
 
 def test_missing_field(written: Path) -> None:

@@ -1,5 +1,12 @@
 """`DeviceClient`: train a split over HTTP, with the device's segments here and the
-server's segment on a `splitkeras serve` server.
+server segments on `splitkeras serve` servers.
+
+The client walks the split's topology (`splitkeras.topology`) with the one step loop
+(`splitkeras.steps.StepLoop`): each device segment is a local runner, each server stage
+(one server segment, or a chain of consecutive ones whose servers talk to each other)
+a remote runner on its first server. Any placement whose first segment is on the device
+trains: device,server; device,server,device; device,server,server,device (a chain);
+device,server,device,server,device (two servers, a device segment between them).
 
 Each step runs the same semantics as the in-process `SplitTrainer`
 (`splitkeras.engine`), so from the same weights and batches both end at the same
@@ -20,13 +27,14 @@ Example:
     >>> client.compile()                 # the manifest's optimizer, loss, metrics  # doctest: +SKIP
     >>> history = client.fit(x, y, batch_size=32, epochs=2)                    # doctest: +SKIP
     >>> client.save()                    # head.keras, tail.keras back into out/  # doctest: +SKIP
+    >>> DeviceClient("out5", {"middle_1": "http://a:8000", "middle_3": "http://b:8001"})  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +51,10 @@ from splitkeras.engine import SegmentRunner, new_optimizer
 from splitkeras.errors import ProtocolError, TrainingError
 from splitkeras.manifest import Manifest
 from splitkeras.segments import Segment, Split, load_split
+from splitkeras.steps import StepLoop
+from splitkeras.topology import Stage
 from splitkeras.training import (
     TFEpochIterator,
-    accumulate_gradients,
     callback_list,
     epoch_batches,
     finish_evaluation,
@@ -79,13 +88,18 @@ class DeviceClient:
 
     Args:
         split: a split folder (only its device segments are loaded) or a `Split`.
-        server_url: e.g. `"http://127.0.0.1:8000"`.
+        server_url: e.g. `"http://127.0.0.1:8000"` when the split has one server stage;
+            else `{stage: url}` with one URL per server stage, each keyed by the stage's
+            first segment name (or its host), e.g. `{"middle_1": ..., "middle_3": ...}`.
+            A chain of consecutive server segments is one stage: its first server calls
+            the next (`splitkeras serve --next`).
         key: the server key; default `$SPLITKERAS_SERVER_KEY`, then
             `SPLIT_DIR/.splitkeras/server.key`.
         wire_dtype: `"float32"` (exact) or `"float16"` (half the bytes) on the wire.
         network: emulate a slower link (`NetworkConditions`), for experiments.
         jit_compile: for the device segments' steps: `"auto"` (as Keras), True or False.
-        transport: a ready `Transport` (then `server_url`, `key` and `network` are unused).
+        transport: a ready `Transport` (then `server_url`, `key` and `network` are unused;
+            one server stage only).
         unsafe_deserialization: allow Lambda layers in the device segments.
 
     Example:
@@ -94,7 +108,7 @@ class DeviceClient:
         ...     client.fit(x, y, epochs=2)
     """
 
-    def __init__(self, split: str | os.PathLike[str] | Split, server_url: str, *,
+    def __init__(self, split: str | os.PathLike[str] | Split, server_url: str | Mapping[str, str], *,
                  key: str | None = None, wire_dtype: str = "float32",
                  network: NetworkConditions | None = None, jit_compile: bool | str = "auto",
                  transport: Transport | None = None, unsafe_deserialization: bool = False) -> None:
@@ -104,27 +118,36 @@ class DeviceClient:
             self.folder = Path(split)
             self.split = load_split(self.folder, placements=["device"],
                                     unsafe_deserialization=unsafe_deserialization)
-        server = [s for s in self.split.segments if s.placement == "server"]
-        if len(server) != 1:
-            raise TrainingError(
-                f"A device trains with exactly one server segment; this split has {len(server)} "
-                f"({[s.name for s in server]}). Re-split with placements that put one segment "
-                "on the server.")
+        self.topology = self.split.topology
+        self.stages = self.topology.server_stages
+        if not self.stages:
+            raise TrainingError("This split has no server segment: train it in process with "
+                                "split.fit(...), or re-split with --placement naming a server.")
         missing = [s.name for s in self.split.segments if s.placement == "device" and s.model is None]
         if missing:
             raise TrainingError(f"The device segments {missing} are not loaded.")
-        self.server_segment = server[0]
-        self.labels_on_server = self.split.segments[-1] is self.server_segment
-        self.mode = "labels_on_server" if self.labels_on_server else "u_shaped"
+        self.labels_on_server = self.topology.mode == "labels_on_server"
+        self.mode = self.topology.mode
         if wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be 'float32' or 'float16', got {wire_dtype!r}.")
         self.wire_dtype = wire_dtype
         self.jit_compile = jit_compile
-        self.transport = transport or Transport(server_url, key=resolve_key(key, self.folder),
-                                                network=network)
-        self.remote = RemoteSegment(self.server_segment, self.transport,
-                                    self.split.model_outputs if self.labels_on_server else None)
+        if transport is not None and len(self.stages) != 1:
+            raise TrainingError(f"transport= serves one server stage; this split has {len(self.stages)}"
+                                f" ({[s.name for s in self.stages]}): pass server_url={{stage: url}}.")
+        urls = _stage_urls(self.stages, server_url) if transport is None else {}
+        self.transports: dict[str, Transport] = {
+            stage.name: transport or Transport(urls[stage.name], key=resolve_key(key, self.folder),
+                                               network=network)
+            for stage in self.stages}
+        self.transport = self.transports[self.stages[0].name]  # the (first) server's
+        self.remotes = {stage.name: RemoteSegment(_stage_segment(stage), self.transports[stage.name],
+                                                  self.split.model_outputs if stage.holds_labels else None)
+                        for stage in self.stages}
+        self.remote = self.remotes[self.stages[0].name]
+        self.server_segment = self.remote.segment
         self.runners: list[Any] = []
+        self.loop: StepLoop | None = None
         self.label_runner: SegmentRunner | None = None  # computes loss and metrics on the device
         self.history: keras.callbacks.History | None = None
         self.stop_training = False
@@ -134,8 +157,8 @@ class DeviceClient:
         self._built = False
 
     def __repr__(self) -> str:
-        return (f"<DeviceClient {self.mode} split of '{self.split.model_name}' -> "
-                f"{self.transport.base_url}>")
+        servers = ", ".join(t.base_url for t in self.transports.values())
+        return f"<DeviceClient {self.mode} split of '{self.split.model_name}' -> {servers}>"
 
     def __enter__(self) -> DeviceClient:
         return self
@@ -144,14 +167,18 @@ class DeviceClient:
         self.close()
 
     def close(self) -> None:
-        """Close the server session and the connection."""
-        self.transport.close()
+        """Close the server sessions and the connections."""
+        for transport in self.transports.values():
+            transport.close()
+
+    def _transport_seconds(self) -> float:
+        return sum(t.stats.seconds for t in self.transports.values())
 
     @property
     def stats(self) -> ClientStats:
-        t = self.transport.stats
-        return ClientStats(t.bytes_sent, t.bytes_received, t.seconds, self._device_seconds,
-                           self._step, self._samples)
+        each = [t.stats for t in self.transports.values()]
+        return ClientStats(sum(t.bytes_sent for t in each), sum(t.bytes_received for t in each),
+                           sum(t.seconds for t in each), self._device_seconds, self._step, self._samples)
 
     # ---- compile ---------------------------------------------------------------------------------
     def compile(self, optimizer: Any = None, loss: Any = None, metrics: Any = None,
@@ -172,13 +199,14 @@ class DeviceClient:
                                 "(the split's source model was not compiled).")
         config = keras.optimizers.serialize(keras.optimizers.get(optimizer))
         model_inputs = {s.name for s in self.split.model_inputs}
-        last = len(self.split.segments) - 1
+        last = self.topology.label_segment
         self.runners = []
-        for index, segment in enumerate(self.split.segments):
-            if segment is self.server_segment:
-                self.runners.append(self.remote)
+        for stage in self.topology.stages:
+            if stage.kind == "server":
+                self.runners.append(self.remotes[stage.name])
                 continue
-            holds_labels = index == last
+            segment = self.split[stage.name]
+            holds_labels = segment.name == last
             self.runners.append(SegmentRunner(
                 segment, new_optimizer(config),
                 input_gradients=[s.name not in model_inputs for s in segment.inputs],
@@ -192,6 +220,7 @@ class DeviceClient:
                                               loss_weights=loss_weights)
         else:
             self.label_runner = self.runners[-1]
+        self.loop = StepLoop(self.runners)
         self._built = False
 
     def _require_compiled(self) -> SegmentRunner:
@@ -213,51 +242,43 @@ class DeviceClient:
         self._built = True
 
     def open_session(self) -> dict[str, Any]:
-        """Open the server session now (fit does it when needed) and check that the server
-        serves this split's server segment."""
-        session = self.transport.open_session(self.wire_dtype)
-        segment = self.server_segment
-        expected = ([s.to_json() for s in segment.inputs], [s.to_json() for s in segment.outputs])
+        """Open a session on every server stage now (fit does it when needed) and check that
+        each server serves this split's stage. Returns the (first) server's description."""
+        answers = {}
+        for stage in self.stages:
+            if self.transports[stage.name].session is None:
+                answers[stage.name] = self._open_stage(stage)
+        return answers.get(self.stages[0].name) or dict(self.transport.session or {})
+
+    def _open_stage(self, stage: Stage) -> dict[str, Any]:
+        transport = self.transports[stage.name]
+        session = transport.open_session(self.wire_dtype)
+        expected = ([s.to_json() for s in stage.inputs], [s.to_json() for s in stage.outputs])
         served = (session.get("inputs"), session.get("outputs"))
-        if session.get("mode") != self.mode or session.get("segment") != segment.name or \
+        if session.get("mode") != stage.mode or session.get("segment") != stage.name or \
                 _spec_key(served) != _spec_key(expected):
-            self.transport.close_session()
+            transport.close_session()
             raise ProtocolError(
-                f"The server serves segment '{session.get('segment')}' ({session.get('mode')}), "
-                f"inputs {_names(served[0])} -> outputs {_names(served[1])}; this device's split "
-                f"expects '{segment.name}' ({self.mode}), {_names(expected[0])} -> "
-                f"{_names(expected[1])}. Serve and train the same split folder.")
+                f"The server at {transport.base_url} serves segment '{session.get('segment')}' "
+                f"({session.get('mode')}), inputs {_names(served[0])} -> outputs {_names(served[1])}; "
+                f"this device's split expects '{stage.name}' ({stage.mode}), {_names(expected[0])} "
+                f"-> {_names(expected[1])}. Serve and train the same split folder.")
         return session
 
     # ---- one step --------------------------------------------------------------------------------
     def train_on_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
-        """One training step over all segments (the server's included); returns this step's logs."""
+        """One training step over all segments (the servers' included); returns this step's logs."""
         self._ensure_built(y)
-        if self.transport.session is None:
-            self.open_session()
+        self.open_session()
+        assert self.loop is not None
         step = self._step
-        started, transport_before = time.perf_counter(), self.transport.stats.seconds
+        started, transport_before = time.perf_counter(), self._transport_seconds()
         store = model_inputs_by_name(self.split, x)
         try:
-            for runner in self.runners[:-1]:
-                outputs = runner.forward(step, [store[n] for n in runner.input_names])
-                store.update(zip(runner.output_names, outputs))
-            last = self.runners[-1]
-            other_losses = tf.add_n([r.pending_regularization(step) for r in self.runners[:-1]])
-            input_grads, logs = last.train_step(step, [store[n] for n in last.input_names], y,
-                                                sample_weight, other_losses)
-            grads: dict[str, Any] = {}
-            accumulate_gradients(grads, last, input_grads)
-            for runner in reversed(self.runners[:-1]):
-                output_grads = [grads.pop(n, None) for n in runner.output_names]
-                accumulate_gradients(grads, runner, runner.backward(step, output_grads))
-        except BaseException:
-            for runner in self.runners:
-                runner.drop(step)  # free the tapes of a step that will not finish
-            raise
+            _, logs = self.loop.train(step, store, y, sample_weight)
         finally:
             elapsed = time.perf_counter() - started
-            self._device_seconds += elapsed - (self.transport.stats.seconds - transport_before)
+            self._device_seconds += elapsed - (self._transport_seconds() - transport_before)
         self._step += 1
         self._samples += int(tf.shape(store[self.split.model_inputs[0].name])[0])
         return logs
@@ -343,18 +364,13 @@ class DeviceClient:
     def _infer(self, runners: Sequence[Any], x: Any) -> tuple[dict[str, Any], Any]:
         """Inference through `runners`: the tensors by name and the sum of their
         regularization losses (added to the reported loss, as `model.evaluate` does)."""
-        if self.transport.session is None:
-            self.open_session()
-        started, transport_before = time.perf_counter(), self.transport.stats.seconds
-        store = model_inputs_by_name(self.split, x)
-        regularization = []
-        for runner in runners:
-            outputs, loss = runner.predict_with_regularization([store[n] for n in runner.input_names])
-            store.update(zip(runner.output_names, outputs))
-            regularization.append(loss)
+        self.open_session()
+        assert self.loop is not None
+        started, transport_before = time.perf_counter(), self._transport_seconds()
+        store, regularization = self.loop.infer(model_inputs_by_name(self.split, x), runners)
         self._device_seconds += time.perf_counter() - started - \
-            (self.transport.stats.seconds - transport_before)
-        return store, tf.add_n(regularization) if regularization else 0.0
+            (self._transport_seconds() - transport_before)
+        return store, regularization
 
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -403,6 +419,36 @@ def _prediction_segment(split: Split) -> Segment:
     outputs = [keras.layers.Identity(name=s.name)(t) for s, t in zip(split.model_outputs, inputs)]
     model = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name="predictions")
     return Segment("predictions", "device", model, list(split.model_outputs), list(split.model_outputs))
+
+
+def _stage_segment(stage: Stage) -> Segment:
+    """A server stage as the device sees it: one remote segment with the stage's interface."""
+    return Segment(stage.name, "server", None, list(stage.inputs), list(stage.outputs))
+
+
+def _stage_urls(stages: Sequence[Stage], server_url: str | Mapping[str, str]) -> dict[str, str]:
+    """The URL of each server stage's first server, by stage name."""
+    if isinstance(server_url, str):
+        if len(stages) != 1:
+            names = ", ".join(f"{s.name}=URL" for s in stages)
+            raise TrainingError(
+                f"This split has {len(stages)} server stages ({[s.name for s in stages]}), each on its "
+                f"own server: give one URL per stage, server_url={{...}} (CLI: --server {names}).")
+        return {stages[0].name: server_url}
+    urls = {}
+    for stage in stages:
+        url = server_url.get(stage.name) or server_url.get(stage.host)
+        if not url:
+            raise TrainingError(
+                f"No server URL for the server stage '{stage.name}' (segments "
+                f"{list(stage.segments)}): give it as {stage.name}=URL (server_url={{'{stage.name}': ...}}).")
+        urls[stage.name] = url
+    known = {stage.name for stage in stages} | {stage.host for stage in stages}
+    unknown = sorted(set(server_url) - known)
+    if unknown:
+        raise TrainingError(f"server_url names {unknown}, which are not server stages of this split "
+                            f"(stages: {sorted(s.name for s in stages)}).")
+    return urls
 
 
 def _spec_key(specs: Any) -> Any:
