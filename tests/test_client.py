@@ -463,7 +463,8 @@ def test_device_client_checks_the_server_serves_its_split(templates: dict[str, P
     folder = Path(shutil.copytree(templates["u_shaped"], tmp_path / "split"))
     with _in_process_server(Path(shutil.copytree(templates["labels_on_server"], tmp_path / "other"))) as server:
         client = _client(folder, server)
-        with pytest.raises(ProtocolError, match=r"The server at http://testserver serves segment 'tail' \(labels_on_server\), "
+        with pytest.raises(ProtocolError, match=r"The server at http://testserver serves segment "
+                                                r"'tail' \(labels_on_server\), "
                                                 r".*this device's split expects 'middle' \(u_shaped\).*"
                                                 r"Serve and train the same split folder."):
             client.open_session()

@@ -19,80 +19,23 @@ two overlapped. Servers are always stopped by the fixture's finalizer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from client_support import DATA, assert_same_training, make_split_folder
+from live_server import KEY, Server
 
 import splitkeras
-from splitkeras.client import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-KEY = "e2e-test-key"
 EPOCH = dict(batch_size=16, shuffle=False, verbose=0)
 
-
-
-class Server:
-    """`splitkeras serve FOLDER` on a fixed port; restartable."""
-
-    def __init__(self, folder: Path, checkpoint_every: int) -> None:
-        self.folder, self.port = folder, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.checkpoint_every = checkpoint_every
-        self.log = folder.parent / f"{folder.name}-server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> Server:
-        env = dict(os.environ, SPLITKERAS_SERVER_KEY=KEY, TF_CPP_MIN_LOG_LEVEL="3",
-                   TF_DETERMINISTIC_OPS="1")
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "splitkeras.cli", "serve", str(self.folder), "--port",
-                 str(self.port), "--checkpoint-every", str(self.checkpoint_every)],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
-        return self
-
-    def wait_ready(self, timeout: float = 180.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                response = httpx.get(f"{self.url}/readyz", timeout=2.0)
-                if response.status_code == 200:
-                    return dict(response.json())
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"the server was not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 @pytest.fixture(scope="module")

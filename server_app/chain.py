@@ -1,0 +1,181 @@
+"""What a server runs for one step: its own segment and, in a chain, the rest of it.
+
+A chain is a run of consecutive server segments (device -> edge -> cloud). The device
+talks to the chain's first server; each server runs its own segment and hands what the
+rest of the chain needs to the next server (`splitkeras serve --next URL`), as a device
+would: through `splitkeras.client.Transport`, with its retries and recoveries. So the
+activations and gradients between servers never travel to the phone, and the server
+side is driven by the same `splitkeras.steps.StepLoop` as the device and the in-process
+trainer: `[this segment, the next server]` walked by tensor names.
+
+Each device session gets its own session on the next server (opened with the first
+step), so step numbers, retries and exactly-once hold hop by hop: a retry at any hop
+returns the same bytes and applies nothing twice. The next server's session is saved
+with this server's checkpoint, so a restarted server carries on in the same downstream
+session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from splitkeras.client.remote import RemoteSegment
+from splitkeras.client.transport import Transport
+from splitkeras.segments import Segment
+from splitkeras.steps import StepLoop
+from splitkeras.tensor_spec import TensorSpec
+from splitkeras.topology import Served
+
+__all__ = ["ChainExecutor", "NEXT_RETRIES"]
+
+# A next server that restarts (a redeploy, a crash) is waited for: 12 retries with backoff
+# 0.2 s doubling up to 10 s, about 72 s in all.
+NEXT_RETRIES, NEXT_BACKOFF, NEXT_MAX_BACKOFF = 12, 0.2, 10.0
+
+
+class _Keyed:
+    """This server's `SegmentRunner`, with the loop's step numbers turned into the runner's
+    (session id, step) keys, so that many sessions' steps can be pending at once."""
+
+    def __init__(self, runner: Any, session_id: str) -> None:
+        self.runner, self.session_id = runner, session_id
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+        self.holds_labels = runner.holds_labels
+
+    def forward(self, step: int, inputs: Sequence[Any]) -> list[Any]:
+        return list(self.runner.forward((self.session_id, step), inputs))
+
+    def pending_regularization(self, step: int) -> Any:
+        return self.runner.pending_regularization((self.session_id, step))
+
+    def backward(self, step: int, output_gradients: Sequence[Any]) -> list[Any]:
+        return list(self.runner.backward((self.session_id, step), output_gradients))
+
+    def train_step(self, step: int, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
+                   other_losses: Any = 0.0) -> tuple[list[Any], dict[str, Any]]:
+        return self.runner.train_step((self.session_id, step), inputs, y, sample_weight, other_losses)
+
+    def predict_with_regularization(self, inputs: Sequence[Any]) -> tuple[list[Any], Any]:
+        return self.runner.predict_with_regularization(inputs)  # type: ignore[no-any-return]
+
+    def drop(self, step: int) -> None:
+        self.runner.drop((self.session_id, step))
+
+
+class ChainExecutor:
+    """Runs `runner` (this server's segment) and, when `served.next` is set, the rest of the
+    chain on the server at `next_url`, for the step machine (`server_app.step_machine`).
+
+    Args:
+        runner: the `SegmentRunner` of this server's segment.
+        served: what this server serves (`Topology.served(segment)`).
+        label_specs: the model outputs, when the chain ends with the labels.
+        next_url, next_key: the next server of the chain and its key.
+        wire_dtype: the wire dtype between the servers.
+        transport_factory: makes the transport to the next server (tests: in-process apps).
+    """
+
+    def __init__(self, runner: Any, served: Served, *, label_specs: Sequence[TensorSpec] = (),
+                 next_url: str | None = None, next_key: str | None = None,
+                 wire_dtype: str = "float32",
+                 transport_factory: Callable[[], Transport] | None = None) -> None:
+        self.runner = runner
+        self.served = served
+        self.input_names = [s.name for s in served.inputs]
+        self.output_names = [s.name for s in served.outputs]
+        self.label_specs = list(label_specs)
+        self.wire_dtype = wire_dtype
+        if served.next is not None and next_url is None and transport_factory is None:
+            raise ValueError(f"Segment '{served.segment}' is followed by '{served.next}' on another "
+                             "server: give its URL (--next URL).")
+        self._make_transport = transport_factory or (lambda: Transport(
+            str(next_url), key=next_key, retries=NEXT_RETRIES, backoff=NEXT_BACKOFF,
+            max_backoff=NEXT_MAX_BACKOFF))
+        self._loops: dict[str, StepLoop] = {}
+        self._transports: dict[str, Transport] = {}
+        self._restored: dict[str, dict[str, Any]] = {}
+        self._local_only = StepLoop([_Keyed(runner, "")]) if served.next is None else None
+
+    # ---- the loops, one per device session ------------------------------------------------------
+    def _loop(self, session_id: str) -> StepLoop:
+        loop = self._loops.get(session_id)
+        if loop is None:
+            runners: list[Any] = [_Keyed(self.runner, session_id)]
+            if self.served.next is not None:
+                transport = self._make_transport()
+                saved = self._restored.pop(session_id, None)
+                if saved is not None:  # carry on in the session the checkpoint names
+                    transport.session, transport._offset = saved["session"], saved["offset"]
+                    transport.wire_dtype = saved.get("wire_dtype", self.wire_dtype)
+                elif transport.session is None:
+                    transport.open_session(self.wire_dtype)
+                self._transports[session_id] = transport
+                following = Segment(self.served.next, "server", None, list(self.served.next_inputs),
+                                    list(self.served.next_outputs))
+                runners.append(RemoteSegment(following, transport,
+                                             self.label_specs if self.served.holds_labels else None))
+            loop = self._loops[session_id] = StepLoop(runners)
+        return loop
+
+    # ---- the StepExecutor interface -------------------------------------------------------------
+    def forward(self, key: tuple[str, int], inputs: list[Any]) -> tuple[list[Any], float]:
+        session_id, step = key
+        loop = self._loop(session_id)
+        store = loop.forward(step, dict(zip(self.input_names, inputs)))
+        return [store[name] for name in self.output_names], float(loop.regularization(step))
+
+    def backward(self, key: tuple[str, int], output_grads: list[Any]) -> list[Any | None]:
+        session_id, step = key
+        grads = self._loop(session_id).backward(step, dict(zip(self.output_names, output_grads)))
+        return [grads.get(name) for name in self.input_names]
+
+    def train(self, key: tuple[str, int], inputs: list[Any], y: Any,
+              sample_weight: Any) -> tuple[list[Any | None], dict[str, Any]]:
+        session_id, step = key
+        grads, logs = self._loop(session_id).train(step, dict(zip(self.input_names, inputs)), y,
+                                                   sample_weight)
+        return [grads.get(name) for name in self.input_names], logs
+
+    def predict(self, inputs: list[Any], session_id: str = "") -> list[Any]:
+        loop = self._local_only or self._loop(session_id)
+        store, _ = loop.infer(dict(zip(self.input_names, inputs)))
+        return [store[name] for name in self.output_names]
+
+    def drop(self, key: tuple[str, int]) -> None:
+        session_id, step = key
+        loop = self._loops.get(session_id)
+        if loop is not None:
+            loop.drop(step)
+        else:
+            self.runner.drop(key)
+
+    # ---- sessions -------------------------------------------------------------------------------
+    def close_session(self, session_id: str) -> None:
+        """The device closed its session: close the next server's session too (best effort)."""
+        self._loops.pop(session_id, None)
+        self._restored.pop(session_id, None)
+        transport = self._transports.pop(session_id, None)
+        if transport is not None:
+            transport.close()
+
+    def persisted(self) -> dict[str, dict[str, Any]]:
+        """The next server's session of each device session, for this server's checkpoint."""
+        saved = dict(self._restored)
+        for session_id, transport in self._transports.items():
+            if transport.session is not None:
+                saved[session_id] = {"session": transport.session, "offset": transport._offset,
+                                     "wire_dtype": transport.wire_dtype}
+        return saved
+
+    def restore(self, saved: dict[str, dict[str, Any]]) -> None:
+        """After a restart: each device session continues in its saved downstream session."""
+        self._restored = dict(saved)
+
+    def close(self) -> None:
+        for session_id in list(self._transports):
+            transport = self._transports.pop(session_id)
+            try:
+                transport._client.close()  # keep the downstream sessions: a restart resumes them
+            except Exception:  # noqa: BLE001 - closing at shutdown must not fail the shutdown
+                pass
