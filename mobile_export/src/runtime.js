@@ -42,6 +42,7 @@ export { ProtocolError, SplitSession } from './session.js';
 export { SegmentError } from './segment.js';
 export { UnsupportedTrainingConfigError } from './losses.js';
 export { SplitDeviceError } from './tensors.js';
+export { TopologyError, deriveTopology, segmentHost } from './topology.js';
 
 const LABEL_PREFIX = 'label:';
 const MANIFEST_FORMAT = 'splitkeras.split';
