@@ -267,6 +267,8 @@ test('a one-stage chain also takes serverUrl, and the stage name as servers key'
     await dev.closeSession();
     assert.deepEqual(server.log.map((r) => r.route), ['open', 'predict', 'close']);
   }
+  await assert.rejects(SplitDevice.create({ tf, manifest: CHAIN, models: deviceModels(CHAIN) }),
+    (e) => e instanceof SplitDeviceError && /No server URL for stage 'edge' \(segments edge, cloud on server 'edge-eu'\): pass serverUrl/.test(e.message));
 });
 
 // head -> s1 -> mid -> s2 -> tail: a (from s1) is read by mid AND s2, skip (from the
