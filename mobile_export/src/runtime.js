@@ -1,21 +1,26 @@
 // SplitDevice: train the device segments of a split Keras model in TensorFlow.js,
-// with the middle on a splitkeras server.
+// with the other segments on splitkeras servers.
 //
-// The step is the one of splitkeras/engine.py and SplitTrainer.train_batch:
+// The shape of the split is data (topology.js): the segments run in order, the last one
+// holds the labels, consecutive server segments are one server stage (a chain of servers
+// the device reaches through its first server). The step is the one of
+// splitkeras/engine.py and SplitTrainer.train_batch, walked over the stages (steps.js):
 //
-//   U-shaped (head and tail on the device, labels stay on the device):
+//   U-shaped (device,server,device; labels stay on the device):
 //     head forward k -> server forward k -> tail train step (loss, metrics, update,
 //     input gradients) -> server backward k -> head backward k
-//   labels on the server (one cut):
+//   labels on the server (device,server):
 //     head forward k -> server train k (inputs + label:<output>) -> head backward k
+//   and any other sequence: device,server,server,device (a chain), device,server,device,
+//   server,device (two servers), device,server,server, device,device,server,device, ...
 //
-// The gradients of a tensor used by several later segments are summed; a tensor
-// the head sends straight to the tail (a skip connection) stays on the device.
-// Loss and metrics are computed on the device in U-shaped mode (see losses.js),
-// the optimizer is the split's Keras optimizer with Keras' update rules
-// (optimizers.js), and the head's forward is recomputed under the gradient tape
-// when the server's gradient arrives, with BatchNorm statistics moving once and
-// Dropout masks equal (segment.js).
+// The gradients of a tensor used by several later stages are summed; a tensor one
+// device segment sends to another (a skip connection) stays on the device.
+// Loss and metrics are computed on the device when the last segment is there (see
+// losses.js), the optimizer is the split's Keras optimizer with Keras' update rules
+// (optimizers.js), and a device segment's forward is recomputed under the gradient
+// tape when its gradient arrives, with BatchNorm statistics moving once and Dropout
+// masks equal (segment.js).
 //
 // No Node-only API: models come in as tf.LayersModels, IOHandlers or URLs, the
 // network is `fetch`. In Node, `node_io.js` loads bundles from a folder.
@@ -29,38 +34,32 @@
 //     serverUrl: 'https://split.example.org', key: SERVER_KEY, wireDtype: 'float16' });
 //   await device.openSession();
 //   const { loss, metrics } = await device.trainStep(xBatch, yBatch);
+//
+// Several server stages: servers: {middle_1: 'https://edge.example.org',
+//   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
 import { DeviceSegment } from './segment.js';
-import { SplitSession } from './session.js';
-import {
-  SplitDeviceError, addGrads, fromWire, isFloat, labelTensor, namedInputs, wireTensors,
-} from './tensors.js';
+import { StageSessions } from './servers.js';
+import { runPredict, runTrainStep } from './steps.js';
+import { SplitDeviceError, isFloat, namedInputs } from './tensors.js';
+import { deriveTopology, placements } from './topology.js';
 
 export { ProtocolError, SplitSession } from './session.js';
 export { SegmentError } from './segment.js';
 export { UnsupportedTrainingConfigError } from './losses.js';
 export { SplitDeviceError } from './tensors.js';
+export { TopologyError, deriveTopology, segmentHost } from './topology.js';
+export { StageSessions, stageServers } from './servers.js';
 
-const LABEL_PREFIX = 'label:';
-const MANIFEST_FORMAT = 'splitkeras.split';
-
-function checkManifest(manifest) {
-  if (!manifest || manifest.format !== MANIFEST_FORMAT) {
-    throw new SplitDeviceError(`manifest is not a splitkeras split.json (expected "format": `
-      + `"${MANIFEST_FORMAT}"); pass the parsed split.json of the app bundle`);
+function checkTopology(manifest) {
+  const topology = deriveTopology(manifest);
+  if (!topology.stages.some((s) => s.kind === 'server')) {
+    throw new SplitDeviceError(`The split's placements are ${placements(manifest)}: no segment runs `
+      + 'on a server, so there is nothing to split-train; place at least one segment on a server.');
   }
-  if (manifest.format_version !== 1) {
-    throw new SplitDeviceError(`split.json format_version ${manifest.format_version} is not `
-      + 'supported (this runtime reads version 1); re-export the app bundle');
-  }
-  const placements = manifest.segments.map((s) => s.placement).join(',');
-  if (placements === 'device,server,device') return 'u_shaped';
-  if (placements === 'device,server') return 'labels_on_server';
-  throw new SplitDeviceError(`The split's placements are ${placements}; the device runtime trains `
-    + 'device,server (labels on the server) or device,server,device (U-shaped) splits. Re-split '
-    + 'with one or two cuts and the default placements.');
+  return topology;
 }
 
 export class SplitDevice {
@@ -68,23 +67,30 @@ export class SplitDevice {
    * Load the device segments and prepare their optimizers.
    *
    * @param {{tf: object, manifest: object, models: Object<string, object|string>,
-   *   serverUrl: string, key?: string, wireDtype?: 'float32'|'float16', fetch?: Function,
+   *   serverUrl?: string, servers?: Object<string, string|{url: string, key?: string}>,
+   *   key?: string, wireDtype?: 'float32'|'float16', fetch?: Function,
    *   retries?: number, backoff?: number, maxBackoff?: number, timeoutMs?: number,
    *   seed?: number}} options
    *   `models` maps each device segment name (head, tail) to a tf.LayersModel, an
-   *   IOHandler or a URL for `tf.loadLayersModel`. `backoff` in milliseconds.
-   *   `seed` seeds the per-step Dropout masks (default: random).
+   *   IOHandler or a URL for `tf.loadLayersModel`. `serverUrl` is the server of a split
+   *   with one server stage; `servers` maps each server stage (its first segment's name,
+   *   or that segment's host) to its first server's URL (and key, default `key`).
+   *   `backoff` in milliseconds. `seed` seeds the per-step Dropout masks (default: random).
    * @returns {Promise<SplitDevice>}
    */
   static async create({
-    tf, manifest, models = {}, serverUrl, key, wireDtype = 'float32', fetch = globalThis.fetch,
-    retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000, seed, sleep,
+    tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
+    fetch = globalThis.fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
+    seed, sleep,
   }) {
     if (!tf || typeof tf.tensor !== 'function') {
       throw new SplitDeviceError('pass the @tensorflow/tfjs module as tf (import * as tf from '
         + "'@tensorflow/tfjs')");
     }
-    const mode = checkManifest(manifest);
+    const topology = checkTopology(manifest);
+    const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
+      serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, timeoutMs, sleep,
+    });
     const loaded = {};
     for (const entry of manifest.segments.filter((s) => s.placement === 'device')) {
       const source = models[entry.name];
@@ -95,15 +101,13 @@ export class SplitDevice {
       loaded[entry.name] = typeof source.apply === 'function' && Array.isArray(source.layers)
         ? source : await tf.loadLayersModel(source, { strict: true });
     }
-    const session = new SplitSession({
-      serverUrl, key, wireDtype, fetch, retries, backoff, maxBackoff, timeoutMs, sleep,
-    });
-    return new SplitDevice(tf, manifest, mode, loaded, session,
+    return new SplitDevice(tf, manifest, topology, loaded, sessions,
       seed ?? Math.floor(Math.random() * 2 ** 31));
   }
 
-  constructor(tf, manifest, mode, models, session, seed) {
-    Object.assign(this, { tf, manifest, mode, models, session, seed });
+  constructor(tf, manifest, topology, models, stageSessions, seed) {
+    Object.assign(this, { tf, manifest, topology, models, stageSessions, seed });
+    this.mode = topology.mode;
     const training = manifest.training ?? {};
     if (!training.optimizer) {
       throw new SplitDeviceError('split.json has no training config (the source model was not '
@@ -115,47 +119,74 @@ export class SplitDevice {
     }
     this.modelInputs = manifest.model_inputs;
     const modelInputNames = new Set(this.modelInputs.map((s) => s.name));
-    const [first, server, last] = manifest.segments;
-    this.serverEntry = server;
-    if (mode === 'u_shaped') {
+    if (this.mode === 'u_shaped') {
       this.loss = resolveLoss(training.loss);
       ({ metrics: this.metrics, skipped: this.skippedMetrics } = resolveMetrics(training.metrics));
     }
-    const build = (entry, index, recomputes) => new DeviceSegment(tf, models[entry.name], entry, {
+    const indexOf = new Map(manifest.segments.map((s, i) => [s.name, i]));
+    const build = (entry, recomputes) => new DeviceSegment(tf, models[entry.name], entry, {
       optimizer: createOptimizer(tf, training.optimizer),
       inputGradients: entry.inputs.map((s) => !modelInputNames.has(s.name) && isFloat(s.dtype)),
       recomputes,
-      seed: seed + index,
+      seed: seed + indexOf.get(entry.name),
     });
-    this.head = build(first, 0, true);
-    this.tail = mode === 'u_shaped' ? build(last, 2, false) : null;
-    this.devices = this.tail ? [this.head, this.tail] : [this.head];
+    // One runner per stage, in order: a DeviceSegment or the stage's SplitSession.
+    this.runners = topology.stages.map((stage) => (stage.kind === 'device'
+      ? { stage, segment: build(manifest.segments[indexOf.get(stage.name)], !stage.holdsLabels) }
+      : { stage, session: stageSessions.get(stage.name) }));
+    this.devices = this.runners.filter((r) => r.segment).map((r) => r.segment);
+    this.head = this.devices[0];
+    this.tail = this.runners.at(-1).segment ?? null;
     this.stepCount = 0;
   }
 
   // ---------------------------------------------------------------- sessions
 
-  /** Open a session on the server; checks that it serves this split's server segment. */
+  /** The SplitSession of each server stage, in stage order. */
+  get sessions() {
+    return this.stageSessions.sessions;
+  }
+
+  /** The session of the first server stage (the only one of a one-server split). */
+  get session() {
+    return this.stageSessions.sessions[0];
+  }
+
+  /**
+   * Open a session on the server of every server stage; checks that each serves its
+   * stage (segment, mode, inputs, outputs) and closes the ones opened if one does not.
+   * @returns {Promise<object>} the server's session description (one server stage), or
+   *   the descriptions by stage name (several)
+   */
   async openSession() {
-    const info = await this.session.open();
-    if (info.segment !== this.serverEntry.name || info.mode !== this.mode) {
-      await this.session.close();
-      throw new SplitDeviceError(`The server serves segment '${info.segment}' in mode '${info.mode}'`
-        + `, this device's split needs '${this.serverEntry.name}' in mode '${this.mode}'. Serve the `
-        + 'split folder this app bundle was exported from.');
+    return this.describeSessions(await this.stageSessions.open());
+  }
+
+  describeSessions(infos) {
+    this.maxBatch = this.stageSessions.maxBatch;
+    if (infos.length === 1) return infos[0];
+    return Object.fromEntries(this.stageSessions.stages.map((s, i) => [s.name, infos[i]]));
+  }
+
+  async ensureSessions() {
+    if (!this.stageSessions.isOpen) {
+      this.describeSessions(await this.stageSessions.open({ onlyClosed: true }));
     }
-    this.maxBatch = info.max_batch;
-    return info;
   }
 
-  /** Close the session on the server. */
+  /** Close the sessions on the servers. */
   async closeSession() {
-    await this.session.close();
+    await this.stageSessions.close();
   }
 
-  /** Bytes, requests, retries and recoveries of the session so far. */
+  /** Bytes, requests, retries and recoveries of the sessions so far (summed over stages). */
   get stats() {
-    return { ...this.session.stats };
+    return this.stageSessions.stats;
+  }
+
+  /** The same counters for each server stage, by stage name. */
+  get stageStats() {
+    return this.stageSessions.stageStats;
   }
 
   // ---------------------------------------------------------------- training
@@ -165,81 +196,20 @@ export class SplitDevice {
    * @param {object} x a tf.Tensor, an array of them (model-input order) or {inputName: tensor}
    * @param {object} y the labels (a tf.Tensor: int class ids or float targets)
    * @param {{details?: boolean}} [options] details: also return the gradients the
-   *   server sent for the device's tensors (Float32Arrays by name), for parity tests.
+   *   servers sent for the device's tensors (`serverInputGradients`, Float32Arrays by
+   *   name, summed where several server stages sent one for a tensor; with several server
+   *   stages also `stageInputGradients` by stage name), for parity tests.
    * @returns {Promise<{step: number, loss: number, metrics: Object<string, number>,
    *   bytesSent: number, bytesReceived: number, seconds: number, details?: object}>}
    */
   async trainStep(x, y, { details = false } = {}) {
-    const { tf } = this;
-    if (!this.session.info) await this.openSession();
+    await this.ensureSessions();
     const step = this.stepCount;
     this.stepCount += 1;
-    const before = { ...this.session.stats };
+    const before = this.stats;
     const started = Date.now();
-    const store = namedInputs(tf, this.modelInputs, x, this.maxBatch);
-    const grads = new Map();
-    const result = { step, metrics: {} };
-    let labels = null;
-    try {
-      labels = labelTensor(tf, y, store.get(this.modelInputs[0].name).shape[0]);
-      const head = this.head;
-      const { outputs, regularization: headRegularization } = head.forward(step,
-        head.inputNames.map((n) => store.get(n)));
-      head.outputNames.forEach((name, i) => store.set(name, outputs[i]));
-      const serverInputs = this.serverEntry.inputs.map((s) => s.name);
-      let serverGrads;
-      if (this.mode === 'u_shaped') {
-        const forward = await this.session.forward(step, await wireTensors(serverInputs, store));
-        const serverRegularization = Number(forward.metadata.regularization_loss ?? 0);
-        for (const [name, t] of fromWire(tf, forward, this.serverEntry.outputs, 'forward')) {
-          store.set(name, t);
-        }
-        const tail = this.tail;
-        const out = tail.trainStep(tail.inputNames.map((n) => store.get(n)), labels, this.loss,
-          this.metrics);
-        addGrads(tf, grads, tail.inputNames, out.inputGrads);
-        result.loss = out.loss + out.regularization + headRegularization + serverRegularization;
-        for (const [name, { sum, count }] of Object.entries(out.metrics)) {
-          result.metrics[name] = sum / count;
-        }
-        result.metricCounts = Object.fromEntries(Object.entries(out.metrics)
-          .map(([name, { count }]) => [name, count]));
-        const outputGrads = this.serverEntry.outputs.map((spec) => {
-          const g = grads.get(spec.name) ?? tf.zerosLike(store.get(spec.name));
-          grads.delete(spec.name);
-          return g;
-        });
-        const gradStore = new Map(this.serverEntry.outputs.map((s, i) => [s.name, outputGrads[i]]));
-        const body = await wireTensors([...gradStore.keys()], gradStore);
-        outputGrads.forEach((g) => g.dispose());
-        serverGrads = await this.session.backward(step, body);
-      } else {
-        const tensors = await wireTensors(serverInputs, store);
-        const labelName = LABEL_PREFIX + this.manifest.model_outputs[0].name;
-        tensors.push(...await wireTensors([labelName], new Map([[labelName, labels]])));
-        serverGrads = await this.session.train(step, tensors);
-        const meta = serverGrads.metadata;
-        result.loss = Number(meta.loss) + headRegularization;
-        for (const [name, value] of Object.entries(meta)) {
-          if (name !== 'step' && name !== 'loss') result.metrics[name] = Number(value);
-        }
-      }
-      const gradSpecs = this.serverEntry.inputs.filter((s) => s.name in serverGrads.tensors);
-      const fromServer = fromWire(tf, serverGrads, gradSpecs, 'backward');
-      if (details) {
-        result.details = { serverInputGradients: Object.fromEntries([...fromServer]
-          .map(([name, t]) => [name, { shape: t.shape, data: Float32Array.from(t.dataSync()) }])) };
-      }
-      addGrads(tf, grads, [...fromServer.keys()], [...fromServer.values()]);
-      const headGrads = head.outputNames.map((name) => grads.get(name) ?? null);
-      head.backward(step, headGrads).forEach((g) => g?.dispose());
-    } finally {
-      this.head.drop(step);
-      for (const t of store.values()) t.dispose();
-      for (const t of grads.values()) t.dispose();
-      labels?.dispose();
-    }
-    const after = this.session.stats;
+    const result = await runTrainStep(this, step, x, y, { details });
+    const after = this.stats;
     result.bytesSent = after.bytesSent - before.bytesSent;
     result.bytesReceived = after.bytesReceived - before.bytesReceived;
     result.seconds = (Date.now() - started) / 1000;
@@ -261,7 +231,7 @@ export class SplitDevice {
     batchSize = 32, epochs = 1, shuffle = true, onBatchEnd, onEpochEnd,
   } = {}) {
     const { tf } = this;
-    if (!this.session.info) await this.openSession();
+    await this.ensureSessions();
     if (!(batchSize >= 1) || (this.maxBatch && batchSize > this.maxBatch)) {
       throw new SplitDeviceError(`batchSize ${batchSize} must be between 1 and the server's `
         + `max_batch (${this.maxBatch})`);
@@ -271,7 +241,7 @@ export class SplitDevice {
     const labels = ys instanceof tf.Tensor ? ys : tf.tensor(ys);
     const count = store.get(names[0]).shape[0];
     const history = { loss: [] };
-    const start = { ...this.session.stats };
+    const start = this.stats;
     let steps = 0;
     try {
       for (let epoch = 0; epoch < epochs; epoch += 1) {
@@ -314,36 +284,18 @@ export class SplitDevice {
       for (const t of store.values()) t.dispose();
       if (labels !== ys) labels.dispose();
     }
-    const end = this.session.stats;
+    const end = this.stats;
     return { history, steps, bytesSent: end.bytesSent - start.bytesSent,
       bytesReceived: end.bytesReceived - start.bytesReceived };
   }
 
   /**
-   * Inference: head and tail on the device (inference mode), the middle through the
+   * Inference: the device segments in inference mode, each server stage through its
    * server's predict route. Returns the model output (a tf.Tensor the caller owns).
    */
   async predict(x) {
-    const { tf } = this;
-    if (!this.session.info) await this.openSession();
-    const store = namedInputs(tf, this.modelInputs, x, this.maxBatch);
-    try {
-      const headOut = this.head.predict(this.head.inputNames.map((n) => store.get(n)));
-      this.head.outputNames.forEach((name, i) => store.set(name, headOut[i]));
-      const serverInputs = this.serverEntry.inputs.map((s) => s.name);
-      const answer = await this.session.predict(await wireTensors(serverInputs, store));
-      for (const [name, t] of fromWire(tf, answer, this.serverEntry.outputs, 'predict')) {
-        store.set(name, t);
-      }
-      const outputName = this.manifest.model_outputs[0].name;
-      if (this.tail) {
-        const outs = this.tail.predict(this.tail.inputNames.map((n) => store.get(n)));
-        this.tail.outputNames.forEach((name, i) => store.set(name, outs[i]));
-      }
-      return tf.keep(store.get(outputName).clone());
-    } finally {
-      for (const t of store.values()) t.dispose();
-    }
+    await this.ensureSessions();
+    return runPredict(this, x);
   }
 
   // ---------------------------------------------------------------- weights

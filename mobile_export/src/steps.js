@@ -1,0 +1,155 @@
+// The step loop of SplitDevice over the stages of the topology (topology.js): the step
+// of splitkeras/engine.py for any sequence of device segments and server stages.
+//
+//   forward:  every stage but the label stage, in order: a device segment runs its
+//             training forward (recomputed under the tape at its backward, segment.js);
+//             a server stage gets `forward k` with its inputs and answers its outputs.
+//   labels:   the label stage: a device segment computes loss, metrics, its update and
+//             its input gradients (trainStep); a server stage gets `train k` with its
+//             inputs + `label:<output>` and answers input gradients, loss and metrics.
+//   backward: the other stages in reverse: a server stage gets `backward k` with the
+//             gradient of each of its outputs (zeros where no later stage sent one) and
+//             answers the gradients of its float inputs; a device segment applies its
+//             update from its outputs' gradients and yields its inputs'.
+//
+// A tensor read by several later stages gets the sum of their gradients (addGrads).
+// The loss is the label stage's (its regularization included) plus the regularization
+// every other stage reports on its forward (`regularization_loss` from a server).
+
+import { addGrads, fromWire, labelTensor, namedInputs, wireTensors } from './tensors.js';
+
+const LABEL_PREFIX = 'label:';
+const specNames = (specs) => specs.map((s) => s.name);
+
+/**
+ * One training step (SplitDevice.trainStep without the session handling).
+ * @returns {Promise<object>} {step, loss, metrics, metricCounts?, details?}
+ */
+export async function runTrainStep(device, step, x, y, { details = false } = {}) {
+  const { tf, runners } = device;
+  const store = namedInputs(tf, device.modelInputs, x, device.maxBatch);
+  const grads = new Map();
+  const result = { step, metrics: {} };
+  const received = details ? new Map() : null; // stage -> Map(name -> tensor copy data)
+  const regularization = [];
+  const label = runners.at(-1);
+  const others = runners.slice(0, -1);
+  let labels = null;
+
+  const takeInputGrads = (runner, answer) => {
+    const specs = runner.stage.inputs.filter((s) => s.name in answer.tensors);
+    const fromServer = fromWire(tf, answer, specs, 'backward');
+    if (received) {
+      received.set(runner.stage.name, Object.fromEntries([...fromServer].map(([name, t]) => [name,
+        { shape: t.shape, data: Float32Array.from(t.dataSync()) }])));
+    }
+    addGrads(tf, grads, [...fromServer.keys()], [...fromServer.values()]);
+  };
+
+  try {
+    labels = labelTensor(tf, y, store.get(device.modelInputs[0].name).shape[0]);
+    for (const runner of others) {
+      const { segment, session, stage } = runner;
+      if (segment) {
+        const { outputs, regularization: reg } = segment.forward(step,
+          segment.inputNames.map((n) => store.get(n)));
+        segment.outputNames.forEach((name, i) => store.set(name, outputs[i]));
+        regularization.push(reg);
+      } else {
+        const answer = await session.forward(step, await wireTensors(specNames(stage.inputs), store));
+        regularization.push(Number(answer.metadata.regularization_loss ?? 0));
+        for (const [name, t] of fromWire(tf, answer, stage.outputs, 'forward')) store.set(name, t);
+      }
+    }
+
+    if (label.segment) {
+      const tail = label.segment;
+      const out = tail.trainStep(tail.inputNames.map((n) => store.get(n)), labels, device.loss,
+        device.metrics);
+      addGrads(tf, grads, tail.inputNames, out.inputGrads);
+      result.loss = out.loss + out.regularization;
+      for (const [name, { sum, count }] of Object.entries(out.metrics)) {
+        result.metrics[name] = sum / count;
+      }
+      result.metricCounts = Object.fromEntries(Object.entries(out.metrics)
+        .map(([name, { count }]) => [name, count]));
+    } else {
+      const tensors = await wireTensors(specNames(label.stage.inputs), store);
+      const labelName = LABEL_PREFIX + device.manifest.model_outputs[0].name;
+      tensors.push(...await wireTensors([labelName], new Map([[labelName, labels]])));
+      const answer = await label.session.train(step, tensors);
+      const meta = answer.metadata;
+      result.loss = Number(meta.loss);
+      for (const [name, value] of Object.entries(meta)) {
+        if (name !== 'step' && name !== 'loss') result.metrics[name] = Number(value);
+      }
+      takeInputGrads(label, answer);
+    }
+    for (const reg of regularization) result.loss += reg;
+
+    for (const runner of [...others].reverse()) {
+      const { segment, session, stage } = runner;
+      if (segment) {
+        const outputGrads = segment.outputNames.map((name) => grads.get(name) ?? null);
+        const inputGrads = segment.backward(step, outputGrads);
+        for (const name of segment.outputNames) {
+          grads.get(name)?.dispose();
+          grads.delete(name);
+        }
+        addGrads(tf, grads, segment.inputNames, inputGrads);
+      } else {
+        const gradStore = new Map(stage.outputs.map((spec) => {
+          const g = grads.get(spec.name) ?? tf.zerosLike(store.get(spec.name));
+          grads.delete(spec.name);
+          return [spec.name, g];
+        }));
+        const body = await wireTensors([...gradStore.keys()], gradStore);
+        for (const g of gradStore.values()) g.dispose();
+        takeInputGrads(runner, await session.backward(step, body));
+      }
+    }
+  } finally {
+    for (const { segment } of others) segment?.drop(step);
+    for (const t of store.values()) t.dispose();
+    for (const t of grads.values()) t.dispose();
+    labels?.dispose();
+  }
+  if (received) result.details = gradientDetails(received);
+  return result;
+}
+
+// The gradients the servers sent, by tensor (summed where several stages sent one for the
+// same tensor) and by stage.
+function gradientDetails(received) {
+  const serverInputGradients = {};
+  for (const byName of received.values()) {
+    for (const [name, { shape, data }] of Object.entries(byName)) {
+      const previous = serverInputGradients[name];
+      if (!previous) serverInputGradients[name] = { shape, data: Float32Array.from(data) };
+      else previous.data.forEach((v, i) => { previous.data[i] = v + data[i]; });
+    }
+  }
+  const details = { serverInputGradients };
+  if (received.size > 1) details.stageInputGradients = Object.fromEntries(received);
+  return details;
+}
+
+/** Inference over every stage; the model output (a tf.Tensor the caller owns). */
+export async function runPredict(device, x) {
+  const { tf, runners } = device;
+  const store = namedInputs(tf, device.modelInputs, x, device.maxBatch);
+  try {
+    for (const { segment, session, stage } of runners) {
+      if (segment) {
+        const outs = segment.predict(segment.inputNames.map((n) => store.get(n)));
+        segment.outputNames.forEach((name, i) => store.set(name, outs[i]));
+      } else {
+        const answer = await session.predict(await wireTensors(specNames(stage.inputs), store));
+        for (const [name, t] of fromWire(tf, answer, stage.outputs, 'predict')) store.set(name, t);
+      }
+    }
+    return tf.keep(store.get(device.manifest.model_outputs[0].name).clone());
+  } finally {
+    for (const t of store.values()) t.dispose();
+  }
+}
