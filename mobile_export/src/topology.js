@@ -6,8 +6,9 @@
 //   segment, the name of the server that runs it for a server segment (default: the
 //   segment's own name). Version 1 files have no host: it is derived the same way.
 // * Segments run in order; the LAST one holds the labels (computes the loss). The first
-//   segment runs on the device, and so does every segment that reads a model input (raw
-//   inputs never leave the device).
+//   segment runs on the device: it reads the model inputs (raw inputs never leave the
+//   device; a later server segment that reads one too is allowed, and `splitkeras split`
+//   warns about it).
 // * Consecutive server segments form ONE server stage, a chain (device -> edge -> cloud):
 //   the device talks to the stage's first server only, the servers hand activations and
 //   gradients on among themselves. Each device segment is a stage of its own.
@@ -120,13 +121,9 @@ export function deriveTopology(manifest) {
   const producedBy = new Map(); // tensor -> index of the segment that produced it
   segments.forEach((entry, index) => {
     for (const spec of entry.inputs) {
-      if (modelInputs.has(spec.name)) {
-        if (entry.placement !== 'device') {
-          throw new TopologyError(`Segment '${entry.name}' on server '${entry.host}' reads the `
-            + `model input '${spec.name}': raw inputs never leave the device. Place the segments `
-            + 'that read model inputs on the device (or cut later).');
-        }
-      } else if (!producedBy.has(spec.name)) {
+      // A later server segment may read a model input too: `splitkeras split` warns that
+      // this input leaves the device, and the split still trains (as in Python).
+      if (!modelInputs.has(spec.name) && !producedBy.has(spec.name)) {
         throw new TopologyError(`Segment '${entry.name}' reads '${spec.name}', which is neither a `
           + 'model input nor an output of an earlier segment');
       }
