@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import splitkeras  # noqa: E402
 from converters.tfjs_bundle import read_bundle_weights  # noqa: E402
 from splitkeras.cli import main  # noqa: E402
-from splitkeras.cli_export import export_app  # noqa: E402
+from splitkeras.cli.export import export_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

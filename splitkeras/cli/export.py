@@ -1,6 +1,5 @@
 """`splitkeras export SPLIT_DIR`: the app bundle a React Native app ships.
 
-Registered on the `splitkeras` parser through `splitkeras.cli._EXTRA_COMMANDS`.
 The bundle (default `SPLIT_DIR/app/`) holds everything the device needs and
 nothing it does not (no server segment, no labels):
 
@@ -26,24 +25,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from splitkeras import cli
+from splitkeras.cli._common import CliError, add_unsafe
 
 __all__ = ["export_app", "register", "RUNTIME_DIR"]
 
-RUNTIME_DIR = Path(__file__).resolve().parents[1] / "mobile_export"
+RUNTIME_DIR = Path(__file__).resolve().parents[2] / "mobile_export"
 RUNTIME_NAME = "splitkeras-device"
 MARKER = ".splitkeras-app.json"
 _NODE_ONLY = {"node_io.js"}
 
 
-
-
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise cli.CliError(f"export: '{out}' is a file; give a folder with -o")
+        raise CliError(f"export: '{out}' is a file; give a folder with -o")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).exists() and not force:
-            raise cli.CliError(f"export: '{out}' is not empty and was not written by `splitkeras export`; "
+            raise CliError(f"export: '{out}' is not empty and was not written by `splitkeras export`; "
                          "choose another folder with -o, or pass --force to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +127,7 @@ def export_app(split_dir: str | Path, output: str | Path | None = None, *,
     manifest = Manifest.read(folder)
     out = Path(output) if output is not None else folder / "app"
     if out.resolve() == folder.resolve():
-        raise cli.CliError("export: the app folder cannot be the split folder itself; use -o")
+        raise CliError("export: the app folder cannot be the split folder itself; use -o")
     _prepare(out, force)
     bundles: dict[str, list[str]] = {}
     exported: dict[str, str] = {}
@@ -197,11 +194,5 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty output folder not written by `splitkeras export`")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    cli._add_unsafe(p)
+    add_unsafe(p)
     p.set_defaults(func=cmd_export)
-
-
-
-
-if register not in cli._EXTRA_COMMANDS:
-    cli._EXTRA_COMMANDS.append(register)

@@ -2,7 +2,7 @@
 
 The cost model is `splitkeras.planning` (its docstring states it in full); the
 inputs are `splitkeras inspect`'s numbers and the link and machine speeds given
-on the command line. Registered in `splitkeras.cli._EXTRA_COMMANDS` on import.
+on the command line.
 
 Example:
     $ splitkeras plan model.keras --bandwidth 20 --latency 50 --device-flops 10 --top 5
@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any
 
-from splitkeras import cli as _cli
+from splitkeras.cli._common import CliError, add_unsafe, load
 
 __all__ = ["register", "cmd_plan"]
 
@@ -55,7 +55,7 @@ def register(sub: Any) -> None:
     p.add_argument("--top", type=_positive(int, "--top"), default=10, metavar="N",
                    help="show the N fastest plans (10)")
     p.add_argument("--format", choices=["table", "json"], default="table")
-    _cli._add_unsafe(p)
+    add_unsafe(p)
     p.set_defaults(func=cmd_plan)
 
 
@@ -69,7 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from splitkeras.planning import Conditions, device_only, rank_cuts
     from splitkeras.profile import cut_candidates
 
-    model, source = _cli._load(args.model, args.unsafe_deserialization)
+    model, source = load(args.model, args.unsafe_deserialization)
     conditions = Conditions(
         bandwidth_bps=args.bandwidth * 1e6, latency_s=args.latency / 1e3,
         device_flops=args.device_flops * 1e9,
@@ -78,7 +78,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device_memory_bytes=None if args.device_memory is None else args.device_memory * 1e6)
     candidates = cut_candidates(model)
     if not candidates:
-        raise _cli.CliError(f"plan: model '{model.name}' has no layer that can be a cut")
+        raise CliError(f"plan: model '{model.name}' has no layer that can be a cut")
     functional = as_functional(model)
 
     def valid_pair(first: str, second: str) -> bool:
@@ -128,7 +128,3 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("Model: 3 x forward FLOPs per side / its speed + 2 x crossing bytes / bandwidth + "
           "2 x requests per step x latency / batch (U-shaped: 2 requests; 1 cut: 1); no overlap.")
     return 0
-
-
-if register not in _cli._EXTRA_COMMANDS:
-    _cli._EXTRA_COMMANDS.append(register)
