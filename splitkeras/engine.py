@@ -21,14 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from splitkeras.errors import TrainingError
-from splitkeras.segments import Segment
+
+if TYPE_CHECKING:  # a type only: segments -> training -> engine at run time
+    from splitkeras.segments import Segment
 
 __all__ = ["SegmentRunner", "resolve_jit_compile", "new_optimizer"]
 

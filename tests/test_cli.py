@@ -100,6 +100,32 @@ def test_script_inspect_json(model_file: Path, tmp_path: Path) -> None:
     assert [row["layer"] for row in data["cuts"]][:2] == ["stem", "block1_conv1"]
 
 
+def test_help_loads_neither_tensorflow_nor_the_server() -> None:
+    """`splitkeras --help` and each command's --help answer at once: the command modules
+    import TensorFlow, the server and uvicorn only when a command runs."""
+    code = ("import sys\n"
+            "from splitkeras.cli import COMMANDS, main\n"
+            "names = [m.__name__.rpartition('.')[2] for m in COMMANDS]\n"
+            "for argv in [['--help']] + [[name, '--help'] for name in names]:\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit as exit:\n"
+            "        assert exit.code == 0, argv\n"
+            "print(names, sorted(m for m in ('tensorflow', 'keras', 'numpy', 'server_app', 'uvicorn', 'httpx')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == (
+        "['split', 'inspect', 'join', 'serve', 'demo', 'export', 'plan', 'train'] []")
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    for module in ("splitkeras", "splitkeras.cli"):
+        out = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True,
+                             timeout=60)
+        assert (out.returncode, out.stdout, out.stderr) == (0, f"splitkeras {splitkeras.__version__}\n", "")
+
+
 # ---- in-process --------------------------------------------------------------------------------------
 def test_split_json_output(model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

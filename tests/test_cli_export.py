@@ -3,6 +3,7 @@ trained by the JavaScript runtime in tests/test_js_device.py)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest  # noqa: E402
 import splitkeras  # noqa: E402
 from converters.tfjs_bundle import read_bundle_weights  # noqa: E402
 from splitkeras.cli import main  # noqa: E402
-from splitkeras.cli_export import export_app  # noqa: E402
+from splitkeras.cli.export import export_app, runtime_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,30 @@ def test_export_refuses_a_foreign_folder_in_one_line(split_dir: Path,
     assert (foreign / "App.js").exists()
     assert main(["export", str(split_dir.parent / "missing")]) == 1
     assert "No split manifest" in capsys.readouterr().err
+
+
+def test_the_runtime_is_the_installed_mobile_export_package(split_dir: Path) -> None:
+    """Found through importlib.resources, not a path into the source tree; and everything
+    export copies is package data in pyproject.toml, so a wheel holds it too."""
+    import mobile_export
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    runtime = runtime_files()
+    assert Path(str(runtime)) == Path(mobile_export.__file__).parent
+    out = split_dir.parent / "app_files"
+    export_app(split_dir, out)
+    copied = sorted(p.relative_to(out / "splitkeras-device").as_posix()
+                    for p in (out / "splitkeras-device").rglob("*") if p.is_file())
+    assert "src/runtime.js" in copied and "README.md" in copied and "package.json" in copied
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["mobile_export"]
+    assert all(any(fnmatch.fnmatch(f, glob) for glob in shipped) for f in copied), (copied, shipped)
+
+
+def test_export_without_the_runtime_is_one_error_line(split_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("splitkeras.cli.export.RUNTIME_PACKAGE", "no_such_runtime_package")
+    assert main(["export", str(split_dir), "-o", str(split_dir.parent / "app_none")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: The JavaScript runtime (the 'no_such_runtime_package' package) is not installed; "
+                   "export from a splitkeras checkout or a complete installation\n")

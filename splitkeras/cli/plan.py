@@ -2,7 +2,7 @@
 
 The cost model is `splitkeras.planning` (its docstring states it in full); the
 inputs are `splitkeras inspect`'s numbers and the link and machine speeds given
-on the command line. Registered in `splitkeras.cli._EXTRA_COMMANDS` on import.
+on the command line.
 
 Example:
     $ splitkeras plan model.keras --bandwidth 20 --latency 50 --device-flops 10 --top 5
@@ -16,7 +16,7 @@ import argparse
 import json
 from typing import Any
 
-from splitkeras import cli as _cli
+from splitkeras.cli._common import CliError, add_unsafe, load
 
 __all__ = ["register", "cmd_plan"]
 
@@ -85,7 +85,7 @@ def register(sub: Any) -> None:
     p.add_argument("--top", type=_positive(int, "--top"), default=10, metavar="N",
                    help="show the N fastest plans (10)")
     p.add_argument("--format", choices=["table", "json"], default="table")
-    _cli._add_unsafe(p)
+    add_unsafe(p)
     p.set_defaults(func=cmd_plan, plan_usage_error=p.error)
 
 
@@ -102,13 +102,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.chain is not None:
         return _cmd_plan_chain(args)
     if args.link or args.host_flops:
-        raise _cli.CliError("plan: --link and --host-flops describe a chain: give --chain HOSTS too")
+        raise CliError("plan: --link and --host-flops describe a chain: give --chain HOSTS too")
     missing = [flag for flag, value in [("--bandwidth", args.bandwidth), ("--latency", args.latency),
                                         ("--device-flops", args.device_flops)] if value is None]
     if missing:
         args.plan_usage_error(f"the following arguments are required: {', '.join(missing)}")
     args.cuts = args.cuts or "both"
-    model, source = _cli._load(args.model, args.unsafe_deserialization)
+    model, source = load(args.model, args.unsafe_deserialization)
     conditions = Conditions(
         bandwidth_bps=args.bandwidth * 1e6, latency_s=args.latency / 1e3,
         device_flops=args.device_flops * 1e9,
@@ -117,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device_memory_bytes=None if args.device_memory is None else args.device_memory * 1e6)
     candidates = cut_candidates(model)
     if not candidates:
-        raise _cli.CliError(f"plan: model '{model.name}' has no layer that can be a cut")
+        raise CliError(f"plan: model '{model.name}' has no layer that can be a cut")
     functional = as_functional(model)
 
     def valid_pair(first: str, second: str) -> bool:
@@ -181,7 +181,7 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
                                       ("--server-flops", args.server_flops), ("--cuts", args.cuts)]
              if value is not None]
     if given:
-        raise _cli.CliError(f"plan: --chain takes --link and --host-flops, not {', '.join(given)}")
+        raise CliError(f"plan: --chain takes --link and --host-flops, not {', '.join(given)}")
     try:
         chain = ChainConditions(
             placement=tuple(args.chain.split(",")),
@@ -190,13 +190,13 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
             wire_dtype=args.wire_dtype,
             device_memory_bytes=None if args.device_memory is None else args.device_memory * 1e6)
     except ValueError as error:
-        raise _cli.CliError(f"plan: {error} (give one --link per link and one --host-flops per "
+        raise CliError(f"plan: {error} (give one --link per link and one --host-flops per "
                             "host, in order)") from None
-    model, source = _cli._load(args.model, args.unsafe_deserialization)
+    model, source = load(args.model, args.unsafe_deserialization)
     candidates = cut_candidates(model)
     count = len(chain.placement) - 1
     if len(candidates) < count:
-        raise _cli.CliError(f"plan: model '{model.name}' has {len(candidates)} layer(s) that can be a "
+        raise CliError(f"plan: model '{model.name}' has {len(candidates)} layer(s) that can be a "
                             f"cut; the chain needs {count}")
     functional = as_functional(model)
 
@@ -252,7 +252,3 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
         f"{i} = {name}" for i, name in enumerate(names, 1)) + "). A tensor passing over several "
         "cuts is charged on each hop; no overlap.")
     return 0
-
-
-if register not in _cli._EXTRA_COMMANDS:
-    _cli._EXTRA_COMMANDS.append(register)

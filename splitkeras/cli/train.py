@@ -1,8 +1,6 @@
 """`splitkeras train OUT --server URL --data FILE.npz`: train a split's device segments
 against a running `splitkeras serve` server, then save them back into OUT.
 
-Registered on the `splitkeras` parser through `splitkeras.cli._EXTRA_COMMANDS`.
-
 Example:
     $ splitkeras serve out --port 8000 &
     $ splitkeras train out --server http://127.0.0.1:8000 --data train.npz --epochs 2
@@ -15,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from splitkeras import cli
+from splitkeras.cli._common import CliError, add_unsafe
 
 __all__ = ["register", "cmd_train", "load_training_data"]
 
@@ -28,13 +26,13 @@ def load_training_data(path: str | Path, input_names: list[str],
 
     path = Path(path)
     if not path.is_file():
-        raise cli.CliError(f"train: data file '{path}' does not exist")
+        raise CliError(f"train: data file '{path}' does not exist")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise cli.CliError(f"train: '{path}' is not a NumPy .npz file ({error})") from None
+        raise CliError(f"train: '{path}' is not a NumPy .npz file ({error})") from None
     if not hasattr(data, "files"):
-        raise cli.CliError(f"train: '{path}' holds one array; save inputs and labels together with "
+        raise CliError(f"train: '{path}' holds one array; save inputs and labels together with "
                        f"np.savez('{path.name}', x=..., y=...)")
     with data:
         arrays = {name: data[name] for name in data.files}
@@ -42,7 +40,7 @@ def load_training_data(path: str | Path, input_names: list[str],
     def pick(prefix: str, names: list[str], what: str) -> Any:
         if prefix in arrays:
             if len(names) > 1:
-                raise cli.CliError(f"train: the model has {len(names)} {what}s {names}; save one array per "
+                raise CliError(f"train: the model has {len(names)} {what}s {names}; save one array per "
                                f"{what} named {[f'{prefix}_{n}' for n in names]} instead of '{prefix}'")
             return arrays[prefix]
         wanted = [f"{prefix}_{n}" for n in names]
@@ -50,13 +48,13 @@ def load_training_data(path: str | Path, input_names: list[str],
             return [arrays[w] for w in wanted]
         held = ", ".join(sorted(arrays)) or "no arrays"
         expected = f"'{prefix}'" if len(names) == 1 else f"{wanted}"
-        raise cli.CliError(f"train: '{path}' has no array {expected} (it holds: {held}); save the "
+        raise CliError(f"train: '{path}' has no array {expected} (it holds: {held}); save the "
                        f"inputs as 'x' and the labels as 'y': np.savez('{path.name}', x=..., y=...)")
 
     x, y = pick("x", input_names, "input"), pick("y", output_names, "output")
     lengths = {len(a) for a in (x if isinstance(x, list) else [x]) + (y if isinstance(y, list) else [y])}
     if len(lengths) != 1:
-        raise cli.CliError(f"train: the arrays in '{path}' hold different numbers of samples "
+        raise CliError(f"train: the arrays in '{path}' hold different numbers of samples "
                        f"({sorted(lengths)}); x and y need one row per sample")
     return x, y
 
@@ -81,7 +79,7 @@ def _optimizer(args: argparse.Namespace, training: dict[str, Any] | None) -> Any
         return keras.optimizers.get(config)
     except (ValueError, TypeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise cli.CliError(f"train: cannot make optimizer '{args.optimizer}' ({first}); use a Keras "
+        raise CliError(f"train: cannot make optimizer '{args.optimizer}' ({first}); use a Keras "
                        "optimizer name such as adam, sgd or rmsprop") from None
 
 
@@ -91,7 +89,7 @@ def _check_shapes(x: Any, specs: list[Any]) -> None:
         if len(sample) != len(spec.sample_shape) or any(
                 d is not None and d != v for d, v in zip(spec.sample_shape, sample)):
             expected = tuple("?" if d is None else d for d in spec.sample_shape)
-            raise cli.CliError(f"train: the inputs for '{spec.name}' have samples of shape {sample}; "
+            raise CliError(f"train: the inputs for '{spec.name}' have samples of shape {sample}; "
                            f"the model takes {expected}")
 
 
@@ -100,14 +98,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from splitkeras.manifest import Manifest
 
     if args.epochs < 1 or args.batch_size < 1:
-        raise cli.CliError("train: --epochs and --batch-size must be at least 1")
+        raise CliError("train: --epochs and --batch-size must be at least 1")
     manifest = Manifest.read(args.split_dir)
     x, y = load_training_data(args.data, [s.name for s in manifest.model_inputs],
                               [s.name for s in manifest.model_outputs])
     _check_shapes(x, manifest.model_inputs)
     key = resolve_key(args.key, args.split_dir)
     if key is None:
-        raise cli.CliError("train: no server key; pass --key, set SPLITKERAS_SERVER_KEY, or run on the "
+        raise CliError("train: no server key; pass --key, set SPLITKERAS_SERVER_KEY, or run on the "
                        f"server's machine where {Path(args.split_dir) / '.splitkeras' / 'server.key'} "
                        "exists (written by `splitkeras serve`)")
     optimizer = _optimizer(args, manifest.training)
@@ -158,13 +156,5 @@ def register(sub: Any) -> None:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="keep the samples in file order")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    cli._add_unsafe(p)
+    add_unsafe(p)
     p.set_defaults(func=cmd_train)
-
-
-
-
-
-
-if register not in cli._EXTRA_COMMANDS:
-    cli._EXTRA_COMMANDS.append(register)

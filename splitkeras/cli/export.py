@@ -1,6 +1,5 @@
 """`splitkeras export SPLIT_DIR`: the app bundle a React Native app ships.
 
-Registered on the `splitkeras` parser through `splitkeras.cli._EXTRA_COMMANDS`.
 The bundle (default `SPLIT_DIR/app/`) holds everything the device needs and
 nothing it does not (no server segment, no labels):
 
@@ -23,27 +22,29 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from splitkeras import cli
+from splitkeras.cli._common import CliError, add_unsafe
 
-__all__ = ["export_app", "register", "RUNTIME_DIR"]
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
-RUNTIME_DIR = Path(__file__).resolve().parents[1] / "mobile_export"
+__all__ = ["export_app", "register", "runtime_files"]
+
+RUNTIME_PACKAGE = "mobile_export"  # the npm package's folder, shipped as package data
 RUNTIME_NAME = "splitkeras-device"
 MARKER = ".splitkeras-app.json"
 _NODE_ONLY = {"node_io.js"}
 
 
-
-
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise cli.CliError(f"export: '{out}' is a file; give a folder with -o")
+        raise CliError(f"export: '{out}' is a file; give a folder with -o")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).exists() and not force:
-            raise cli.CliError(f"export: '{out}' is not empty and was not written by `splitkeras export`; "
+            raise CliError(f"export: '{out}' is not empty and was not written by `splitkeras export`; "
                          "choose another folder with -o, or pass --force to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,24 +66,44 @@ def _copy_bundle(source: Path, target: Path) -> None:
             shutil.copy2(shard, target / shard.name)
 
 
+def runtime_files() -> Traversable:
+    """The JavaScript runtime as installed: the `mobile_export` package's files
+    (`src/*.js`, `README.md`, `package.json`)."""
+    from splitkeras.errors import ExportError
+
+    try:
+        return resources.files(RUNTIME_PACKAGE)
+    except ModuleNotFoundError:
+        raise ExportError(f"The JavaScript runtime (the '{RUNTIME_PACKAGE}' package) is not installed; "
+                          "export from a splitkeras checkout or a complete installation") from None
+
+
+def _copy_file(source: Traversable, target: Path) -> None:
+    with resources.as_file(source) as path:  # the file itself when installed as files
+        shutil.copy2(path, target)
+
+
 def _copy_runtime(target: Path) -> list[str]:
     from splitkeras.errors import ExportError
 
-    sources = sorted((RUNTIME_DIR / "src").glob("*.js"))
+    runtime = runtime_files()
+    src = runtime / "src"
+    sources = sorted((p for p in src.iterdir() if p.name.endswith(".js") and p.is_file()),
+                     key=lambda p: p.name) if src.is_dir() else []
     if not sources:
-        raise ExportError(f"The JavaScript runtime is missing from {RUNTIME_DIR / 'src'}; export "
+        raise ExportError(f"The JavaScript runtime is missing from {src}; export "
                           "from a splitkeras checkout or a complete installation")
     (target / "src").mkdir(parents=True)
     copied = []
     for source in sources:
         if source.name in _NODE_ONLY:
             continue
-        shutil.copy2(source, target / "src" / source.name)
+        _copy_file(source, target / "src" / source.name)
         copied.append(source.name)
-    readme = RUNTIME_DIR / "README.md"
-    if readme.exists():
-        shutil.copy2(readme, target / "README.md")
-    package = json.loads((RUNTIME_DIR / "package.json").read_text(encoding="utf-8"))
+    readme = runtime / "README.md"
+    if readme.is_file():
+        _copy_file(readme, target / "README.md")
+    package = json.loads((runtime / "package.json").read_text(encoding="utf-8"))
     slim = {key: package[key] for key in ("name", "version", "description", "type", "license",
                                             "engines", "peerDependencies") if key in package}
     slim.update({"main": "src/runtime.js", "exports": {".": "./src/runtime.js"}})
@@ -130,7 +151,7 @@ def export_app(split_dir: str | Path, output: str | Path | None = None, *,
     manifest = Manifest.read(folder)
     out = Path(output) if output is not None else folder / "app"
     if out.resolve() == folder.resolve():
-        raise cli.CliError("export: the app folder cannot be the split folder itself; use -o")
+        raise CliError("export: the app folder cannot be the split folder itself; use -o")
     _prepare(out, force)
     bundles: dict[str, list[str]] = {}
     exported: dict[str, str] = {}
@@ -197,11 +218,5 @@ def register(sub: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty output folder not written by `splitkeras export`")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    cli._add_unsafe(p)
+    add_unsafe(p)
     p.set_defaults(func=cmd_export)
-
-
-
-
-if register not in cli._EXTRA_COMMANDS:
-    cli._EXTRA_COMMANDS.append(register)

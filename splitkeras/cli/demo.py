@@ -1,0 +1,34 @@
+"""`splitkeras demo`: split a digits CNN, serve it, train over HTTP, compare with central
+training (`splitkeras.demo.run_demo`).
+
+Example:
+    $ splitkeras demo --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from splitkeras.cli._common import CliError
+
+__all__ = ["register", "cmd_demo"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from splitkeras.demo import run_demo
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise CliError("demo: --epochs and --batch-size must be at least 1")
+    run_demo(args.output, epochs=args.epochs, batch_size=args.batch_size, wire_dtype=args.wire_dtype)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the `demo` command to the `splitkeras` sub-command parser."""
+    p = sub.add_parser("demo", help="split a digits CNN, serve it, train over HTTP, compare with central")
+    p.add_argument("-o", "--output", default="splitkeras-demo", help="folder for the split (replaced)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
+    p.set_defaults(func=cmd_demo)
