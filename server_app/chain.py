@@ -57,7 +57,7 @@ class _Keyed:
         return self.runner.train_step((self.session_id, step), inputs, y, sample_weight, other_losses)
 
     def predict_with_regularization(self, inputs: Sequence[Any]) -> tuple[list[Any], Any]:
-        return self.runner.predict_with_regularization(inputs)  # type: ignore[no-any-return]
+        return self.runner.predict_with_regularization(inputs)
 
     def drop(self, step: int) -> None:
         self.runner.drop((self.session_id, step))

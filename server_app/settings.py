@@ -30,10 +30,21 @@ class ServerSettings(BaseSettings):
     max_sessions: int = Field(default=1024, ge=1)
     jit_compile: bool | str = Field(default="auto")
     unsafe_deserialization: bool = False
+    segment: str | None = Field(default=None, description="the server segment to serve; default: "
+                                "the split's only one")
+    next_url: str | None = Field(default=None, description="in a chain: the server of the next "
+                                 "server segment")
+    next_key: str | None = Field(default=None, description="the next server's key; default: this "
+                                 "server's")
 
     @property
     def resolved_checkpoint_dir(self) -> Path:
-        return self.checkpoint_dir or Path(self.split_dir) / "checkpoints"
+        """`--checkpoint-dir`, else SPLIT_DIR/checkpoints, or SPLIT_DIR/checkpoints/SEGMENT when
+        a segment is named (several servers of one split folder each keep their own)."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        base = Path(self.split_dir) / "checkpoints"
+        return base / self.segment if self.segment else base
 
     @property
     def key_file(self) -> Path:

@@ -30,7 +30,7 @@ import pytest
 from live_server import KEY, Server
 
 import splitkeras
-from splitkeras.client import DeviceClient, Transport
+from splitkeras.client import DeviceClient
 from splitkeras.topology import Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]

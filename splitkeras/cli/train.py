@@ -93,6 +93,22 @@ def _check_shapes(x: Any, specs: list[Any]) -> None:
                            f"the model takes {expected}")
 
 
+def server_urls(values: list[str]) -> str | dict[str, str]:
+    """`--server URL` (one server stage), or `--server NAME=URL` once per server stage."""
+    if len(values) == 1 and "=" not in values[0].split("://", 1)[0]:
+        return values[0]
+    urls: dict[str, str] = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url or "://" in name:
+            raise CliError(f"train: --server '{value}': with several servers give each as NAME=URL "
+                           "(NAME: the first segment of a server stage, e.g. middle_1=http://host:8000)")
+        if name in urls:
+            raise CliError(f"train: --server names '{name}' twice")
+        urls[name] = url
+    return urls
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from splitkeras.client.device import DeviceClient, resolve_key
     from splitkeras.manifest import Manifest
@@ -110,12 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "exists (written by `splitkeras serve`)")
     optimizer = _optimizer(args, manifest.training)
     text = args.format == "text"
-    with DeviceClient(args.split_dir, args.server, key=key, wire_dtype=args.wire_dtype,
+    servers = server_urls(args.server)
+    with DeviceClient(args.split_dir, servers, key=key, wire_dtype=args.wire_dtype,
                       unsafe_deserialization=args.unsafe_deserialization) as client:
         client.compile(optimizer=optimizer)
         if text:
+            where = ", ".join(t.base_url for t in client.transports.values())
             print(f"Training the device segments of '{client.split.model_name}' "
-                  f"({client.mode}) against {args.server}, wire {args.wire_dtype}", flush=True)
+                  f"({client.mode}) against {where}, wire {args.wire_dtype}", flush=True)
         history = client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
                              verbose=1 if text else 0, shuffle=args.shuffle)
         saved = client.save()
@@ -141,7 +159,10 @@ def register(sub: Any) -> None:
     """Add the `train` command to the `splitkeras` sub-command parser."""
     p = sub.add_parser("train", help="train the device segments against a `splitkeras serve` server")
     p.add_argument("split_dir", help="a folder written by `splitkeras split` (the device segments)")
-    p.add_argument("--server", required=True, metavar="URL", help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--server", required=True, action="append", metavar="URL",
+                   help="the server, e.g. http://127.0.0.1:8000; with several server stages, "
+                   "NAME=URL once per stage (NAME: its first segment, e.g. middle_1=http://...). "
+                   "A chain of server segments is one stage: give its first server")
     p.add_argument("--data", required=True, metavar="FILE.npz",
                    help="arrays 'x' (inputs) and 'y' (labels); 'x_<input>' / 'y_<output>' for several")
     p.add_argument("--epochs", type=int, default=1)
