@@ -1,7 +1,7 @@
 """The server segment as a service: sessions, the step state machine, one writer.
 
 This module knows nothing of HTTP: it takes and returns bytes (safetensors bodies)
-and raises `ServiceError` for refusals. All TensorFlow work and every state change
+and raises `RequestRefused` for refusals. All TensorFlow work and every state change
 run on ONE worker thread, in arrival order, so updates from many devices are applied
 one at a time and a refused request changes nothing.
 """
@@ -23,12 +23,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from server_app.checkpoint import load_checkpoint, save_checkpoint
-from server_app.errors import ServiceError
 from server_app.settings import ServerSettings
 from server_app.train_body import TrainBody
 from splitkeras import wire
 from splitkeras.engine import SegmentRunner, new_optimizer
-from splitkeras.errors import ManifestError
+from splitkeras.errors import ManifestError, RequestRefused
 from splitkeras.manifest import Manifest, atomic_write_bytes
 from splitkeras.segments import Segment
 from splitkeras.tensor_spec import TensorSpec
@@ -214,30 +213,30 @@ class SegmentService:
     # ---- sessions ----------------------------------------------------------------------------
     def check_key(self, key: str | None) -> None:
         if not key or not secrets.compare_digest(key.encode(), self.server_key.encode()):
-            raise ServiceError(401, "unauthorized",
-                               "Opening a session needs the server key as 'Authorization: Bearer "
-                               "<key>' (printed by `splitkeras serve`, stored in "
-                               "SPLIT_DIR/.splitkeras/server.key).")
+            raise RequestRefused("unauthorized",
+                                 "Opening a session needs the server key as 'Authorization: Bearer "
+                                 "<key>' (printed by `splitkeras serve`, stored in "
+                                 "SPLIT_DIR/.splitkeras/server.key).")
 
     def session(self, session_id: str, token: str | None) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
-            raise ServiceError(404, "unknown_session",
-                               f"No session '{session_id}' (closed, or never opened). Open a new "
-                               "one with POST /v1/sessions.")
+            raise RequestRefused("unknown_session",
+                                 f"No session '{session_id}' (closed, or never opened). Open a new "
+                                 "one with POST /v1/sessions.")
         if not token or not secrets.compare_digest(_hash(token).encode(), session.token_hash.encode()):
-            raise ServiceError(401, "unauthorized",
-                               "This route needs the session's token as 'Authorization: Bearer <token>'.")
+            raise RequestRefused("unauthorized",
+                                 "This route needs the session's token as 'Authorization: Bearer <token>'.")
         return session
 
     def open_session(self, wire_dtype: str) -> tuple[Session, str]:
         if wire_dtype not in wire.WIRE_DTYPES:
-            raise ServiceError(422, "bad_request",
-                               f"wire_dtype must be one of {list(wire.WIRE_DTYPES)}, got '{wire_dtype}'.")
+            raise RequestRefused("bad_request",
+                                 f"wire_dtype must be one of {list(wire.WIRE_DTYPES)}, got '{wire_dtype}'.")
         if len(self.sessions) >= self.settings.max_sessions:
-            raise ServiceError(429, "too_many_sessions",
-                               f"The server holds {len(self.sessions)} sessions, its limit. Close "
-                               "unused sessions (DELETE /v1/sessions/{id}).")
+            raise RequestRefused("too_many_sessions",
+                                 f"The server holds {len(self.sessions)} sessions, its limit. Close "
+                                 "unused sessions (DELETE /v1/sessions/{id}).")
         token = secrets.token_urlsafe(32)
         session = Session(session_id=secrets.token_hex(8), token_hash=_hash(token), wire_dtype=wire_dtype)
         self.sessions[session.session_id] = session
@@ -272,40 +271,40 @@ class SegmentService:
         tensors, _ = wire.decode(body, specs, max_batch=self.settings.max_batch)
         return [tensors[s.name] for s in specs]
 
-    def _out_of_order(self, session: Session, step: int, route: str) -> ServiceError:
+    def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
         if route == "backward" and step == session.lost_step:
-            return ServiceError(409, "forward_lost",
-                                f"The forward pass of step {step} was lost when the server restarted. "
-                                f"Send forward for step {step} again with the same activations, then "
-                                "backward.", expected_step=step)
+            return RequestRefused("forward_lost",
+                                  f"The forward pass of step {step} was lost when the server restarted. "
+                                  f"Send forward for step {step} again with the same activations, then "
+                                  "backward.", expected_step=step)
         if route == "backward" and step == session.expired_step:
-            return ServiceError(409, "step_expired",
-                                f"Step {step} waited longer than {self.settings.step_ttl_seconds:g} s "
-                                f"for its backward and was dropped. Send forward for step {step} again.",
-                                expected_step=step)
+            return RequestRefused("step_expired",
+                                  f"Step {step} waited longer than {self.settings.step_ttl_seconds:g} s "
+                                  f"for its backward and was dropped. Send forward for step {step} again.",
+                                  expected_step=step)
         if session.pending_step is not None:
-            return ServiceError(409, "step_out_of_order",
-                                f"Step {session.pending_step} is waiting for its backward; got "
-                                f"{route} for step {step}.", expected_step=session.pending_step)
-        return ServiceError(409, "step_out_of_order",
-                            f"Expected {route if route != 'backward' else 'forward'} for step "
-                            f"{session.next_step} or later, got {route} for step {step}.",
-                            expected_step=session.next_step)
+            return RequestRefused("step_out_of_order",
+                                  f"Step {session.pending_step} is waiting for its backward; got "
+                                  f"{route} for step {step}.", expected_step=session.pending_step)
+        return RequestRefused("step_out_of_order",
+                              f"Expected {route if route != 'backward' else 'forward'} for step "
+                              f"{session.next_step} or later, got {route} for step {step}.",
+                              expected_step=session.next_step)
 
     def _require_mode(self, route: str) -> None:
         wanted = "labels_on_server" if route == "train" else "u_shaped"
         if self.mode != wanted:
             other = "train" if self.mode == "labels_on_server" else "forward/backward"
-            raise ServiceError(409, "wrong_mode",
-                               f"This split's server segment runs in mode '{self.mode}': use {other}, "
-                               f"not {route}.")
+            raise RequestRefused("wrong_mode",
+                                 f"This split's server segment runs in mode '{self.mode}': use {other}, "
+                                 f"not {route}.")
 
     def _require_open(self, session: Session) -> None:
         # the session object was looked up before this job reached the writer: it may be closed now
         if self.sessions.get(session.session_id) is not session:
-            raise ServiceError(404, "unknown_session",
-                               f"Session '{session.session_id}' was closed. Open a new one with "
-                               "POST /v1/sessions.")
+            raise RequestRefused("unknown_session",
+                                 f"Session '{session.session_id}' was closed. Open a new one with "
+                                 "POST /v1/sessions.")
 
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("forward")
@@ -342,10 +341,10 @@ class SegmentService:
             raise self._out_of_order(session, step, "backward")
         batch = int(grads[0].shape[0]) if grads and grads[0].ndim else None
         if session.pending_batch is not None and batch != session.pending_batch:
-            raise ServiceError(400, "bad_tensor",
-                               f"The gradients have batch size {batch}, but the forward pass of step "
-                               f"{step} had {session.pending_batch}: send one gradient per output "
-                               "sample, shaped like the forward response.")
+            raise RequestRefused("bad_tensor",
+                                 f"The gradients have batch size {batch}, but the forward pass of step "
+                                 f"{step} had {session.pending_batch}: send one gradient per output "
+                                 "sample, shaped like the forward response.")
         input_grads = self.runner.backward((session.session_id, step), grads)
         response = wire.encode(
             {s.name: g for s, g in zip(self.entry.inputs, input_grads) if g is not None},

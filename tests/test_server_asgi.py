@@ -463,15 +463,16 @@ def test_a_retry_with_a_bad_body_is_refused(u_app: LiveApp) -> None:
 def test_a_job_for_a_session_closed_meanwhile_is_refused(u_app: LiveApp) -> None:
     """The route looks the session up before its job reaches the writer; a DELETE queued in
     between must not leave a forward tape that nothing will ever free."""
-    from server_app.errors import ServiceError
+    from server_app.errors import status_of
+    from splitkeras.errors import RequestRefused
 
     service = u_app.service
     sid, token = u_app.open_session()
     session = service.sessions[sid]
     u_app.on_writer(service.close_session, session)
-    with pytest.raises(ServiceError) as caught:
+    with pytest.raises(RequestRefused) as caught:
         u_app.on_writer(service.forward, session, 0, wire.encode({"h": act()}))
-    assert caught.value.status == 404 and caught.value.code == "unknown_session"
+    assert caught.value.code == "unknown_session" and status_of(caught.value.code) == 404
     assert not service.runner.has_pending((sid, 0))
 
 
