@@ -9,20 +9,20 @@ one at a time and a refused request changes nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from server_app import keys
 from server_app.checkpoint import load_checkpoint, save_checkpoint
+from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
 from server_app.train_body import TrainBody
 from splitkeras import wire
@@ -36,38 +36,6 @@ __all__ = ["SegmentService", "Session"]
 
 T = TypeVar("T")
 log = logging.getLogger("splitkeras.server")
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass
-class Session:
-    session_id: str
-    token_hash: str
-    wire_dtype: str
-    next_step: int = 0
-    pending_step: int | None = None
-    pending_since: float = 0.0
-    lost_step: int | None = None  # pending when the server restarted
-    expired_step: int | None = None
-    applied_steps: int = 0
-    pending_batch: int | None = None  # batch size of the pending forward (its gradients must match)
-    # cached responses (step, bytes) for exactly-once retries; not persisted
-    last_forward: tuple[int, bytes] | None = None
-    last_backward: tuple[int, bytes] | None = None
-
-    def public(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "wire_dtype": self.wire_dtype,
-                "next_step": self.next_step, "pending_step": self.pending_step,
-                "applied_steps": self.applied_steps}
-
-    def persisted(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("last_forward")
-        data.pop("last_backward")
-        return data
 
 
 class SegmentService:
@@ -129,9 +97,9 @@ class SegmentService:
             # labels may be int64 class ids or float targets: budget 8 bytes per element
             "train": inputs_limit + 2 * wire.max_body_bytes(self.label_specs, max_batch),
         }
-        self.sessions: dict[str, Session] = {}
+        self.sessions: SessionStore = InMemorySessionStore()
         self.applied_steps = 0
-        self.server_key = settings.key or self._load_or_create_key()
+        self.server_key = keys.ServerKey(settings.key or keys.load_or_create_key(settings.key_file))
         self.checkpoint_dir = settings.resolved_checkpoint_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
@@ -139,18 +107,7 @@ class SegmentService:
         self.resumed_from: int | None = None
         self._resume()
 
-    # ---- key, checkpoint ---------------------------------------------------------------------
-    def _load_or_create_key(self) -> str:
-        path = self.settings.key_file
-        if path.exists():
-            return path.read_text().strip()
-        key = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key + "\n")
-        return key
-
+    # ---- checkpoint ---------------------------------------------------------------------------
     def _optimizer_variables(self) -> list[Any]:
         return list(self.runner.optimizer.variables)
 
@@ -166,7 +123,7 @@ class SegmentService:
             if session.pending_step is not None:  # its tape did not survive the restart
                 session.lost_step, session.pending_step = session.pending_step, None
                 session.next_step = session.lost_step
-            self.sessions[session.session_id] = session
+            self.sessions.add(session)
 
     def save_checkpoint(self) -> None:
         """Write variables, optimizer state and sessions atomically (worker thread only)."""
@@ -174,7 +131,7 @@ class SegmentService:
                         self._optimizer_variables(),
                         {"applied_steps": self.applied_steps, "saved_at": time.time(),
                          "segment": self.entry.name,
-                         "sessions": [s.persisted() for s in self.sessions.values()]})
+                         "sessions": [s.persisted() for s in self.sessions]})
         self._since_checkpoint = 0
 
     def save_segment(self) -> None:
@@ -212,11 +169,7 @@ class SegmentService:
 
     # ---- sessions ----------------------------------------------------------------------------
     def check_key(self, key: str | None) -> None:
-        if not key or not secrets.compare_digest(key.encode(), self.server_key.encode()):
-            raise RequestRefused("unauthorized",
-                                 "Opening a session needs the server key as 'Authorization: Bearer "
-                                 "<key>' (printed by `splitkeras serve`, stored in "
-                                 "SPLIT_DIR/.splitkeras/server.key).")
+        self.server_key.check(key)
 
     def session(self, session_id: str, token: str | None) -> Session:
         session = self.sessions.get(session_id)
@@ -224,9 +177,7 @@ class SegmentService:
             raise RequestRefused("unknown_session",
                                  f"No session '{session_id}' (closed, or never opened). Open a new "
                                  "one with POST /v1/sessions.")
-        if not token or not secrets.compare_digest(_hash(token).encode(), session.token_hash.encode()):
-            raise RequestRefused("unauthorized",
-                                 "This route needs the session's token as 'Authorization: Bearer <token>'.")
+        keys.check_token(token, session.token_hash)
         return session
 
     def open_session(self, wire_dtype: str) -> tuple[Session, str]:
@@ -237,15 +188,16 @@ class SegmentService:
             raise RequestRefused("too_many_sessions",
                                  f"The server holds {len(self.sessions)} sessions, its limit. Close "
                                  "unused sessions (DELETE /v1/sessions/{id}).")
-        token = secrets.token_urlsafe(32)
-        session = Session(session_id=secrets.token_hex(8), token_hash=_hash(token), wire_dtype=wire_dtype)
-        self.sessions[session.session_id] = session
+        token = keys.new_token()
+        session = Session(session_id=secrets.token_hex(8), token_hash=keys.hash_token(token),
+                          wire_dtype=wire_dtype)
+        self.sessions.add(session)
         return session, token
 
     def close_session(self, session: Session) -> None:
         if session.pending_step is not None:
             self.runner.drop((session.session_id, session.pending_step))
-        self.sessions.pop(session.session_id, None)
+        self.sessions.remove(session.session_id)
 
     def describe(self) -> dict[str, Any]:
         return {"segment": self.entry.name, "mode": self.mode, "max_batch": self.settings.max_batch,
@@ -256,7 +208,7 @@ class SegmentService:
         """Drop pending steps older than the TTL (worker thread). Returns how many."""
         now = time.monotonic()
         dropped = 0
-        for session in self.sessions.values():
+        for session in self.sessions:
             if session.pending_step is not None and \
                     now - session.pending_since > self.settings.step_ttl_seconds:
                 self.runner.drop((session.session_id, session.pending_step))

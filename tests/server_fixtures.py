@@ -186,8 +186,8 @@ def snapshot(service: Any) -> dict[str, Any]:
         "optimizer": [np.array(v.numpy(), copy=True) for v in service.runner.optimizer.variables],
         "iterations": int(service.runner.optimizer.iterations.numpy()),
         "applied_steps": service.applied_steps,
-        "sessions": {sid: (s.next_step, s.pending_step, s.applied_steps, s.lost_step, s.expired_step)
-                     for sid, s in service.sessions.items()},
+        "sessions": {s.session_id: (s.next_step, s.pending_step, s.applied_steps, s.lost_step,
+                                    s.expired_step) for s in service.sessions},
         "pending": sorted(map(str, service.runner._pending)),
     }
 
