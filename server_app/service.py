@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from server_app import keys
-from server_app.checkpoint import load_checkpoint, save_checkpoint
+from server_app.segment_host import SegmentHost
 from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
 from server_app.train_body import TrainBody
 from splitkeras import wire
-from splitkeras.engine import SegmentRunner, new_optimizer
-from splitkeras.errors import ManifestError, RequestRefused
-from splitkeras.manifest import Manifest, atomic_write_bytes
-from splitkeras.segments import Segment
+from splitkeras.errors import RequestRefused
 from splitkeras.tensor_spec import TensorSpec
 
 __all__ = ["SegmentService", "Session"]
@@ -42,48 +37,11 @@ class SegmentService:
     """Loads the server segment of a split and runs the protocol of `docs/protocol.md`."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        from converters.keras_io import load_model
-
         self.settings = settings
-        self.split_dir = Path(settings.split_dir)
-        self.manifest = Manifest.read(self.split_dir)
-        server = [s for s in self.manifest.segments if s.placement == "server"]
-        if len(server) != 1:
-            raise ManifestError(
-                f"This server runs exactly one server segment; the split has {len(server)} "
-                f"({[s.name for s in server]}). Re-split with one or two cuts, or set placements "
-                "so that one segment is on the server."
-            )
-        self.entry = server[0]
-        index = self.manifest.segments.index(self.entry)
-        self.labels_on_server = index == len(self.manifest.segments) - 1
-        self.mode = "labels_on_server" if self.labels_on_server else "u_shaped"
-        model = load_model(self.split_dir / self.entry.keras_file, compile=False,
-                           unsafe_deserialization=settings.unsafe_deserialization)
-        self.segment = Segment(self.entry.name, "server", model, self.entry.inputs, self.entry.outputs)
-        training = self.manifest.training or {}
-        if not training.get("optimizer"):
-            raise ManifestError(
-                "split.json has no training config (the source model was not compiled). Compile "
-                "the model before saving it, or edit split.json's \"training\" entry."
-            )
-        from splitkeras.training import restore_compile_value
-
-        optimizer_config = training["optimizer"]
-        if isinstance(optimizer_config, str):
-            import keras
-
-            optimizer_config = keras.optimizers.serialize(keras.optimizers.get(optimizer_config))
-        model_inputs = {s.name for s in self.manifest.model_inputs}
-        loss = restore_compile_value(training.get("loss")) if self.labels_on_server else None
-        self.runner = SegmentRunner(
-            self.segment, new_optimizer(optimizer_config),
-            input_gradients=[s.name not in model_inputs for s in self.entry.inputs],
-            jit_compile=settings.jit_compile,
-            loss=loss,
-            metrics=restore_compile_value(training.get("metrics")) if self.labels_on_server else None,
-            loss_weights=training.get("loss_weights") if self.labels_on_server else None,
-        )
+        self.host = host = SegmentHost(settings)
+        self.entry, self.mode, self.segment, self.runner = host.entry, host.mode, host.segment, host.runner
+        self.manifest = host.manifest
+        loss = host.loss
         self.output_specs = self.entry.outputs
         self.train_body = TrainBody(self.entry.inputs, self.manifest.model_outputs, loss,
                                     settings.max_batch)
@@ -100,20 +58,16 @@ class SegmentService:
         self.sessions: SessionStore = InMemorySessionStore()
         self.applied_steps = 0
         self.server_key = keys.ServerKey(settings.key or keys.load_or_create_key(settings.key_file))
-        self.checkpoint_dir = settings.resolved_checkpoint_dir
+        self.checkpoint_dir = host.checkpoint_dir
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
         self._built = False
         self.resumed_from: int | None = None
         self._resume()
 
-    # ---- checkpoint ---------------------------------------------------------------------------
-    def _optimizer_variables(self) -> list[Any]:
-        return list(self.runner.optimizer.variables)
-
+    # ---- checkpoint, segment file --------------------------------------------------------------
     def _resume(self) -> None:
-        state = load_checkpoint(self.checkpoint_dir, list(self.segment.model.variables),
-                                self._optimizer_variables())
+        state = self.host.load_checkpoint()
         if state is None:
             return
         self.applied_steps = int(state.get("applied_steps", 0))
@@ -127,29 +81,14 @@ class SegmentService:
 
     def save_checkpoint(self) -> None:
         """Write variables, optimizer state and sessions atomically (worker thread only)."""
-        save_checkpoint(self.checkpoint_dir, list(self.segment.model.variables),
-                        self._optimizer_variables(),
-                        {"applied_steps": self.applied_steps, "saved_at": time.time(),
-                         "segment": self.entry.name,
-                         "sessions": [s.persisted() for s in self.sessions]})
+        self.host.save_checkpoint(self.applied_steps, [s.persisted() for s in self.sessions])
         self._since_checkpoint = 0
 
     def save_segment(self) -> None:
-        """Write the trained segment back to its `.keras` file in the split folder (atomic)."""
-        target = self.split_dir / self.entry.keras_file
-        temporary = target.with_name(f".{target.stem}.saving.keras")
-        self.segment.model.save(temporary)
-        os.replace(temporary, target)
+        self.host.save_segment()
 
     def checkpoint_dir_writable(self) -> bool:
-        try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.checkpoint_dir / f".probe-{os.getpid()}"
-            atomic_write_bytes(probe, b"ok")
-            probe.unlink()
-            return True
-        except OSError:
-            return False
+        return self.host.checkpoint_dir_writable()
 
     # ---- running on the single writer --------------------------------------------------------
     async def run(self, function: Callable[..., T], *args: Any) -> T:
