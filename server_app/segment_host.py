@@ -3,23 +3,31 @@
 `SegmentHost` reads `split.json`, loads the one segment placed on the server, builds its
 optimizer from the manifest's training config and its `SegmentRunner`; it writes and
 resumes checkpoints (`server_app.checkpoint` is the file format) and writes the trained
-segment back to its `.keras` file. TensorFlow is imported when a host is built, not with
-this module.
+segment back to its `.keras` file. `SegmentExecutor` is the `StepExecutor` that runs steps
+on that runner. TensorFlow is imported when a host is built, not with this module.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from server_app.checkpoint import load_checkpoint, save_checkpoint
 from server_app.settings import ServerSettings
+from server_app.step_machine import StepKey
 from splitkeras.errors import ManifestError
 from splitkeras.manifest import Manifest, atomic_write_bytes
+from splitkeras.tensor_spec import TensorSpec
 
-__all__ = ["SegmentHost"]
+if TYPE_CHECKING:
+    from splitkeras.engine import SegmentRunner
+
+__all__ = ["SegmentHost", "SegmentExecutor"]
 
 
 class SegmentHost:
@@ -99,3 +107,46 @@ class SegmentHost:
             return True
         except OSError:
             return False
+
+
+class SegmentExecutor:
+    """The `StepExecutor` that runs each step on one segment's `SegmentRunner`."""
+
+    def __init__(self, runner: SegmentRunner, input_specs: Sequence[TensorSpec]) -> None:
+        self.runner = runner
+        self.input_specs = list(input_specs)
+        self._built = False
+
+    def forward(self, key: StepKey, inputs: list[np.ndarray]) -> tuple[list[Any], float]:
+        outputs = self.runner.forward(key, inputs)
+        try:
+            return outputs, float(self.runner.pending_regularization(key))
+        except BaseException:
+            self.runner.drop(key)
+            raise
+
+    def backward(self, key: StepKey, output_grads: list[np.ndarray]) -> list[Any | None]:
+        return self.runner.backward(key, output_grads)
+
+    def train(self, key: StepKey, inputs: list[np.ndarray], y: Any,
+              sample_weight: np.ndarray | None) -> tuple[list[Any | None], dict[str, Any]]:
+        if not self._built:
+            self._build_label_model(y)
+        # The metadata reports THIS step's loss and metrics (the device averages them per epoch, as
+        # model.fit does), not running means over every device's steps since the server started.
+        self.runner.model.reset_metrics()
+        return self.runner.train_step(key, inputs, y, sample_weight)
+
+    def predict(self, inputs: list[np.ndarray]) -> list[Any]:
+        return self.runner.predict(inputs)
+
+    def drop(self, key: StepKey) -> None:
+        self.runner.drop(key)
+
+    def _build_label_model(self, y: Any) -> None:
+        import tensorflow as tf
+
+        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in self.input_specs]
+        y1 = tf.nest.map_structure(lambda t: t[:1], y)
+        self.runner.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
+        self._built = True

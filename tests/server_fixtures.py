@@ -159,7 +159,7 @@ class LiveApp:
             self.call(self._lifespan.__aexit__(None, None, None))
         else:
             self.call(self._cancel_tasks())
-            self.service._executor.shutdown(wait=True)
+            self.service._writer.shutdown(wait=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()

@@ -572,7 +572,7 @@ def test_pending_step_expires(fresh_split: Callable[[str], Path]) -> None:
         assert error["code"] == "step_expired" and error["expected_step"] == 0
         assert re.search(r"longer than 0.3 s.*Send forward for step 0 again", error["message"])
         assert_same_state(before, state(live))
-        live.service.settings.step_ttl_seconds = 60.0  # so that a slow machine cannot expire it again
+        live.service.steps.ttl_seconds = 60.0  # so that a slow machine cannot expire it again
         again = live.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
         assert again.status_code == 200
         back = live.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token)

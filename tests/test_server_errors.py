@@ -1,6 +1,7 @@
 """Refusal codes and where HTTP lives: every code the server's parts can raise has a status
 in the one table of `server_app.errors` (a new code without one fails here), refusals render
-as the protocol's JSON, and only the HTTP modules import FastAPI.
+as the protocol's JSON, and only the HTTP modules import FastAPI / the step machine no
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -146,3 +149,14 @@ def test_only_the_http_modules_import_fastapi_or_starlette() -> None:
         web = {n for n in imported_modules(path) if n.split(".")[0] in ("fastapi", "starlette")}
         if path.stem not in HTTP_MODULES:
             assert not web, f"{path.name} imports {web}"
+
+
+def test_the_step_machine_and_its_parts_load_no_tensorflow() -> None:
+    for name in ("step_machine", "sessions", "keys", "bodies"):
+        heavy = {n for n in imported_modules(SERVER / f"{name}.py")
+                 if n.split(".")[0] in ("tensorflow", "keras") or n == "splitkeras.engine"}
+        assert not heavy, f"{name}.py imports {heavy}"
+    code = ("import sys, server_app.step_machine, server_app.sessions, server_app.keys, server_app.bodies; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
