@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel, Field
 
-from server_app.errors import ServiceError
 from server_app.service import SegmentService, Session
 from splitkeras import wire
+from splitkeras.errors import RequestRefused
 
 __all__ = ["router", "get_service"]
 
@@ -59,19 +59,19 @@ async def read_tensor_body(request: Request, limit: int) -> bytes:
     from Content-Length or while streaming: never read whole when it is too large."""
     content_type = request.headers.get("content-type")
     if not wire.is_wire_media_type(content_type):
-        raise ServiceError(415, "unsupported_media_type",
-                           f"Expected Content-Type '{wire.MEDIA_TYPE}' (or application/octet-stream), "
-                           f"got '{content_type}'.")
+        raise RequestRefused("unsupported_media_type",
+                             f"Expected Content-Type '{wire.MEDIA_TYPE}' (or application/octet-stream), "
+                             f"got '{content_type}'.")
     declared = request.headers.get("content-length")
-    too_large = ServiceError(413, "body_too_large",
-                             f"The body is over {limit} bytes, the most this segment's tensors take at "
-                             "the server's max_batch. Send smaller batches.", limit=limit)
+    too_large = RequestRefused("body_too_large",
+                               f"The body is over {limit} bytes, the most this segment's tensors take at "
+                               "the server's max_batch. Send smaller batches.", limit=limit)
     if declared is not None:
         try:
             if int(declared) > limit:
                 raise too_large
         except ValueError:
-            raise ServiceError(400, "bad_request", "Content-Length is not a number.") from None
+            raise RequestRefused("bad_request", "Content-Length is not a number.") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

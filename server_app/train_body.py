@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from server_app.errors import ServiceError
+from splitkeras.errors import RequestRefused
 from splitkeras.tensor_spec import TensorSpec
 
 __all__ = ["LABEL_PREFIX", "TrainBody"]
@@ -61,14 +61,14 @@ class TrainBody:
         self.max_batch = max_batch
 
     def parse(self, tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Any, np.ndarray | None]:
-        """`(inputs, y, sample_weight)` ready for `SegmentRunner.train_step`, or a 400."""
+        """`(inputs, y, sample_weight)` ready for `SegmentRunner.train_step`, or `bad_tensor`."""
         labels = self._labels(tensors)
         inputs = [self._checked(tensors, spec) for spec in self.inputs]
         batch = inputs[0].shape[0]
         for spec, value in zip(self.inputs, inputs):
             if value.shape[0] != batch:
-                raise ServiceError(400, "bad_tensor", f"Input '{spec.name}' has batch {value.shape[0]}, "
-                                   f"input '{self.inputs[0].name}' has {batch}: send one batch size.")
+                raise RequestRefused("bad_tensor", f"Input '{spec.name}' has batch {value.shape[0]}, "
+                                     f"input '{self.inputs[0].name}' has {batch}: send one batch size.")
         labels = {spec.name: self._check_label(spec, labels[spec.name], batch) for spec in self.label_specs}
         sample_weight = tensors.get("sample_weight")
         if sample_weight is not None:
@@ -79,19 +79,19 @@ class TrainBody:
     def _checked(self, tensors: dict[str, np.ndarray], spec: TensorSpec) -> np.ndarray:
         value = tensors.get(spec.name)
         if value is None:
-            raise ServiceError(400, "bad_tensor", f"The body lacks the input tensor '{spec.name}'.")
+            raise RequestRefused("bad_tensor", f"The body lacks the input tensor '{spec.name}'.")
         if value.ndim != len(spec.shape) or any(
                 d is not None and d != v for d, v in zip(spec.shape[1:], value.shape[1:])):
-            raise ServiceError(400, "bad_tensor",
-                               f"Tensor '{spec.name}' has shape {list(value.shape)}, expected "
-                               f"{['batch' if d is None else d for d in spec.shape]}.")
+            raise RequestRefused("bad_tensor",
+                                 f"Tensor '{spec.name}' has shape {list(value.shape)}, expected "
+                                 f"{['batch' if d is None else d for d in spec.shape]}.")
         if value.dtype != np.dtype(spec.dtype):
-            raise ServiceError(400, "bad_tensor",
-                               f"Tensor '{spec.name}' has dtype {value.dtype}, expected {spec.dtype}.")
+            raise RequestRefused("bad_tensor",
+                                 f"Tensor '{spec.name}' has dtype {value.dtype}, expected {spec.dtype}.")
         if value.ndim and not 1 <= value.shape[0] <= self.max_batch:
-            raise ServiceError(400, "bad_tensor",
-                               f"Tensor '{spec.name}' has batch size {value.shape[0]}; expected 1 to "
-                               f"{self.max_batch} (the server's max_batch).")
+            raise RequestRefused("bad_tensor",
+                                 f"Tensor '{spec.name}' has batch size {value.shape[0]}; expected 1 to "
+                                 f"{self.max_batch} (the server's max_batch).")
         return value
 
     def _check_label(self, spec: TensorSpec, value: np.ndarray, batch: int) -> np.ndarray:
@@ -100,11 +100,11 @@ class TrainBody:
         a NaN update to the shared weights (the decoder has refused NaN and Inf already).
         Returns them in one shape and dtype per output, so the step is traced once."""
         if value.shape[:1] != (batch,):
-            raise ServiceError(400, "bad_tensor", f"Label '{spec.name}' has batch "
-                               f"{list(value.shape[:1])}, the inputs have {batch}.")
+            raise RequestRefused("bad_tensor", f"Label '{spec.name}' has batch "
+                                 f"{list(value.shape[:1])}, the inputs have {batch}.")
         if value.dtype.kind not in "biuf":
-            raise ServiceError(400, "bad_tensor",
-                               f"Label '{spec.name}' has dtype {value.dtype}; expected numbers.")
+            raise RequestRefused("bad_tensor",
+                                 f"Label '{spec.name}' has dtype {value.dtype}; expected numbers.")
         sample = tuple(spec.shape[1:])
         classes = sample[-1] if sample else None
         class_ids = spec.name in self.class_id_labels
@@ -114,17 +114,17 @@ class TrainBody:
             shapes = [sample] + ([sample[:-1]] if classes == 1 else [])
         if not any(len(shape) == value.ndim - 1 and all(d is None or d == v for d, v in
                                                         zip(shape, value.shape[1:])) for shape in shapes):
-            raise ServiceError(400, "bad_tensor",
-                               f"Label '{spec.name}' has shape {list(value.shape)}; expected "
-                               f"{' or '.join(str(['batch', *shape]) for shape in shapes)}.")
+            raise RequestRefused("bad_tensor",
+                                 f"Label '{spec.name}' has shape {list(value.shape)}; expected "
+                                 f"{' or '.join(str(['batch', *shape]) for shape in shapes)}.")
         if class_ids and classes and value.size:
             low, high = value.min(), value.max()
             fractional = value.dtype.kind == "f" and not np.array_equal(value, np.round(value))
             if low < 0 or high >= classes or fractional:
-                raise ServiceError(400, "bad_tensor",
-                                   f"Label '{spec.name}' holds class ids from {low} to {high}; expected "
-                                   f"whole numbers from 0 to {classes - 1} (the output has {classes} "
-                                   "classes).")
+                raise RequestRefused("bad_tensor",
+                                     f"Label '{spec.name}' holds class ids from {low} to {high}; expected "
+                                     f"whole numbers from 0 to {classes - 1} (the output has {classes} "
+                                     "classes).")
         if class_ids:  # as [batch, ...] int32
             return (value[..., 0] if value.ndim == len(spec.shape) else value).astype(np.int32)
         return (value[..., None] if value.ndim < len(spec.shape) else value).astype(np.dtype(spec.dtype))
@@ -132,20 +132,20 @@ class TrainBody:
     @staticmethod
     def _check_sample_weight(value: np.ndarray, batch: int) -> np.ndarray:
         if value.dtype.kind not in "biuf" or tuple(value.shape) != (batch,):
-            raise ServiceError(400, "bad_tensor",
-                               f"sample_weight has shape {list(value.shape)} and dtype {value.dtype}; "
-                               f"expected numbers shaped [{batch}] (one weight per sample).")
+            raise RequestRefused("bad_tensor",
+                                 f"sample_weight has shape {list(value.shape)} and dtype {value.dtype}; "
+                                 f"expected numbers shaped [{batch}] (one weight per sample).")
         return value.astype(np.float32)
 
     def _labels(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [s.name for s in self.label_specs]
         missing = [n for n in names if n not in tensors]
         if missing:
-            raise ServiceError(400, "bad_tensor",
-                               f"The labels stay on the server in this split: send them as tensors "
-                               f"named {names}; missing {missing}.")
+            raise RequestRefused("bad_tensor",
+                                 f"The labels stay on the server in this split: send them as tensors "
+                                 f"named {names}; missing {missing}.")
         allowed = set(names) | {s.name for s in self.inputs} | {"sample_weight"}
         extra = sorted(set(tensors) - allowed)
         if extra:
-            raise ServiceError(400, "bad_tensor", f"Unexpected tensor(s) {extra}; expected {sorted(allowed)}.")
+            raise RequestRefused("bad_tensor", f"Unexpected tensor(s) {extra}; expected {sorted(allowed)}.")
         return {n: tensors[n] for n in names}

@@ -12,11 +12,19 @@ Every error a user can cause is a `SplitKerasError`, so one `except` clause
     ├── WireFormatError         a tensor payload is malformed (shape, dtype, bytes, NaN, ...)
     ├── ExportError             a segment cannot be exported to TF.js (layer, setting, ...)
     └── ProtocolError           the server refused a request (session, step, token, ...)
+        └── RequestRefused      raised BY the server: a stable `code` from `REFUSAL_CODES`
 
 Each message says what happened, what was expected, and how to fix it.
+
+`RequestRefused` is the server's side of `ProtocolError`: its domain code raises it
+with a code (`"step_out_of_order"`, `"unknown_session"`, ...) and details such as
+`expected_step`, and knows nothing of HTTP; `server_app.errors` maps each code to a
+status. A client sees the refusal as a `ProtocolError` with the status it got.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "SplitKerasError",
@@ -28,6 +36,8 @@ __all__ = [
     "WireFormatError",
     "ExportError",
     "ProtocolError",
+    "RequestRefused",
+    "REFUSAL_CODES",
 ]
 
 
@@ -73,3 +83,49 @@ class ProtocolError(SplitKerasError):
     def __init__(self, message: str, status_code: int = 0) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+# Every code a server refusal may carry (docs/protocol.md, "Errors"). A new code goes here
+# AND into the status table of `server_app.errors` (a test checks that both agree).
+REFUSAL_CODES: dict[str, str] = {
+    "bad_tensor": "a tensor body is malformed or does not fit the segment (names, shape, dtype, NaN)",
+    "bad_request": "a request is malformed (a header, a field)",
+    "unauthorized": "the server key or the session token is missing or wrong",
+    "unknown_session": "no such session (closed, or never opened)",
+    "step_out_of_order": "the step is not the one the session expects (see expected_step)",
+    "step_expired": "the pending step waited longer than the TTL and was dropped",
+    "forward_lost": "the pending step's forward pass was lost when the server restarted",
+    "wrong_mode": "forward/backward on a labels-on-server split, or train on a U-shaped one",
+    "body_too_large": "the body is over the limit derived from the manifest (see limit)",
+    "unsupported_media_type": "the body is not a safetensors body",
+    "too_many_sessions": "the server holds as many sessions as it may",
+}
+
+
+class RequestRefused(ProtocolError):
+    """The server refuses a request: a stable `code`, a message for people, and details.
+
+    Args:
+        code: one of `REFUSAL_CODES`.
+        message: what was expected, what came, how to fix it.
+        **details: extra fields of the answer, e.g. `expected_step=3` or `limit=1024`.
+
+    Example:
+        >>> raise RequestRefused("step_out_of_order", "Expected forward for step 2.",
+        ...                      expected_step=2)                              # doctest: +SKIP
+    """
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        if code not in REFUSAL_CODES:
+            raise ValueError(f"Unknown refusal code {code!r}: add it to splitkeras.errors.REFUSAL_CODES "
+                             "and give it a status in server_app.errors.")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    @property
+    def expected_step(self) -> int | None:
+        """The step the session expects, for the step refusals (else None)."""
+        value = self.details.get("expected_step")
+        return value if isinstance(value, int) else None

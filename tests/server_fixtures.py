@@ -159,7 +159,7 @@ class LiveApp:
             self.call(self._lifespan.__aexit__(None, None, None))
         else:
             self.call(self._cancel_tasks())
-            self.service._executor.shutdown(wait=True)
+            self.service._writer.shutdown(wait=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
@@ -186,8 +186,8 @@ def snapshot(service: Any) -> dict[str, Any]:
         "optimizer": [np.array(v.numpy(), copy=True) for v in service.runner.optimizer.variables],
         "iterations": int(service.runner.optimizer.iterations.numpy()),
         "applied_steps": service.applied_steps,
-        "sessions": {sid: (s.next_step, s.pending_step, s.applied_steps, s.lost_step, s.expired_step)
-                     for sid, s in service.sessions.items()},
+        "sessions": {s.session_id: (s.next_step, s.pending_step, s.applied_steps, s.lost_step,
+                                    s.expired_step) for s in service.sessions},
         "pending": sorted(map(str, service.runner._pending)),
     }
 

@@ -463,15 +463,16 @@ def test_a_retry_with_a_bad_body_is_refused(u_app: LiveApp) -> None:
 def test_a_job_for_a_session_closed_meanwhile_is_refused(u_app: LiveApp) -> None:
     """The route looks the session up before its job reaches the writer; a DELETE queued in
     between must not leave a forward tape that nothing will ever free."""
-    from server_app.errors import ServiceError
+    from server_app.errors import status_of
+    from splitkeras.errors import RequestRefused
 
     service = u_app.service
     sid, token = u_app.open_session()
     session = service.sessions[sid]
     u_app.on_writer(service.close_session, session)
-    with pytest.raises(ServiceError) as caught:
+    with pytest.raises(RequestRefused) as caught:
         u_app.on_writer(service.forward, session, 0, wire.encode({"h": act()}))
-    assert caught.value.status == 404 and caught.value.code == "unknown_session"
+    assert caught.value.code == "unknown_session" and status_of(caught.value.code) == 404
     assert not service.runner.has_pending((sid, 0))
 
 
@@ -571,7 +572,7 @@ def test_pending_step_expires(fresh_split: Callable[[str], Path]) -> None:
         assert error["code"] == "step_expired" and error["expected_step"] == 0
         assert re.search(r"longer than 0.3 s.*Send forward for step 0 again", error["message"])
         assert_same_state(before, state(live))
-        live.service.settings.step_ttl_seconds = 60.0  # so that a slow machine cannot expire it again
+        live.service.steps.ttl_seconds = 60.0  # so that a slow machine cannot expire it again
         again = live.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
         assert again.status_code == 200
         back = live.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token)

@@ -1,0 +1,213 @@
+"""Exactly-once steps per (session, step): the state machine of docs/protocol.md.
+
+`StepMachine` decides whether a request runs, is a retry (the cached bytes, nothing runs)
+or is refused (`RequestRefused`, nothing changes). What runs is a `StepExecutor`'s: the
+machine knows no model and imports no TensorFlow. Bodies are decoded before and encoded
+after the executor's call (`TensorBodies`), so an executor sees arrays only.
+
+Every method runs on the service's one writer thread, the executor's calls included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import numpy as np
+
+from server_app.bodies import TensorBodies
+from server_app.sessions import Session, SessionStore
+from splitkeras.errors import RequestRefused
+
+__all__ = ["StepKey", "StepExecutor", "StepMachine"]
+
+StepKey = tuple[str, int]  # (session id, step)
+
+
+class StepExecutor(Protocol):
+    """What runs a step. `forward(key)` keeps what `backward(key)` needs until then or `drop(key)`."""
+
+    def forward(self, key: StepKey, inputs: list[np.ndarray]) -> tuple[list[Any], float]:
+        """Training-mode forward: (outputs, regularization loss). Keeps nothing if it raises."""
+        ...
+
+    def backward(self, key: StepKey, output_grads: list[np.ndarray]) -> list[Any | None]:
+        """Apply the update of `key`'s forward; one gradient per input (None: not needed)."""
+        ...
+
+    def train(self, key: StepKey, inputs: list[np.ndarray], y: Any,
+              sample_weight: np.ndarray | None) -> tuple[list[Any | None], dict[str, Any]]:
+        """One step with the labels here: (input gradients, loss and metrics of this step)."""
+        ...
+
+    def predict(self, inputs: list[np.ndarray]) -> list[Any]:
+        """Inference-mode forward; changes nothing."""
+        ...
+
+    def drop(self, key: StepKey) -> None:
+        """Forget `key`'s forward (no-op if there is none)."""
+        ...
+
+
+class StepMachine:
+    """The protocol's step rules over `store`'s sessions, running steps on `executor`.
+
+    Args:
+        store: the sessions.
+        executor: runs forward/backward/train/predict.
+        bodies: decodes request bodies and encodes answers.
+        mode: `"u_shaped"` (forward/backward) or `"labels_on_server"` (train).
+        ttl_seconds: how long a pending step waits for its backward (`sweep_expired`).
+        on_applied: called after each applied update (e.g. to checkpoint every N).
+        clock: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, store: SessionStore, executor: StepExecutor, bodies: TensorBodies, mode: str,
+                 ttl_seconds: float, on_applied: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.executor, self.bodies, self.mode = store, executor, bodies, mode
+        self.ttl_seconds = ttl_seconds
+        self.on_applied, self.clock = on_applied, clock
+        self.applied_steps = 0
+
+    # ---- sessions across restarts ------------------------------------------------------------
+    def restore(self, applied_steps: int, sessions: Iterable[dict[str, Any]]) -> None:
+        """Take back the counters and sessions of a checkpoint. A step that was pending lost
+        its forward with the process: its backward gets `forward_lost` until it is resent."""
+        self.applied_steps = applied_steps
+        for data in sessions:
+            session = Session(**data)
+            if session.pending_step is not None:
+                session.lost_step, session.pending_step = session.pending_step, None
+                session.next_step = session.lost_step
+            self.store.add(session)
+
+    def persisted(self) -> list[dict[str, Any]]:
+        return [s.persisted() for s in self.store]
+
+    def close(self, session: Session) -> None:
+        if session.pending_step is not None:
+            self.executor.drop((session.session_id, session.pending_step))
+        self.store.remove(session.session_id)
+
+    def sweep_expired(self) -> int:
+        """Drop pending steps older than the TTL. Returns how many."""
+        now = self.clock()
+        dropped = 0
+        for session in self.store:
+            if session.pending_step is not None and now - session.pending_since > self.ttl_seconds:
+                self.executor.drop((session.session_id, session.pending_step))
+                session.expired_step = session.pending_step
+                session.next_step = session.pending_step
+                session.pending_step = None
+                dropped += 1
+        return dropped
+
+    # ---- refusals ----------------------------------------------------------------------------
+    def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
+        if route == "backward" and step == session.lost_step:
+            return RequestRefused("forward_lost",
+                                  f"The forward pass of step {step} was lost when the server restarted. "
+                                  f"Send forward for step {step} again with the same activations, then "
+                                  "backward.", expected_step=step)
+        if route == "backward" and step == session.expired_step:
+            return RequestRefused("step_expired",
+                                  f"Step {step} waited longer than {self.ttl_seconds:g} s for its "
+                                  f"backward and was dropped. Send forward for step {step} again.",
+                                  expected_step=step)
+        if session.pending_step is not None:
+            return RequestRefused("step_out_of_order",
+                                  f"Step {session.pending_step} is waiting for its backward; got "
+                                  f"{route} for step {step}.", expected_step=session.pending_step)
+        return RequestRefused("step_out_of_order",
+                              f"Expected {route if route != 'backward' else 'forward'} for step "
+                              f"{session.next_step} or later, got {route} for step {step}.",
+                              expected_step=session.next_step)
+
+    def _require_mode(self, route: str) -> None:
+        wanted = "labels_on_server" if route == "train" else "u_shaped"
+        if self.mode != wanted:
+            other = "train" if self.mode == "labels_on_server" else "forward/backward"
+            raise RequestRefused("wrong_mode",
+                                 f"This split's server segment runs in mode '{self.mode}': use {other}, "
+                                 f"not {route}.")
+
+    def _require_open(self, session: Session) -> None:
+        # the session object was looked up before this job reached the writer: it may be closed now
+        if self.store.get(session.session_id) is not session:
+            raise RequestRefused("unknown_session",
+                                 f"Session '{session.session_id}' was closed. Open a new one with "
+                                 "POST /v1/sessions.")
+
+    # ---- the steps ---------------------------------------------------------------------------
+    def forward(self, session: Session, step: int, body: bytes) -> bytes:
+        self._require_mode("forward")
+        self._require_open(session)
+        inputs = self.bodies.inputs(body)  # a retry's body is checked too
+        if session.last_forward and session.last_forward[0] == step and \
+                (session.pending_step == step or session.next_step > step):
+            return session.last_forward[1]  # a retry: same bytes, nothing runs
+        if session.pending_step is not None or step < session.next_step:
+            raise self._out_of_order(session, step, "forward")
+        key = (session.session_id, step)
+        outputs, regularization = self.executor.forward(key, inputs)
+        try:
+            response = self.bodies.encode_outputs(
+                outputs, session.wire_dtype,
+                {"step": str(step), "regularization_loss": repr(float(regularization))})
+        except BaseException:
+            self.executor.drop(key)  # e.g. an output beyond float16's range: no step is left pending
+            raise
+        session.pending_step, session.pending_since = step, self.clock()
+        session.pending_batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
+        session.lost_step = session.expired_step = None
+        session.last_forward = (step, response)
+        return response
+
+    def backward(self, session: Session, step: int, body: bytes) -> bytes:
+        self._require_mode("backward")
+        self._require_open(session)
+        grads = self.bodies.output_grads(body)
+        if session.pending_step != step:
+            if session.last_backward and session.last_backward[0] == step:
+                return session.last_backward[1]
+            raise self._out_of_order(session, step, "backward")
+        batch = int(grads[0].shape[0]) if grads and grads[0].ndim else None
+        if session.pending_batch is not None and batch != session.pending_batch:
+            raise RequestRefused("bad_tensor",
+                                 f"The gradients have batch size {batch}, but the forward pass of step "
+                                 f"{step} had {session.pending_batch}: send one gradient per output "
+                                 "sample, shaped like the forward response.")
+        input_grads = self.executor.backward((session.session_id, step), grads)
+        response = self.bodies.encode_input_grads(input_grads, session.wire_dtype, {"step": str(step)})
+        self._applied(session, step, response)
+        return response
+
+    def train(self, session: Session, step: int, body: bytes) -> bytes:
+        self._require_mode("train")
+        self._require_open(session)
+        inputs, y, sample_weight = self.bodies.train_batch(body)
+        if session.last_backward and session.last_backward[0] == step and session.next_step > step:
+            return session.last_backward[1]
+        if step < session.next_step:
+            raise self._out_of_order(session, step, "train")
+        input_grads, logs = self.executor.train((session.session_id, step), inputs, y, sample_weight)
+        metadata = {"step": str(step)}
+        metadata.update({k: repr(float(v)) for k, v in logs.items()})
+        response = self.bodies.encode_input_grads(input_grads, session.wire_dtype, metadata)
+        self._applied(session, step, response)
+        return response
+
+    def _applied(self, session: Session, step: int, response: bytes) -> None:
+        session.last_backward = (step, response)  # before the checkpoint: a retry must find it
+        session.pending_step = None
+        session.next_step = step + 1
+        session.applied_steps += 1
+        self.applied_steps += 1
+        self.on_applied()
+
+    def predict(self, session: Session, body: bytes) -> bytes:
+        self._require_open(session)
+        outputs = self.executor.predict(self.bodies.inputs(body))
+        return self.bodies.encode_outputs(outputs, session.wire_dtype)
