@@ -18,14 +18,15 @@ session.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from splitkeras.client.remote import RemoteSegment
-from splitkeras.client.transport import Transport
-from splitkeras.segments import Segment
 from splitkeras.steps import StepLoop
 from splitkeras.tensor_spec import TensorSpec
 from splitkeras.topology import Served
+
+if TYPE_CHECKING:  # the client's runner imports TensorFlow: loaded with the first chain session
+    from splitkeras.client.remote import RemoteSegment
+    from splitkeras.client.transport import Transport
 
 __all__ = ["ChainExecutor", "NEXT_RETRIES"]
 
@@ -34,38 +35,74 @@ __all__ = ["ChainExecutor", "NEXT_RETRIES"]
 NEXT_RETRIES, NEXT_BACKOFF, NEXT_MAX_BACKOFF = 12, 0.2, 10.0
 
 
-class _Keyed:
-    """This server's `SegmentRunner`, with the loop's step numbers turned into the runner's
-    (session id, step) keys, so that many sessions' steps can be pending at once."""
+class _LabelRunner:
+    """This server's `SegmentRunner` when it holds the labels: the label model is built on the
+    first batch, and each step reports ITS loss and metrics (the device averages them per
+    epoch, as model.fit does), not running means over every device's steps."""
 
-    def __init__(self, runner: Any, session_id: str) -> None:
-        self.runner, self.session_id = runner, session_id
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
         self.input_names, self.output_names = runner.input_names, runner.output_names
-        self.holds_labels = runner.holds_labels
+        self.holds_labels = True
+        self._built = False
 
-    def forward(self, step: int, inputs: Sequence[Any]) -> list[Any]:
-        return list(self.runner.forward((self.session_id, step), inputs))
-
-    def pending_regularization(self, step: int) -> Any:
-        return self.runner.pending_regularization((self.session_id, step))
-
-    def backward(self, step: int, output_gradients: Sequence[Any]) -> list[Any]:
-        return list(self.runner.backward((self.session_id, step), output_gradients))
-
-    def train_step(self, step: int, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
+    def train_step(self, key: Any, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
                    other_losses: Any = 0.0) -> tuple[list[Any], dict[str, Any]]:
-        return self.runner.train_step((self.session_id, step), inputs, y, sample_weight, other_losses)
+        if not self._built:
+            self._build(y)
+        self.runner.model.reset_metrics()
+        return self.runner.train_step(key, inputs, y, sample_weight, other_losses)
+
+    def _build(self, y: Any) -> None:
+        import numpy as np
+        import tensorflow as tf
+
+        specs = self.runner.segment.inputs
+        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in specs]
+        y1 = tf.nest.map_structure(lambda t: t[:1], y)
+        self.runner.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
+        self._built = True
 
     def predict_with_regularization(self, inputs: Sequence[Any]) -> tuple[list[Any], Any]:
         return self.runner.predict_with_regularization(inputs)
 
-    def drop(self, step: int) -> None:
-        self.runner.drop((self.session_id, step))
+    def drop(self, key: Any) -> None:
+        self.runner.drop(key)
+
+
+class _NextServer:
+    """The rest of the chain, on the next server: the loop's (session id, step) keys become
+    the device-style step numbers of this device session's downstream session."""
+
+    def __init__(self, remote: RemoteSegment) -> None:
+        self.remote = remote
+        self.input_names, self.output_names = remote.input_names, remote.output_names
+        self.holds_labels = remote.holds_labels
+
+    def forward(self, key: tuple[str, int], inputs: Sequence[Any]) -> list[Any]:
+        return self.remote.forward(key[1], inputs)
+
+    def pending_regularization(self, key: tuple[str, int]) -> Any:
+        return self.remote.pending_regularization(key[1])
+
+    def backward(self, key: tuple[str, int], output_gradients: Sequence[Any]) -> list[Any]:
+        return self.remote.backward(key[1], output_gradients)
+
+    def train_step(self, key: tuple[str, int], inputs: Sequence[Any], y: Any, sample_weight: Any = None,
+                   other_losses: Any = 0.0) -> tuple[list[Any], dict[str, Any]]:
+        return self.remote.train_step(key[1], inputs, y, sample_weight, other_losses)
+
+    def predict_with_regularization(self, inputs: Sequence[Any]) -> tuple[list[Any], Any]:
+        return self.remote.predict_with_regularization(inputs)
+
+    def drop(self, key: tuple[str, int]) -> None:
+        self.remote.drop(key[1])
 
 
 class ChainExecutor:
-    """Runs `runner` (this server's segment) and, when `served.next` is set, the rest of the
-    chain on the server at `next_url`, for the step machine (`server_app.step_machine`).
+    """The `StepExecutor` of a server (`server_app.step_machine`): runs `runner` (this
+    server's segment) and, when `served.next` is set, the rest of the chain on the server at
+    `next_url`, through one `StepLoop` (a chain of one when this server is alone).
 
     Args:
         runner: the `SegmentRunner` of this server's segment.
@@ -80,7 +117,6 @@ class ChainExecutor:
                  next_url: str | None = None, next_key: str | None = None,
                  wire_dtype: str = "float32",
                  transport_factory: Callable[[], Transport] | None = None) -> None:
-        self.runner = runner
         self.served = served
         self.input_names = [s.name for s in served.inputs]
         self.output_names = [s.name for s in served.outputs]
@@ -89,68 +125,71 @@ class ChainExecutor:
         if served.next is not None and next_url is None and transport_factory is None:
             raise ValueError(f"Segment '{served.segment}' is followed by '{served.next}' on another "
                              "server: give its URL (--next URL).")
-        self._make_transport = transport_factory or (lambda: Transport(
-            str(next_url), key=next_key, retries=NEXT_RETRIES, backoff=NEXT_BACKOFF,
-            max_backoff=NEXT_MAX_BACKOFF))
+        self._make_transport = transport_factory or (lambda: _transport(str(next_url), next_key))
+        self.local: Any = _LabelRunner(runner) if runner.holds_labels else runner
+        self._alone = StepLoop([self.local]) if served.next is None else None
         self._loops: dict[str, StepLoop] = {}
         self._transports: dict[str, Transport] = {}
         self._restored: dict[str, dict[str, Any]] = {}
-        self._local_only = StepLoop([_Keyed(runner, "")]) if served.next is None else None
 
-    # ---- the loops, one per device session ------------------------------------------------------
+    # ---- the loops: one for a lone server, one per device session in a chain ---------------------
     def _loop(self, session_id: str) -> StepLoop:
+        if self._alone is not None:
+            return self._alone
         loop = self._loops.get(session_id)
         if loop is None:
-            runners: list[Any] = [_Keyed(self.runner, session_id)]
-            if self.served.next is not None:
-                transport = self._make_transport()
-                saved = self._restored.pop(session_id, None)
-                if saved is not None:  # carry on in the session the checkpoint names
-                    transport.session, transport._offset = saved["session"], saved["offset"]
-                    transport.wire_dtype = saved.get("wire_dtype", self.wire_dtype)
-                elif transport.session is None:
-                    transport.open_session(self.wire_dtype)
-                self._transports[session_id] = transport
-                following = Segment(self.served.next, "server", None, list(self.served.next_inputs),
-                                    list(self.served.next_outputs))
-                runners.append(RemoteSegment(following, transport,
-                                             self.label_specs if self.served.holds_labels else None))
-            loop = self._loops[session_id] = StepLoop(runners)
+            from splitkeras.client.remote import RemoteSegment
+            from splitkeras.segments import Segment
+
+            transport = self._make_transport()
+            saved = self._restored.pop(session_id, None)
+            if saved is not None:  # carry on in the session the checkpoint names
+                transport.session, transport._offset = saved["session"], saved["offset"]
+                transport.wire_dtype = saved.get("wire_dtype", self.wire_dtype)
+            else:
+                transport.open_session(self.wire_dtype)
+            self._transports[session_id] = transport
+            following = Segment(str(self.served.next), "server", None, list(self.served.next_inputs),
+                                list(self.served.next_outputs))
+            remote = RemoteSegment(following, transport,
+                                   self.label_specs if self.served.holds_labels else None)
+            loop = self._loops[session_id] = StepLoop([self.local, _NextServer(remote)])
         return loop
 
     # ---- the StepExecutor interface -------------------------------------------------------------
     def forward(self, key: tuple[str, int], inputs: list[Any]) -> tuple[list[Any], float]:
-        session_id, step = key
-        loop = self._loop(session_id)
-        store = loop.forward(step, dict(zip(self.input_names, inputs)))
-        return [store[name] for name in self.output_names], float(loop.regularization(step))
+        loop = self._loop(key[0])
+        store = loop.forward(key, dict(zip(self.input_names, inputs)))
+        try:
+            return [store[name] for name in self.output_names], float(loop.regularization(key))
+        except BaseException:
+            loop.drop(key)
+            raise
 
     def backward(self, key: tuple[str, int], output_grads: list[Any]) -> list[Any | None]:
-        session_id, step = key
-        grads = self._loop(session_id).backward(step, dict(zip(self.output_names, output_grads)))
+        grads = self._loop(key[0]).backward(key, dict(zip(self.output_names, output_grads)))
         return [grads.get(name) for name in self.input_names]
 
     def train(self, key: tuple[str, int], inputs: list[Any], y: Any,
               sample_weight: Any) -> tuple[list[Any | None], dict[str, Any]]:
-        session_id, step = key
-        grads, logs = self._loop(session_id).train(step, dict(zip(self.input_names, inputs)), y,
-                                                   sample_weight)
+        grads, logs = self._loop(key[0]).train(key, dict(zip(self.input_names, inputs)), y,
+                                               sample_weight)
         return [grads.get(name) for name in self.input_names], logs
 
-    def predict(self, inputs: list[Any], session_id: str = "") -> list[Any]:
-        loop = self._local_only or self._loop(session_id)
-        store, _ = loop.infer(dict(zip(self.input_names, inputs)))
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        """Inference through the chain (a chain's predictions go through one shared downstream
+        session: predict changes nothing, so sessions need not be told apart)."""
+        store, _ = self._loop("predict").infer(dict(zip(self.input_names, inputs)))
         return [store[name] for name in self.output_names]
 
     def drop(self, key: tuple[str, int]) -> None:
-        session_id, step = key
-        loop = self._loops.get(session_id)
+        loop = self._alone or self._loops.get(key[0])
         if loop is not None:
-            loop.drop(step)
+            loop.drop(key)
         else:
-            self.runner.drop(key)
+            self.local.drop(key)
 
-    # ---- sessions -------------------------------------------------------------------------------
+    # ---- downstream sessions --------------------------------------------------------------------
     def close_session(self, session_id: str) -> None:
         """The device closed its session: close the next server's session too (best effort)."""
         self._loops.pop(session_id, None)
@@ -173,9 +212,15 @@ class ChainExecutor:
         self._restored = dict(saved)
 
     def close(self) -> None:
-        for session_id in list(self._transports):
-            transport = self._transports.pop(session_id)
-            try:
-                transport._client.close()  # keep the downstream sessions: a restart resumes them
-            except Exception:  # noqa: BLE001 - closing at shutdown must not fail the shutdown
-                pass
+        """At shutdown: close the connections, keep the downstream sessions (a restart resumes
+        them from the checkpoint)."""
+        for transport in self._transports.values():
+            transport._client.close()
+        self._transports.clear()
+        self._loops.clear()
+
+
+def _transport(url: str, key: str | None) -> Transport:
+    from splitkeras.client.transport import Transport
+
+    return Transport(url, key=key, retries=NEXT_RETRIES, backoff=NEXT_BACKOFF, max_backoff=NEXT_MAX_BACKOFF)

@@ -2,10 +2,11 @@
 
 `SegmentHost` (the model, its checkpoint and `.keras` file), `ServerKey` and tokens
 (`keys`), a `SessionStore` and the `StepMachine` that runs the protocol's steps on a
-`SegmentExecutor`. This module knows nothing of HTTP: it takes and returns bytes
-(safetensors bodies) and raises `RequestRefused` for refusals. All TensorFlow work and
-every state change run on ONE worker thread (`run`), in arrival order, so updates from
-many devices are applied one at a time and a refused request changes nothing.
+`ChainExecutor` (this segment and, in a chain, the next server). This module knows
+nothing of HTTP: it takes and returns bytes (safetensors bodies) and raises
+`RequestRefused` for refusals. All TensorFlow work and every state change run on ONE
+worker thread (`run`), in arrival order, so updates from many devices are applied one at
+a time and a refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 
 from server_app import keys
 from server_app.bodies import TensorBodies
-from server_app.segment_host import SegmentExecutor, SegmentHost
+from server_app.chain import ChainExecutor
+from server_app.segment_host import SegmentHost
 from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
 from server_app.step_machine import StepMachine
@@ -39,21 +41,25 @@ class SegmentService:
         self.settings = settings
         self.host = host = SegmentHost(settings)
         self.entry, self.mode, self.segment, self.runner = host.entry, host.mode, host.segment, host.runner
+        self.served = served = host.served
         self.checkpoint_dir = host.checkpoint_dir
-        self.bodies = TensorBodies(self.entry.inputs, self.entry.outputs, host.manifest.model_outputs,
+        self.bodies = TensorBodies(served.inputs, served.outputs, host.manifest.model_outputs,
                                    host.loss, settings.max_batch)
         self.body_limits = self.bodies.limits
         self.sessions: SessionStore = sessions if sessions is not None else InMemorySessionStore()
-        self.server_key = keys.ServerKey(settings.key or keys.load_or_create_key(settings.key_file))
-        self.steps = StepMachine(self.sessions, SegmentExecutor(self.runner, self.entry.inputs),
-                                 self.bodies, self.mode, settings.step_ttl_seconds,
-                                 on_applied=self._after_step)
+        own_key = settings.key or keys.load_or_create_key(settings.key_file)
+        self.server_key = keys.ServerKey(own_key)
+        self.executor = ChainExecutor(self.runner, served, label_specs=host.manifest.model_outputs,
+                                      next_url=settings.next_url, next_key=settings.next_key or own_key)
+        self.steps = StepMachine(self.sessions, self.executor, self.bodies, self.mode,
+                                 settings.step_ttl_seconds, on_applied=self._after_step)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
         self.resumed_from: int | None = None
         state = host.load_checkpoint()
         if state is not None:
             self.steps.restore(int(state.get("applied_steps", 0)), state.get("sessions", []))
+            self.executor.restore(state.get("downstream", {}))
             self.resumed_from = self.steps.applied_steps
 
     @property
@@ -63,7 +69,8 @@ class SegmentService:
     # ---- checkpoint, segment file --------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Write variables, optimizer state and sessions atomically (worker thread only)."""
-        self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted())
+        self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
+                                  self.executor.persisted())
         self._since_checkpoint = 0
 
     def _after_step(self) -> None:
@@ -95,6 +102,7 @@ class SegmentService:
         except OSError as error:  # still write the .keras below; /readyz already said 503
             log.error("Could not write the checkpoint at shutdown: %s", error)
         self.save_segment()
+        self.executor.close()
 
     # ---- sessions ----------------------------------------------------------------------------
     def check_key(self, key: str | None) -> None:
@@ -125,11 +133,13 @@ class SegmentService:
 
     def close_session(self, session: Session) -> None:
         self.steps.close(session)
+        self.executor.close_session(session.session_id)
 
     def describe(self) -> dict[str, Any]:
+        """What this server serves: its segment and, in a chain, the rest of the chain."""
         return {"segment": self.entry.name, "mode": self.mode, "max_batch": self.settings.max_batch,
-                "inputs": [s.to_json() for s in self.entry.inputs],
-                "outputs": [s.to_json() for s in self.entry.outputs]}
+                "inputs": [s.to_json() for s in self.served.inputs],
+                "outputs": [s.to_json() for s in self.served.outputs]}
 
     # ---- the steps (worker thread) -----------------------------------------------------------
     def sweep_expired(self) -> int:
