@@ -12,7 +12,10 @@ over it), is cut three ways:
 Each trains 2 epochs over HTTP and must end within 1e-5 of the in-process `Split.fit`
 from the same weights and batches (every weight of the joined model). Then the chain's
 second server is killed with SIGKILL mid-epoch and restarted: training finishes and
-every server applied exactly the steps the device sent.
+every server applied exactly the steps the device sent. Last, the JavaScript device
+(real @tensorflow/tfjs under Node) takes one step on fresh copies of both splits: the
+gradients the servers send it and every weight afterwards (device and servers) equal
+one in-process step within 1e-5.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
+from js_support import array, max_weight_diff, require_node, run_driver, tensor
 from live_server import KEY, Server
 
 import splitkeras
+from splitkeras.cli import main as cli_main
 from splitkeras.client import DeviceClient
 from splitkeras.topology import Topology
+from splitkeras.training import SplitTrainer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -97,20 +103,24 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         entries: dict[str, Any] = {}
         for name, cuts, placements in (("chain", CHAIN_CUTS, CHAIN_PLACEMENTS),
                                        ("interleaved", INTERLEAVED_CUTS, INTERLEAVED_PLACEMENTS)):
-            template = root / f"{name}-template"
-            splitkeras.split(cnn(), at=cuts, placements=placements).save(template)
-            folder = Path(shutil.copytree(template, root / name))
-            entries[name] = {"template": template, "folder": folder}
-        chain = entries["chain"]["folder"]
-        second = Server(chain, 1, ["--segment", "middle_2"], name="chain-middle_2")
-        first = Server(chain, 1, ["--segment", "middle_1", "--next", second.url], name="chain-middle_1")
-        interleaved = entries["interleaved"]["folder"]
-        servers_5 = {segment: Server(interleaved, 1, ["--segment", segment], name=f"interleaved-{segment}")
-                     for segment in ("middle_1", "middle_3")}
-        for server in (second, first, *servers_5.values()):
-            started.append(server.start())
-        entries["chain"]["servers"] = {"middle_1": first, "middle_2": second}
-        entries["interleaved"]["servers"] = servers_5
+            for prefix in ("", "js_"):  # the JS device trains its own copies
+                template = root / f"{prefix}{name}-template"
+                splitkeras.split(cnn(), at=cuts, placements=placements).save(template, tfjs=bool(prefix))
+                folder = Path(shutil.copytree(template, root / f"{prefix}{name}"))
+                entries[prefix + name] = {"template": template, "folder": folder}
+        for prefix in ("", "js_"):
+            chain = entries[f"{prefix}chain"]["folder"]
+            second = Server(chain, 1, ["--segment", "middle_2"], name=f"{prefix}chain-middle_2")
+            first = Server(chain, 1, ["--segment", "middle_1", "--next", second.url],
+                           name=f"{prefix}chain-middle_1")
+            interleaved = entries[f"{prefix}interleaved"]["folder"]
+            servers_5 = {segment: Server(interleaved, 1, ["--segment", segment],
+                                         name=f"{prefix}interleaved-{segment}")
+                         for segment in ("middle_1", "middle_3")}
+            for server in (second, first, *servers_5.values()):
+                started.append(server.start())
+            entries[f"{prefix}chain"]["servers"] = {"middle_1": first, "middle_2": second}
+            entries[f"{prefix}interleaved"]["servers"] = servers_5
         yield entries
     finally:
         for server in started:
@@ -185,3 +195,55 @@ def test_c_the_chain_survives_a_killed_middle_server(chains: dict[str, Any]) -> 
     for name, server in servers.items():
         state = server.wait_ready()
         assert state["applied_steps"] == before[name] + 4, (name, state)
+
+
+def _reference_step(template: Path, x: np.ndarray, y: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
+    """One in-process step, segment by segment from the saved state; the gradients each server
+    segment returns for its inputs, by tensor name."""
+    split = splitkeras.load_split(template)
+    trainer = SplitTrainer.from_training_config(split, split.training_config)
+    trainer.fused = False
+    captured: dict[str, np.ndarray] = {}
+    for runner, segment in zip(trainer.runners, split.segments):
+        if segment.placement == "server":
+            def spy(step: Any, grads: Any, original: Any = runner.backward, names: Any = runner.input_names) -> Any:
+                result = original(step, grads)
+                captured.update({n: np.asarray(g) for n, g in zip(names, result) if g is not None})
+                return result
+
+            runner.backward = spy  # type: ignore[method-assign]
+    trainer.train_batch(x, y)
+    return split, captured
+
+
+@pytest.mark.parametrize("name", ["js_chain", "js_interleaved"])
+def test_d_one_js_device_step_equals_the_in_process_step(chains: dict[str, Any], name: str,
+                                                         tmp_path: Path) -> None:
+    node = require_node()
+    entry = chains[name]
+    app = tmp_path / "app"
+    assert cli_main(["export", str(entry["folder"]), "-o", str(app)]) == 0
+    x, y = digits()
+    x, y = x[:32], y[:32].astype(np.int32)
+    servers = entry["servers"]
+    for server in servers.values():
+        server.wait_ready()
+    stages = [s.name for s in Topology.from_split(splitkeras.load_split(entry["template"])).server_stages]
+    job = {"app_dir": str(app), "key": KEY, "x": tensor(x), "y": tensor(y),
+           "servers": {stage: servers[stage].url for stage in stages}}
+    result = run_driver(node, job, tmp_path)
+    reference, captured = _reference_step(entry["template"], x, y)
+    js_grads = result["first_step"]["server_input_gradients"]
+    assert js_grads and set(js_grads) <= set(captured)
+    grad_diff = max(float(np.max(np.abs(array(g) - captured[n]))) for n, g in js_grads.items())
+    device_diff, count = max_weight_diff(reference, result["weights_after_first_step"])
+    for server in servers.values():  # a graceful stop writes each server segment back
+        server.stop(signal.SIGTERM)
+    after = splitkeras.load_split(entry["folder"])
+    server_diff = max(_max_diff(_weights(after[s.name].model), _weights(reference[s.name].model))
+                      for s in reference.segments if s.placement == "server")
+    print(f"\n{name}: JS vs in process after one step: server gradients {sorted(js_grads)} "
+          f"max|diff| {grad_diff:.2e}; {count} device weights {device_diff:.2e}; server weights "
+          f"{server_diff:.2e}")
+    assert grad_diff <= 1e-5 and device_diff <= 1e-5 and server_diff <= 1e-5
+    assert count >= 6

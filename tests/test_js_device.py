@@ -20,7 +20,6 @@ device with float16 on the wire trains too, sending fewer bytes per step.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -36,11 +35,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from js_support import array, max_weight_diff, require_node, run_driver, tensor  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 import splitkeras  # noqa: E402
 from converters import load_tfjs_weights  # noqa: E402
-from converters.tfjs_config import tfjs_named_weights  # noqa: E402
 from splitkeras.cli import main as cli_main  # noqa: E402
 from splitkeras.client import free_port  # noqa: E402
 from splitkeras.training import SplitTrainer  # noqa: E402
@@ -86,27 +85,6 @@ def label_model() -> keras.Model:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _require_node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("Node.js (>= 20) is not on PATH; install it to test the JavaScript runtime.")
-    if not (MOBILE / "node_modules" / "@tensorflow" / "tfjs").is_dir():
-        pytest.fail("mobile_export/node_modules is missing: run `npm ci --prefix mobile_export`.")
-    return node
-
-
-def _tensor(array: np.ndarray) -> dict[str, Any]:
-    dtype = "int32" if array.dtype.kind in "iu" else "float32"
-    data = np.ascontiguousarray(array.astype("<i4" if dtype == "int32" else "<f4"))
-    return {"shape": list(array.shape), "dtype": dtype, "data": base64.b64encode(data.tobytes()).decode()}
-
-
-def _array(tensor: dict[str, Any]) -> np.ndarray:
-    dtype = "<i4" if tensor["dtype"] == "int32" else "<f4"
-    return np.frombuffer(base64.b64decode(tensor["data"]), dtype).reshape(tensor["shape"])
-
-
-
 class Server:
     """`splitkeras serve FOLDER` in a subprocess, stopped gracefully (SIGTERM)."""
 
@@ -150,19 +128,6 @@ class Server:
         self.handle.close()
 
 
-def _run_driver(node: str, job: dict[str, Any], folder: Path) -> dict[str, Any]:
-    job_path, out_path = folder / "job.json", folder / "result.json"
-    job_path.write_text(json.dumps(job))
-    completed = subprocess.run([node, str(DRIVER), str(job_path), str(out_path)], cwd=MOBILE,
-                               capture_output=True, text=True, timeout=240)
-    if not out_path.exists():
-        pytest.fail(f"device_e2e.mjs wrote no result (exit {completed.returncode}):\n"
-                    f"{completed.stderr[-3000:]}")
-    result = json.loads(out_path.read_text())
-    assert "error" not in result, f"{result['error']}\n{result.get('stack', '')}"
-    return result
-
-
 def _reference_step(folder: Path, x: np.ndarray, y: np.ndarray) -> tuple[Any, dict[str, Any], list[Any]]:
     """One `SplitTrainer.train_batch` in process from the saved state; the gradients the
     server segment returns are captured."""
@@ -193,23 +158,9 @@ def _reference_step(folder: Path, x: np.ndarray, y: np.ndarray) -> tuple[Any, di
     return split, {k: float(v) for k, v in logs.items()}, captured
 
 
-def _max_weight_diff(split: Any, js_weights: dict[str, Any]) -> tuple[float, int]:
-    worst, count = 0.0, 0
-    for segment in split.segments:
-        if segment.placement != "device":
-            continue
-        for name, variable in tfjs_named_weights(segment.model):
-            expected = keras.ops.convert_to_numpy(variable)
-            actual = _array(js_weights[name])
-            assert actual.shape == expected.shape, name
-            worst = max(worst, float(np.max(np.abs(actual - expected))))
-            count += 1
-    return worst, count
-
-
 @pytest.fixture(scope="module")
 def node() -> str:
-    return _require_node()
+    return require_node()
 
 
 def _prepare(tmp: Path, model: keras.Model, cuts: list[str]) -> tuple[Path, Path, Path]:
@@ -258,8 +209,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, node: str) -> Iterator[dict[s
             run["server"].wait_ready()
             job = {"app_dir": str(run["app"]), "server_url": run["server"].url, "key": KEY,
                    "save_dir": str(run["tmp"] / "trained"), **run["options"],
-                   **{k: _tensor(v) for k, v in run["data"].items()}}
-            run["result"] = _run_driver(node, job, run["tmp"])
+                   **{k: tensor(v) for k, v in run["data"].items()}}
+            run["result"] = run_driver(node, job, run["tmp"])
     finally:
         for server in servers:  # graceful: each server writes its trained segment back
             server.terminate()
@@ -290,9 +241,9 @@ def test_export_writes_a_self_contained_app_bundle(u_shaped_run: dict[str, Any])
 def test_one_js_step_equals_the_python_engine(u_shaped_run: dict[str, Any]) -> None:
     data, result = u_shaped_run["data"], u_shaped_run["result"]
     split, logs, captured = _reference_step(u_shaped_run["ref"], data["x"], data["y"])
-    js_grad = _array(result["first_step"]["server_input_gradients"]["flat"])
+    js_grad = array(result["first_step"]["server_input_gradients"]["flat"])
     grad_diff = float(np.max(np.abs(js_grad - keras.ops.convert_to_numpy(captured[0]))))
-    weight_diff, count = _max_weight_diff(split, result["weights_after_first_step"])
+    weight_diff, count = max_weight_diff(split, result["weights_after_first_step"])
     loss_diff = abs(result["first_step"]["loss"] - logs["loss"])
     print(f"\nJS vs Python after one step: input gradient max|diff| {grad_diff:.2e}, "
           f"{count} weights max|diff| {weight_diff:.2e}, loss {result['first_step']['loss']:.6f} "
@@ -315,7 +266,7 @@ def test_js_training_lowers_the_loss_and_keras_reads_the_weights_back(
     final = splitkeras.load_split(u_shaped_run["out"])  # the middle as the server saved it
     for name in ("head", "tail"):
         load_tfjs_weights(final[name].model, u_shaped_run["tmp"] / "trained" / f"{name}_tfjs")
-    weight_diff, _ = _max_weight_diff(final, result["weights"])
+    weight_diff, _ = max_weight_diff(final, result["weights"])
     assert weight_diff == 0.0, "the saved bundles hold exactly the weights getWeights() returned"
     store = {"image": data["predict_x"]}
     for segment in final.segments:
@@ -323,7 +274,7 @@ def test_js_training_lowers_the_loss_and_keras_reads_the_weights_back(
         outputs = segment.model(inputs, training=False)
         store.update(zip([s.name for s in segment.outputs],
                          [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(outputs)]))
-    diff = float(np.max(np.abs(store["out"] - _array(result["prediction"]))))
+    diff = float(np.max(np.abs(store["out"] - array(result["prediction"]))))
     print(f"fine-tuned model in Keras vs TF.js predict: max|diff| {diff:.2e}")
     assert diff <= TOLERANCE
 
@@ -332,9 +283,9 @@ def test_labels_on_server_step_equals_the_python_engine(runs: dict[str, Any]) ->
     run = runs["labels_on_server"]
     result, data = run["result"], run["data"]
     split, logs, captured = _reference_step(run["ref"], data["x"], data["y"])
-    grad_diff = float(np.max(np.abs(_array(result["first_step"]["server_input_gradients"]["h"])
+    grad_diff = float(np.max(np.abs(array(result["first_step"]["server_input_gradients"]["h"])
                                     - keras.ops.convert_to_numpy(captured[0]))))
-    weight_diff, _ = _max_weight_diff(split, result["weights_after_first_step"])
+    weight_diff, _ = max_weight_diff(split, result["weights_after_first_step"])
     print(f"\nlabels on the server, JS vs Python after one step: input gradient max|diff| "
           f"{grad_diff:.2e}, weights {weight_diff:.2e}, loss {result['first_step']['loss']:.6f} vs "
           f"{logs['loss']:.6f}")

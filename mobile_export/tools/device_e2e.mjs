@@ -8,6 +8,8 @@
 //   {"app_dir": "OUT/app",              // written by `splitkeras export`: split.json, bundles,
 //                                       //   and the runtime copy it imports (splitkeras-device/src)
 //    "server_url": "http://127.0.0.1:PORT", "key": "...", "wire_dtype": "float32",
+//    "servers": {"middle_1": "http://127.0.0.1:PORT", ...},   // instead of server_url: one
+//                                       //   URL per server stage (several server stages)
 //    "seed": 1,
 //    "x": tensor, "y": tensor,          // the first step's batch (details: server gradients)
 //    "train_x": tensor, "train_y": tensor, "batch_size": 8, "epochs": 3,  // then fit()
@@ -71,7 +73,7 @@ async function loadDevice(job, wireDtype) {
     models[entry.name] = await loadLayersModelFromDir(tf, path.join(app, path.dirname(entry.tfjs)));
   }
   const device = await SplitDevice.create({ tf, manifest, models, serverUrl: job.server_url,
-    key: job.key, wireDtype, seed: job.seed ?? 1 });
+    servers: job.servers, key: job.key, wireDtype, seed: job.seed ?? 1 });
   return { device, models };
 }
 
