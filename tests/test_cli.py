@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 from models import max_abs_diff, model_outputs, multi_io_model, residual_model, sample_inputs
 
@@ -231,3 +232,59 @@ def test_join_a_split_with_a_missing_segment_file(model_file: Path, tmp_path: Pa
     assert one_error_line(capsys.readouterr().err) == (
         f"error: Segment 'head' names 'head.keras', which is missing from '{out}'."
     )
+
+
+@pytest.fixture(scope="module")
+def chain_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-segment split device,server,server,device (a chain of two servers), no TF.js."""
+    folder = tmp_path_factory.mktemp("chain") / "out"
+    x = keras.Input((6,), name="features")
+    y = x
+    for index in range(1, 4):
+        y = keras.layers.Dense(4, activation="tanh", name=f"d{index}")(y)
+    model = keras.Model(x, keras.layers.Dense(2, name="out")(y))
+    model.compile(optimizer="sgd", loss="mse")
+    splitkeras.split(model, at=["d1", "d2", "d3"], placements=["device", "server", "server", "device"]
+                     ).save(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "{out}"], "error: This split has 2 server segments (middle_1, middle_2): serve each in its "
+         "own process, with --segment NAME (e.g. --segment middle_1)."),
+        (["serve", "{out}", "--segment", "head"], "error: Segment 'head' runs on the device, not on a server. "
+         "Server segments: middle_1, middle_2."),
+        (["serve", "{out}", "--segment", "nope"], "error: The split has no segment named 'nope' (server "
+         "segments: middle_1, middle_2)."),
+        (["serve", "{out}", "--segment", "middle_1"], "error: Segment 'middle_1' is followed by server "
+         "segment 'middle_2' in a chain: give the URL of the server of 'middle_2' with --next URL."),
+        (["serve", "{out}", "--segment", "middle_2", "--next", "http://127.0.0.1:1"], "error: Segment "
+         "'middle_2' is not followed by another server segment: --next is only for a chain"),
+        (["train", "{out}", "--server", "http://127.0.0.1:1", "--server", "http://127.0.0.1:2", "--data",
+          "{out}/none.npz", "--key", "k"], "error: train: --server 'http://127.0.0.1:1': with several servers "
+         "give each as NAME=URL"),
+        (["train", "{out}", "--server", "middle_1=http://127.0.0.1:1", "--server", "middle_1=http://x:2",
+          "--data", "{out}/none.npz", "--key", "k"], "error: train: --server names 'middle_1' twice"),
+    ],
+    ids=["two-servers-no-segment", "device-segment", "unknown-segment", "chain-needs-next", "next-without-chain",
+         "several-urls-without-names", "a-name-twice"],
+)
+def test_chain_flag_mistakes_print_one_line(argv: list[str], message: str, chain_folder: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a.replace("{out}", str(chain_folder)) for a in argv]
+    if args[0] == "train":  # the data file must exist for the flags to be looked at
+        np.savez(chain_folder / "none.npz", x=np.zeros((4, 6), np.float32), y=np.zeros((4, 2), np.float32))
+    assert main(args) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_train_server_urls() -> None:
+    from splitkeras.cli.train import server_urls
+
+    assert server_urls(["http://127.0.0.1:8000"]) == "http://127.0.0.1:8000"
+    assert server_urls(["middle_1=http://a:1", "middle_3=http://b:2"]) == {"middle_1": "http://a:1",
+                                                                         "middle_3": "http://b:2"}
+    assert server_urls(["middle_1=http://a:1"]) == {"middle_1": "http://a:1"}
