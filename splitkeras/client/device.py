@@ -45,14 +45,14 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.remote import RemoteSegment
+from splitkeras.client.stages import open_stage, stage_segment, stage_urls
 from splitkeras.client.stats import BatchMeans, ClientStats, EpochMeter
 from splitkeras.client.transport import Transport
 from splitkeras.engine import SegmentRunner, new_optimizer
-from splitkeras.errors import ProtocolError, TrainingError
+from splitkeras.errors import TrainingError
 from splitkeras.manifest import Manifest
 from splitkeras.segments import Segment, Split, load_split
 from splitkeras.steps import StepLoop
-from splitkeras.topology import Stage
 from splitkeras.training import (
     TFEpochIterator,
     callback_list,
@@ -135,13 +135,13 @@ class DeviceClient:
         if transport is not None and len(self.stages) != 1:
             raise TrainingError(f"transport= serves one server stage; this split has {len(self.stages)}"
                                 f" ({[s.name for s in self.stages]}): pass server_url={{stage: url}}.")
-        urls = _stage_urls(self.stages, server_url) if transport is None else {}
+        urls = stage_urls(self.stages, server_url) if transport is None else {}
         self.transports: dict[str, Transport] = {
             stage.name: transport or Transport(urls[stage.name], key=resolve_key(key, self.folder),
                                                network=network)
             for stage in self.stages}
         self.transport = self.transports[self.stages[0].name]  # the (first) server's
-        self.remotes = {stage.name: RemoteSegment(_stage_segment(stage), self.transports[stage.name],
+        self.remotes = {stage.name: RemoteSegment(stage_segment(stage), self.transports[stage.name],
                                                   self.split.model_outputs if stage.holds_labels else None)
                         for stage in self.stages}
         self.remote = self.remotes[self.stages[0].name]
@@ -247,23 +247,8 @@ class DeviceClient:
         answers = {}
         for stage in self.stages:
             if self.transports[stage.name].session is None:
-                answers[stage.name] = self._open_stage(stage)
+                answers[stage.name] = open_stage(self.transports[stage.name], stage, self.wire_dtype)
         return answers.get(self.stages[0].name) or dict(self.transport.session or {})
-
-    def _open_stage(self, stage: Stage) -> dict[str, Any]:
-        transport = self.transports[stage.name]
-        session = transport.open_session(self.wire_dtype)
-        expected = ([s.to_json() for s in stage.inputs], [s.to_json() for s in stage.outputs])
-        served = (session.get("inputs"), session.get("outputs"))
-        if session.get("mode") != stage.mode or session.get("segment") != stage.name or \
-                _spec_key(served) != _spec_key(expected):
-            transport.close_session()
-            raise ProtocolError(
-                f"The server at {transport.base_url} serves segment '{session.get('segment')}' "
-                f"({session.get('mode')}), inputs {_names(served[0])} -> outputs {_names(served[1])}; "
-                f"this device's split expects '{stage.name}' ({stage.mode}), {_names(expected[0])} "
-                f"-> {_names(expected[1])}. Serve and train the same split folder.")
-        return session
 
     # ---- one step --------------------------------------------------------------------------------
     def train_on_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
@@ -419,42 +404,3 @@ def _prediction_segment(split: Split) -> Segment:
     outputs = [keras.layers.Identity(name=s.name)(t) for s, t in zip(split.model_outputs, inputs)]
     model = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name="predictions")
     return Segment("predictions", "device", model, list(split.model_outputs), list(split.model_outputs))
-
-
-def _stage_segment(stage: Stage) -> Segment:
-    """A server stage as the device sees it: one remote segment with the stage's interface."""
-    return Segment(stage.name, "server", None, list(stage.inputs), list(stage.outputs))
-
-
-def _stage_urls(stages: Sequence[Stage], server_url: str | Mapping[str, str]) -> dict[str, str]:
-    """The URL of each server stage's first server, by stage name."""
-    if isinstance(server_url, str):
-        if len(stages) != 1:
-            names = ", ".join(f"{s.name}=URL" for s in stages)
-            raise TrainingError(
-                f"This split has {len(stages)} server stages ({[s.name for s in stages]}), each on its "
-                f"own server: give one URL per stage, server_url={{...}} (CLI: --server {names}).")
-        return {stages[0].name: server_url}
-    urls = {}
-    for stage in stages:
-        url = server_url.get(stage.name) or server_url.get(stage.host)
-        if not url:
-            raise TrainingError(
-                f"No server URL for the server stage '{stage.name}' (segments "
-                f"{list(stage.segments)}): give it as {stage.name}=URL (server_url={{'{stage.name}': ...}}).")
-        urls[stage.name] = url
-    known = {stage.name for stage in stages} | {stage.host for stage in stages}
-    unknown = sorted(set(server_url) - known)
-    if unknown:
-        raise TrainingError(f"server_url names {unknown}, which are not server stages of this split "
-                            f"(stages: {sorted(s.name for s in stages)}).")
-    return urls
-
-
-def _spec_key(specs: Any) -> Any:
-    return [[(s.get("name"), [d for d in s.get("shape", [])], s.get("dtype")) for s in group or []]
-            for group in specs]
-
-
-def _names(specs: Any) -> list[Any]:
-    return [s.get("name") for s in specs or []]
