@@ -44,24 +44,12 @@ class _LabelRunner:
         self.runner = runner
         self.input_names, self.output_names = runner.input_names, runner.output_names
         self.holds_labels = True
-        self._built = False
 
     def train_step(self, key: Any, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
                    other_losses: Any = 0.0) -> tuple[list[Any], dict[str, Any]]:
-        if not self._built:
-            self._build(y)
+        self.runner.build_labels(y)
         self.runner.model.reset_metrics()
         return self.runner.train_step(key, inputs, y, sample_weight, other_losses)
-
-    def _build(self, y: Any) -> None:
-        import numpy as np
-        import tensorflow as tf
-
-        specs = self.runner.segment.inputs
-        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in specs]
-        y1 = tf.nest.map_structure(lambda t: t[:1], y)
-        self.runner.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
-        self._built = True
 
     def predict_with_regularization(self, inputs: Sequence[Any]) -> tuple[list[Any], Any]:
         return self.runner.predict_with_regularization(inputs)

@@ -32,7 +32,7 @@ class SegmentHost:
 
     def __init__(self, settings: ServerSettings) -> None:
         from converters.keras_io import load_model
-        from splitkeras.engine import SegmentRunner, new_optimizer
+        from splitkeras.engine import SegmentRunner
         from splitkeras.segments import Segment
         from splitkeras.training import restore_compile_value
 
@@ -57,17 +57,13 @@ class SegmentHost:
             import keras
 
             optimizer_config = keras.optimizers.serialize(keras.optimizers.get(optimizer_config))
-        model_inputs = {s.name for s in self.manifest.model_inputs}
         # the labels a train body carries are checked against the loss (class ids in range)
         self.loss = restore_compile_value(training.get("loss")) if self.served.holds_labels else None
-        self.runner = SegmentRunner(
-            self.segment, new_optimizer(optimizer_config),
-            input_gradients=[s.name not in model_inputs for s in self.entry.inputs],
-            jit_compile=settings.jit_compile,
-            loss=self.loss if self.labels_on_server else None,
-            metrics=restore_compile_value(training.get("metrics")) if self.labels_on_server else None,
-            loss_weights=training.get("loss_weights") if self.labels_on_server else None,
-        )
+        self.runner = SegmentRunner.for_segment(
+            self.segment, optimizer_config, [s.name for s in self.manifest.model_inputs],
+            jit_compile=settings.jit_compile, loss=self.loss if self.labels_on_server else None,
+            metrics=restore_compile_value(training.get("metrics")),
+            loss_weights=training.get("loss_weights"))
         self.checkpoint_dir = settings.resolved_checkpoint_dir
 
     def _variables(self) -> tuple[list[Any], list[Any]]:

@@ -125,6 +125,7 @@ class SegmentRunner:
             for need, dtype in zip(input_gradients, self.input_dtypes)
         ]
         self.holds_labels = loss is not None
+        self._labels_built = False
         if self.holds_labels:
             self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                                loss_weights=loss_weights, jit_compile=False)
@@ -139,6 +140,30 @@ class SegmentRunner:
         self._predict_fn = tf.function(self._predict_impl, **options)
         self._train_fn = tf.function(self._train_impl, **options)
         self._test_fn = tf.function(self._test_impl, **options)
+
+    @classmethod
+    def for_segment(cls, segment: Segment, optimizer_config: dict[str, Any], model_inputs: Any, *,
+                    jit_compile: bool | str = "auto", loss: Any = None, metrics: Any = None,
+                    loss_weights: Any = None) -> SegmentRunner:
+        """The runner of one segment of a split, as every side builds it: a fresh optimizer
+        from `optimizer_config` (each segment owns its state), and input gradients for every
+        input that is not a model input (`model_inputs`: their names). `loss` (with `metrics`,
+        `loss_weights`) only for the segment that holds the labels."""
+        names = set(model_inputs)
+        return cls(segment, new_optimizer(optimizer_config),
+                   input_gradients=[s.name not in names for s in segment.inputs],
+                   jit_compile=jit_compile, loss=loss, metrics=metrics if loss is not None else None,
+                   loss_weights=loss_weights if loss is not None else None)
+
+    def build_labels(self, y: Any) -> None:
+        """Build the label segment's compiled loss and metrics for labels like `y` (once, on a
+        one-sample batch of zeros), as `model.fit` does before its first step."""
+        if self._labels_built:
+            return
+        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in self.segment.inputs]
+        y1 = tf.nest.map_structure(lambda t: t[:1], y)
+        self.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
+        self._labels_built = True
 
     # ---- conversions -------------------------------------------------------------------------
     def _inputs(self, values: Sequence[Any]) -> list[tf.Tensor]:

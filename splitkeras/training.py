@@ -27,7 +27,7 @@ from keras.src.backend.tensorflow.trainer import TFEpochIterator as _KerasTFEpoc
 from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.utils.python_utils import pythonify_logs
 
-from splitkeras.engine import SegmentRunner, new_optimizer
+from splitkeras.engine import SegmentRunner
 from splitkeras.errors import TrainingError
 from splitkeras.steps import StepLoop, accumulate_gradients
 
@@ -114,23 +114,16 @@ class SplitTrainer:
         optimizer = keras.optimizers.get(optimizer or "rmsprop")
         self.optimizer_config = keras.optimizers.serialize(optimizer)
         self.split = split
-        model_input_names = {s.name for s in split.model_inputs}
-        self.runners: list[SegmentRunner] = []
-        last = len(split.segments) - 1
-        for index, segment in enumerate(split.segments):
-            holds_labels = index == last
-            self.runners.append(SegmentRunner(
-                segment,
-                new_optimizer(self.optimizer_config),
-                input_gradients=[s.name not in model_input_names for s in segment.inputs],
-                jit_compile=jit_compile,
-                loss=loss if holds_labels else None,
-                metrics=metrics if holds_labels else None,
-                loss_weights=loss_weights if holds_labels else None,
-            ))
+        model_input_names = [s.name for s in split.model_inputs]
+        last = split.segments[-1]
+        self.runners: list[SegmentRunner] = [
+            SegmentRunner.for_segment(segment, self.optimizer_config, model_input_names,
+                                      jit_compile=jit_compile,
+                                      loss=loss if segment is last else None,
+                                      metrics=metrics, loss_weights=loss_weights)
+            for segment in split.segments]
         self.label_model = self.runners[-1].model
         self.loop = StepLoop(self.runners)  # the step protocol, segment by segment (fused=False)
-        self._built = False
         self.step_counter = 0
         self.fused = fused
         self._fused_fn = tf.function(self._fused_step_impl, reduce_retracing=True,
@@ -147,13 +140,7 @@ class SplitTrainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def _ensure_built(self, y: Any) -> None:
-        if self._built:
-            return
-        last = self.split.segments[-1]
-        x = [np.zeros((1, *spec.sample_shape), dtype=spec.dtype) for spec in last.inputs]
-        y1 = tf.nest.map_structure(lambda t: t[:1], y)
-        self.label_model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
-        self._built = True
+        self.runners[-1].build_labels(y)
 
     def train_batch(self, x: Any, y: Any, sample_weight: Any = None) -> dict[str, Any]:
         """One training step over all segments: forwards in order, backwards in reverse."""

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras.src.trainers.data_adapters import data_adapter_utils
 
@@ -154,7 +153,6 @@ class DeviceClient:
         self._step = 0
         self._samples = 0
         self._device_seconds = 0.0
-        self._built = False
 
     def __repr__(self) -> str:
         servers = ", ".join(t.base_url for t in self.transports.values())
@@ -198,22 +196,13 @@ class DeviceClient:
             raise TrainingError("compile() needs a loss, e.g. loss='sparse_categorical_crossentropy' "
                                 "(the split's source model was not compiled).")
         config = keras.optimizers.serialize(keras.optimizers.get(optimizer))
-        model_inputs = {s.name for s in self.split.model_inputs}
+        model_inputs = [s.name for s in self.split.model_inputs]
         last = self.topology.label_segment
-        self.runners = []
-        for stage in self.topology.stages:
-            if stage.kind == "server":
-                self.runners.append(self.remotes[stage.name])
-                continue
-            segment = self.split[stage.name]
-            holds_labels = segment.name == last
-            self.runners.append(SegmentRunner(
-                segment, new_optimizer(config),
-                input_gradients=[s.name not in model_inputs for s in segment.inputs],
-                jit_compile=self.jit_compile,
-                loss=loss if holds_labels else None,
-                metrics=metrics if holds_labels else None,
-                loss_weights=loss_weights if holds_labels else None))
+        self.runners = [
+            self.remotes[stage.name] if stage.kind == "server" else SegmentRunner.for_segment(
+                self.split[stage.name], config, model_inputs, jit_compile=self.jit_compile,
+                loss=loss if stage.name == last else None, metrics=metrics, loss_weights=loss_weights)
+            for stage in self.topology.stages]
         if self.labels_on_server:
             self.label_runner = SegmentRunner(_prediction_segment(self.split), new_optimizer(config),
                                               jit_compile=False, loss=loss, metrics=metrics,
@@ -221,7 +210,6 @@ class DeviceClient:
         else:
             self.label_runner = self.runners[-1]
         self.loop = StepLoop(self.runners)
-        self._built = False
 
     def _require_compiled(self) -> SegmentRunner:
         if self.label_runner is None:
@@ -233,13 +221,7 @@ class DeviceClient:
         return self.label_runner
 
     def _ensure_built(self, y: Any) -> None:
-        if self._built:
-            return
-        label = self._require_compiled()
-        x = [np.zeros((1, *(d or 1 for d in s.sample_shape)), dtype=s.dtype) for s in label.segment.inputs]
-        y1 = tf.nest.map_structure(lambda t: t[:1], y)
-        label.model._symbolic_build(data_batch=(x[0] if len(x) == 1 else x, y1, None))
-        self._built = True
+        self._require_compiled().build_labels(y)
 
     def open_session(self) -> dict[str, Any]:
         """Open a session on every server stage now (fit does it when needed) and check that
