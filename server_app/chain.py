@@ -33,6 +33,7 @@ __all__ = ["ChainExecutor", "NEXT_RETRIES"]
 # A next server that restarts (a redeploy, a crash) is waited for: 12 retries with backoff
 # 0.2 s doubling up to 10 s, about 72 s in all.
 NEXT_RETRIES, NEXT_BACKOFF, NEXT_MAX_BACKOFF = 12, 0.2, 10.0
+_SESSION = b"session:"  # a logged blob that names a downstream session
 
 
 class _LabelRunner:
@@ -87,6 +88,39 @@ class _NextServer:
         self.remote.drop(key[1])
 
 
+class _Recorder:
+    """The transport to the next server, as the `RemoteSegment` sees it: live, each answer is
+    kept (as a tensor body) for this server's write-ahead log; while the log is replayed at
+    start, the answers come from the log instead of the network."""
+
+    def __init__(self, transport: Transport, executor: ChainExecutor) -> None:
+        self.transport, self.executor = transport, executor
+
+    def _answer(self, call: Callable[[], Any], has_metadata: bool) -> Any:
+        from splitkeras import wire
+
+        feed = self.executor._feed
+        if feed is not None:  # replaying: the next server already did this
+            tensors, metadata = wire.decode(feed.pop(0))
+            return (tensors, metadata) if has_metadata else tensors
+        answer = call()
+        tensors, metadata = answer if has_metadata else (answer, {})
+        self.executor._answers.append(wire.encode(tensors, metadata=metadata))
+        return answer
+
+    def forward(self, step: int, tensors: Any) -> Any:
+        return self._answer(lambda: self.transport.forward(step, tensors), True)
+
+    def backward(self, step: int, grads: Any) -> Any:
+        return self._answer(lambda: self.transport.backward(step, grads), False)
+
+    def train(self, step: int, tensors: Any) -> Any:
+        return self._answer(lambda: self.transport.train(step, tensors), True)
+
+    def predict(self, tensors: Any) -> Any:
+        return self.transport.predict(tensors)  # changes nothing: never logged
+
+
 class ChainExecutor:
     """The `StepExecutor` of a server (`server_app.step_machine`): runs `runner` (this
     server's segment) and, when `served.next` is set, the rest of the chain on the server at
@@ -119,6 +153,8 @@ class ChainExecutor:
         self._loops: dict[str, StepLoop] = {}
         self._transports: dict[str, Transport] = {}
         self._restored: dict[str, dict[str, Any]] = {}
+        self._answers: list[bytes] = []  # the next server's answers of the change in progress
+        self._feed: list[bytes] | None = None  # while replaying: the logged answers
 
     # ---- the loops: one for a lone server, one per device session in a chain ---------------------
     def _loop(self, session_id: str) -> StepLoop:
@@ -126,26 +162,33 @@ class ChainExecutor:
             return self._alone
         loop = self._loops.get(session_id)
         if loop is None:
+            import json
+
             from splitkeras.client.remote import RemoteSegment
             from splitkeras.segments import Segment
 
             transport = self._make_transport()
             saved = self._restored.pop(session_id, None)
-            if saved is not None:  # carry on in the session the checkpoint names
+            if saved is None and self._feed and self._feed[0].startswith(_SESSION):
+                saved = json.loads(self._feed.pop(0)[len(_SESSION):])  # opened after the checkpoint
+            if saved is not None:  # carry on in the session the checkpoint (or log) names
                 transport.session, transport._offset = saved["session"], saved["offset"]
                 transport.wire_dtype = saved.get("wire_dtype", self.wire_dtype)
             else:
                 transport.open_session(self.wire_dtype)
+                self._answers.append(_SESSION + json.dumps(
+                    {"session": transport.session, "offset": None, "wire_dtype": self.wire_dtype}).encode())
             self._transports[session_id] = transport
             following = Segment(str(self.served.next), "server", None, list(self.served.next_inputs),
                                 list(self.served.next_outputs))
-            remote = RemoteSegment(following, transport,
+            remote = RemoteSegment(following, _Recorder(transport, self),  # type: ignore[arg-type]
                                    self.label_specs if self.served.holds_labels else None)
             loop = self._loops[session_id] = StepLoop([self.local, _NextServer(remote)])
         return loop
 
     # ---- the StepExecutor interface -------------------------------------------------------------
     def forward(self, key: tuple[str, int], inputs: list[Any]) -> tuple[list[Any], float]:
+        self._answers = []  # this change's next-server answers only
         loop = self._loop(key[0])
         store = loop.forward(key, dict(zip(self.input_names, inputs)))
         try:
@@ -155,11 +198,13 @@ class ChainExecutor:
             raise
 
     def backward(self, key: tuple[str, int], output_grads: list[Any]) -> list[Any | None]:
+        self._answers = []  # this change's next-server answers only
         grads = self._loop(key[0]).backward(key, dict(zip(self.output_names, output_grads)))
         return [grads.get(name) for name in self.input_names]
 
     def train(self, key: tuple[str, int], inputs: list[Any], y: Any,
               sample_weight: Any) -> tuple[list[Any | None], dict[str, Any]]:
+        self._answers = []  # this change's next-server answers only
         grads, logs = self._loop(key[0]).train(key, dict(zip(self.input_names, inputs)), y,
                                                sample_weight)
         return [grads.get(name) for name in self.input_names], logs
@@ -176,6 +221,18 @@ class ChainExecutor:
             loop.drop(key)
         else:
             self.local.drop(key)
+
+    # ---- the write-ahead log ----------------------------------------------------------------------
+    def take_answers(self) -> list[bytes]:
+        """The next server's answers (and a newly opened downstream session) of the change just
+        made, for its log record."""
+        answers, self._answers = self._answers, []
+        return answers
+
+    def feed_answers(self, blobs: list[bytes] | None) -> None:
+        """While replaying one logged change: its next-server answers (None: live again)."""
+        self._feed = None if blobs is None else list(blobs)
+        self._answers = []
 
     # ---- downstream sessions --------------------------------------------------------------------
     def close_session(self, session_id: str) -> None:

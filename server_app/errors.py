@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitkeras.errors import RequestRefused, SplitKerasError, WireFormatError
 
-__all__ = ["STATUS", "status_of", "refusal_response", "install_error_handlers"]
+__all__ = ["STATUS", "status_of", "refusal_response", "install_error_handlers", "RETRY_AFTER_SECONDS"]
+
+RETRY_AFTER_SECONDS = 2
 
 STATUS: dict[str, int] = {
     "bad_tensor": 400,
@@ -32,6 +34,7 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "too_many_sessions": 429,
+    "not_durable": 503,
 }
 
 
@@ -42,6 +45,8 @@ def status_of(code: str) -> int:
 
 def _response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:  # the server cannot make steps durable now: ask the device to come back
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return JSONResponse({"error": {"code": code, "message": message, **(details or {})}},
                         status_code=status, headers=headers)
 

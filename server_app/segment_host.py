@@ -74,13 +74,13 @@ class SegmentHost:
         return load_checkpoint(self.checkpoint_dir, *self._variables())
 
     def save_checkpoint(self, applied_steps: int, sessions: list[dict[str, Any]],
-                        downstream: dict[str, Any] | None = None) -> None:
-        """Write variables, optimizer state, `applied_steps`, `sessions` and (in a chain) each
-        session's session on the next server, atomically."""
+                        downstream: dict[str, Any] | None = None, wal_seq: int = 0) -> None:
+        """Write variables, optimizer state, `applied_steps`, `sessions`, (in a chain) each
+        session's session on the next server, and the last log record it includes, atomically."""
         save_checkpoint(self.checkpoint_dir, *self._variables(),
                         {"applied_steps": applied_steps, "saved_at": time.time(),
                          "segment": self.entry.name, "sessions": sessions,
-                         "downstream": downstream or {}})
+                         "downstream": downstream or {}, "wal_seq": wal_seq})
 
     def save_segment(self) -> None:
         """Write the trained segment back to its `.keras` file in the split folder (atomic)."""

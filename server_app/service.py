@@ -25,6 +25,7 @@ from server_app.segment_host import SegmentHost
 from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
 from server_app.step_machine import StepMachine
+from server_app.wal import Record, WriteAheadLog
 from splitkeras import wire
 from splitkeras.errors import RequestRefused
 
@@ -51,16 +52,59 @@ class SegmentService:
         self.server_key = keys.ServerKey(own_key)
         self.executor = ChainExecutor(self.runner, served, label_specs=host.manifest.model_outputs,
                                       next_url=settings.next_url, next_key=settings.next_key or own_key)
+        self.wal = WriteAheadLog(self.checkpoint_dir)
+        self.durable = True  # False after a failed log write, until a checkpoint succeeds
         self.steps = StepMachine(self.sessions, self.executor, self.bodies, self.mode,
-                                 settings.step_ttl_seconds, on_applied=self._after_step)
+                                 settings.step_ttl_seconds, on_applied=self._after_step,
+                                 journal=self._journal, ensure_durable=self.ensure_durable)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
         self.resumed_from: int | None = None
+        self.replayed = 0
         state = host.load_checkpoint()
+        wal_seq = 0
         if state is not None:
             self.steps.restore(int(state.get("applied_steps", 0)), state.get("sessions", []))
             self.executor.restore(state.get("downstream", {}))
             self.resumed_from = self.steps.applied_steps
+            wal_seq = int(state.get("wal_seq", 0))
+        self._replay(wal_seq)
+
+    # ---- the write-ahead log -------------------------------------------------------------------
+    def _replay(self, after: int) -> None:
+        """Redo what the log holds past the checkpoint, then checkpoint (the log starts over)."""
+        for record in self.wal.records(after=after):
+            self.steps.replay(record)
+            self.replayed += 1
+        self.wal.last_seq = max(self.wal.last_seq, after)
+        if self.replayed:
+            log.warning("Replayed %d logged changes since the checkpoint (applied steps: %d).",
+                        self.replayed, self.steps.applied_steps)
+            self.save_checkpoint()
+
+    def _journal(self, record: Record) -> None:
+        """Append `record` durably; a failed write makes the server not durable (503)."""
+        try:
+            self.wal.append(record)
+        except OSError as error:
+            self.durable = False
+            log.error("Could not write the log in '%s': %s", self.checkpoint_dir, error)
+            raise self._not_durable(error) from None
+
+    def _not_durable(self, error: OSError) -> RequestRefused:
+        return RequestRefused("not_durable", f"The server cannot make steps durable ({error.strerror or error}"
+                              f" in its checkpoint folder); nothing was acknowledged. Retry later.")
+
+    def ensure_durable(self) -> None:
+        """Before a step is run or a cached answer is given: after a failed log write, a
+        checkpoint must succeed first (it holds every change the log missed)."""
+        if self.durable:
+            return
+        try:
+            self.save_checkpoint()
+        except OSError as error:
+            raise self._not_durable(error) from None
+        self.durable = True
 
     @property
     def applied_steps(self) -> int:
@@ -68,9 +112,11 @@ class SegmentService:
 
     # ---- checkpoint, segment file --------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        """Write variables, optimizer state and sessions atomically (worker thread only)."""
+        """Write variables, optimizer state, sessions and the log position atomically, then
+        start the log over (worker thread only)."""
         self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
-                                  self.executor.persisted())
+                                  self.executor.persisted(), wal_seq=self.wal.last_seq)
+        self.wal.reset()
         self._since_checkpoint = 0
 
     def _after_step(self) -> None:
@@ -103,6 +149,7 @@ class SegmentService:
             log.error("Could not write the checkpoint at shutdown: %s", error)
         self.save_segment()
         self.executor.close()
+        self.wal.close()
 
     # ---- sessions ----------------------------------------------------------------------------
     def check_key(self, key: str | None) -> None:
@@ -125,9 +172,11 @@ class SegmentService:
             raise RequestRefused("too_many_sessions",
                                  f"The server holds {len(self.sessions)} sessions, its limit. Close "
                                  "unused sessions (DELETE /v1/sessions/{id}).")
+        self.ensure_durable()
         token = keys.new_token()
         session = Session(session_id=secrets.token_hex(8), token_hash=keys.hash_token(token),
                           wire_dtype=wire_dtype)
+        self._journal(Record("open", {"session": session.session_id, "data": session.persisted()}))
         self.sessions.add(session)
         return session, token
 

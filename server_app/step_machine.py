@@ -18,6 +18,7 @@ import numpy as np
 
 from server_app.bodies import TensorBodies
 from server_app.sessions import Session, SessionStore
+from server_app.wal import Record
 from splitkeras.errors import RequestRefused
 
 __all__ = ["StepKey", "StepExecutor", "StepMachine"]
@@ -65,11 +66,51 @@ class StepMachine:
 
     def __init__(self, store: SessionStore, executor: StepExecutor, bodies: TensorBodies, mode: str,
                  ttl_seconds: float, on_applied: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 journal: Callable[[Record], None] | None = None,
+                 ensure_durable: Callable[[], None] = lambda: None) -> None:
         self.store, self.executor, self.bodies, self.mode = store, executor, bodies, mode
         self.ttl_seconds = ttl_seconds
         self.on_applied, self.clock = on_applied, clock
+        self.journal, self.ensure_durable = journal, ensure_durable
         self.applied_steps = 0
+        self.replaying = False
+
+    # ---- the write-ahead log (server_app.wal) ------------------------------------------------
+    def _log(self, kind: str, session_id: str, step: int | None, body: bytes | None = None) -> None:
+        """Make this change durable before it is acknowledged (raises `RequestRefused
+        "not_durable"` when the log cannot be written). Nothing is logged while replaying."""
+        if self.journal is None or self.replaying:
+            return
+        answers: list[bytes] = getattr(self.executor, "take_answers", lambda: [])()
+        blobs = ([] if body is None else [body]) + list(answers)
+        self.journal(Record(kind, {"session": session_id, "step": step}, blobs))
+
+    def replay(self, record: Record) -> None:
+        """Redo one logged change (at start, from the checkpoint on): the same request, with a
+        chain's next-server answers taken from the record instead of the network."""
+        self.replaying = True
+        feed: Callable[[list[bytes] | None], None] | None = None
+        try:
+            session = self.store.get(str(record.fields.get("session")))
+            if record.kind == "open":
+                self.store.add(Session(**record.fields["data"]))
+                return
+            if session is None:
+                return  # closed later in the log's history, or evicted: nothing left to redo
+            feed = getattr(self.executor, "feed_answers", None)
+            if feed is not None:
+                feed(record.blobs[1:])
+            if record.kind == "close":
+                self.close(session)
+            elif record.kind == "drop":
+                self._drop(session)
+            elif record.kind in ("forward", "backward", "train"):
+                getattr(self, record.kind)(session, int(record.fields["step"]), record.blobs[0])
+        finally:
+            self.replaying = False
+            if feed is not None:
+                feed(None)
 
     # ---- sessions across restarts ------------------------------------------------------------
     def restore(self, applied_steps: int, sessions: Iterable[dict[str, Any]]) -> None:
@@ -87,6 +128,7 @@ class StepMachine:
         return [s.persisted() for s in self.store]
 
     def close(self, session: Session) -> None:
+        self._log("close", session.session_id, None)
         if session.pending_step is not None:
             self.executor.drop((session.session_id, session.pending_step))
         self.store.remove(session.session_id)
@@ -95,14 +137,23 @@ class StepMachine:
         """Drop pending steps older than the TTL. Returns how many."""
         now = self.clock()
         dropped = 0
-        for session in self.store:
+        for session in list(self.store):
             if session.pending_step is not None and now - session.pending_since > self.ttl_seconds:
-                self.executor.drop((session.session_id, session.pending_step))
-                session.expired_step = session.pending_step
-                session.next_step = session.pending_step
-                session.pending_step = None
+                try:
+                    self._log("drop", session.session_id, session.pending_step)
+                except RequestRefused:
+                    return dropped  # the log refuses: keep the step until it can be logged
+                self._drop(session)
                 dropped += 1
         return dropped
+
+    def _drop(self, session: Session) -> None:
+        if session.pending_step is None:
+            return
+        self.executor.drop((session.session_id, session.pending_step))
+        session.expired_step = session.pending_step
+        session.next_step = session.pending_step
+        session.pending_step = None
 
     # ---- refusals ----------------------------------------------------------------------------
     def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
@@ -144,6 +195,8 @@ class StepMachine:
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("forward")
         self._require_open(session)
+        if not self.replaying:
+            self.ensure_durable()
         inputs = self.bodies.inputs(body)  # a retry's body is checked too
         if session.last_forward and session.last_forward[0] == step and \
                 (session.pending_step == step or session.next_step > step):
@@ -159,6 +212,11 @@ class StepMachine:
         except BaseException:
             self.executor.drop(key)  # e.g. an output beyond float16's range: no step is left pending
             raise
+        try:
+            self._log("forward", session.session_id, step, body)
+        except BaseException:
+            self.executor.drop(key)  # not durable: not acknowledged, nothing left pending
+            raise
         session.pending_step, session.pending_since = step, self.clock()
         session.pending_batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
         session.lost_step = session.expired_step = None
@@ -168,6 +226,8 @@ class StepMachine:
     def backward(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("backward")
         self._require_open(session)
+        if not self.replaying:
+            self.ensure_durable()
         grads = self.bodies.output_grads(body)
         if session.pending_step != step:
             if session.last_backward and session.last_backward[0] == step:
@@ -181,12 +241,14 @@ class StepMachine:
                                  "sample, shaped like the forward response.")
         input_grads = self.executor.backward((session.session_id, step), grads)
         response = self.bodies.encode_input_grads(input_grads, session.wire_dtype, {"step": str(step)})
-        self._applied(session, step, response)
+        self._logged_applied("backward", session, step, body, response)
         return response
 
     def train(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("train")
         self._require_open(session)
+        if not self.replaying:
+            self.ensure_durable()
         inputs, y, sample_weight = self.bodies.train_batch(body)
         if session.last_backward and session.last_backward[0] == step and session.next_step > step:
             return session.last_backward[1]
@@ -196,16 +258,29 @@ class StepMachine:
         metadata = {"step": str(step)}
         metadata.update({k: repr(float(v)) for k, v in logs.items()})
         response = self.bodies.encode_input_grads(input_grads, session.wire_dtype, metadata)
-        self._applied(session, step, response)
+        self._logged_applied("train", session, step, body, response)
         return response
 
-    def _applied(self, session: Session, step: int, response: bytes) -> None:
+    def _logged_applied(self, kind: str, session: Session, step: int, body: bytes,
+                        response: bytes) -> None:
+        """The update is applied: log it, then count it (and maybe checkpoint). When the log
+        refuses, the step still counts in memory (its answer is cached for the retry) but is
+        not acknowledged: the next request checkpoints first (`ensure_durable`)."""
+        try:
+            self._log(kind, session.session_id, step, body)
+        except BaseException:
+            self._applied(session, step, response, checkpoint=False)
+            raise
+        self._applied(session, step, response)
+
+    def _applied(self, session: Session, step: int, response: bytes, checkpoint: bool = True) -> None:
         session.last_backward = (step, response)  # before the checkpoint: a retry must find it
         session.pending_step = None
         session.next_step = step + 1
         session.applied_steps += 1
         self.applied_steps += 1
-        self.on_applied()
+        if checkpoint and not self.replaying:
+            self.on_applied()
 
     def predict(self, session: Session, body: bytes) -> bytes:
         self._require_open(session)

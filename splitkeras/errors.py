@@ -99,6 +99,7 @@ REFUSAL_CODES: dict[str, str] = {
     "body_too_large": "the body is over the limit derived from the manifest (see limit)",
     "unsupported_media_type": "the body is not a safetensors body",
     "too_many_sessions": "the server holds as many sessions as it may",
+    "not_durable": "the server cannot make the step durable (its log or checkpoint cannot be written)",
 }
 
 

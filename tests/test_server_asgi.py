@@ -781,9 +781,11 @@ def test_readyz_503_when_checkpoint_dir_not_writable(fresh_split: Callable[[str]
         ready = live.get("/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "checkpoint_dir_not_writable"
         assert live.get("/healthz").status_code == 200
-        sid, token = live.open_session()
-        assert live.post(step_path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
-        assert live.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token).status_code == 200
+        # nothing that cannot be made durable is acknowledged: the session is refused, loudly
+        refused = live.request("POST", "/v1/sessions", json={}, headers=bearer(KEY))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_durable"
+        assert refused.headers["retry-after"] == "2"
+        assert len(live.service.sessions) == 0
         trained = variables(live.service.segment.model)
     finally:
         live.close()  # the checkpoint cannot be written; the .keras still is
