@@ -1,0 +1,203 @@
+"""The write-ahead log: its file format, replay after a crash (bitwise), and durability
+failures that are refused loudly and recovered from."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from server_fixtures import KEY, LiveApp, bearer, copy_split, make_split, settings_for, snapshot
+
+from server_app.wal import Record, WriteAheadLog
+
+RNG = np.random.default_rng(3)
+
+
+def act(batch: int = 2, width: int = 3) -> np.ndarray:
+    return RNG.standard_normal((batch, width)).astype(np.float32)
+
+
+def path(sid: str, step: int, route: str) -> str:
+    return f"/v1/sessions/{sid}/steps/{step}/{route}"
+
+
+# ---------------------------------------------------------------------------------- the file
+def test_records_round_trip_and_a_torn_tail_is_cut(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    for i in range(3):
+        assert wal.append(Record("forward", {"session": "s", "step": i}, [bytes([i]) * (i + 1), b""])) == i + 1
+    wal.close()
+    good = (tmp_path / "wal.log").stat().st_size
+    with open(tmp_path / "wal.log", "ab") as handle:  # a crash in the middle of a write
+        handle.write(Record("backward", {"step": 9}, [b"x" * 50]).encode()[:30])
+    again = WriteAheadLog(tmp_path)
+    records = list(again.records())
+    assert [(r.seq, r.kind, r.fields["step"], r.blobs) for r in records] == [
+        (1, "forward", 0, [b"\x00", b""]), (2, "forward", 1, [b"\x01\x01", b""]),
+        (3, "forward", 2, [b"\x02\x02\x02", b""])]
+    assert (tmp_path / "wal.log").stat().st_size == good, "the torn tail is cut off"
+    assert again.append(Record("close", {"session": "s"})) == 4
+    assert [r.seq for r in WriteAheadLog(tmp_path).records(after=2)] == [3, 4]
+
+
+def test_a_corrupt_record_ends_the_log_there(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    for i in range(3):
+        wal.append(Record("forward", {"step": i}, [b"abc"]))
+    wal.close()
+    data = bytearray((tmp_path / "wal.log").read_bytes())
+    second = len(Record("forward", {"step": 0}, [b"abc"], seq=1).encode())
+    data[second + 12] ^= 0xFF  # a flipped byte inside the second record
+    (tmp_path / "wal.log").write_bytes(bytes(data))
+    assert [r.fields["step"] for r in WriteAheadLog(tmp_path).records()] == [0]
+
+
+def test_reset_empties_the_log_and_numbers_go_on(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(Record("open", {"session": "a"}))
+    wal.append(Record("open", {"session": "b"}))
+    wal.reset()
+    assert (tmp_path / "wal.log").stat().st_size == 0
+    assert wal.append(Record("close", {"session": "a"})) == 3
+
+
+# ---------------------------------------------------------------------------------- replay
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("wal")
+    return {mode: make_split(root / mode, mode) for mode in ("u_shaped", "labels_on_server")}
+
+
+def _interleaved_steps(live: LiveApp) -> dict[str, Any]:
+    """Two devices, interleaved; device A ends with a forward still pending."""
+    a, token_a = live.open_session()
+    b, token_b = live.open_session()
+    answers = {}
+    for k in range(3):
+        for sid, token in ((a, token_a), (b, token_b)):
+            assert live.post(path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
+            response = live.post(path(sid, k, "backward"), tensors={"m": act()}, token=token)
+            assert response.status_code == 200
+            answers[sid] = (k, response.content)
+    pending = live.post(path(a, 3, "forward"), tensors={"h": act()}, token=token_a)
+    assert pending.status_code == 200
+    closed, token_c = live.open_session()
+    assert live.request("DELETE", f"/v1/sessions/{closed}", headers=bearer(token_c)).status_code == 204
+    return {"a": (a, token_a), "b": (b, token_b), "answers": answers, "pending": pending.content,
+            "closed": closed}
+
+
+def test_a_crash_replays_every_acknowledged_change_bitwise(templates: dict[str, Path], tmp_path: Path) -> None:
+    """No checkpoint after the start: everything comes back from the log, bitwise (weights,
+    BatchNorm statistics, optimizer state, sessions, the pending forward's tape), and retries
+    after the restart get the same bytes."""
+    folder = copy_split(templates["u_shaped"], tmp_path / "u")
+    live = LiveApp(settings_for(folder, checkpoint_every=10_000))
+    try:
+        story = _interleaved_steps(live)
+        before = snapshot(live.service)
+        assert live.service.wal.appended == 17  # 3 opens, 1 close, 7 forwards, 6 backwards
+    finally:
+        live.close(graceful=False)  # a crash: no shutdown checkpoint
+    with LiveApp(settings_for(folder)) as again:
+        after = snapshot(again.service)
+        for key in ("iterations", "applied_steps", "sessions", "pending"):
+            assert after[key] == before[key], key
+        for key in ("model", "optimizer"):
+            assert all(np.array_equal(x, y) for x, y in zip(before[key], after[key])), key
+        assert again.get("/readyz").json()["replayed"] == 17
+        (a, token_a), (b, token_b) = story["a"], story["b"]
+        step, answer = story["answers"][b]
+        retry = again.post(path(b, step, "backward"), tensors={"m": act()}, token=token_b)
+        assert retry.status_code == 200 and retry.content == answer, "a retry gets the same bytes"
+        resent = again.post(path(a, 3, "forward"), tensors={"h": act()}, token=token_a)
+        assert resent.content == story["pending"]  # the pending forward survived: no forward_lost
+        assert again.post(path(a, 3, "backward"), tensors={"m": act()}, token=token_a).status_code == 200
+        assert again.service.applied_steps == 7
+        assert again.get(f"/v1/sessions/{story['closed']}", token=KEY).status_code == 404
+        assert (again.service.checkpoint_dir / "wal.log").stat().st_size > 0  # the new step is logged
+
+
+def test_labels_on_server_steps_replay_bitwise(templates: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy_split(templates["labels_on_server"], tmp_path / "l")
+    live = LiveApp(settings_for(folder, checkpoint_every=10_000))
+    try:
+        sid, token = live.open_session()
+        answers = []
+        for k in range(3):
+            body = {"h": act(), "label:logits": np.array([0, 1])}
+            response = live.post(path(sid, k, "train"), tensors=body, token=token)
+            assert response.status_code == 200, response.text
+            answers.append(response.content)
+        before = snapshot(live.service)
+    finally:
+        live.close(graceful=False)
+    with LiveApp(settings_for(folder)) as again:
+        after = snapshot(again.service)
+        assert after["iterations"] == before["iterations"] == 3
+        for key in ("model", "optimizer"):
+            assert all(np.array_equal(x, y) for x, y in zip(before[key], after[key])), key
+        retry = again.post(path(sid, 2, "train"), tensors={"h": act(), "label:logits": np.array([0, 1])},
+                           token=token)
+        assert retry.content == answers[2]
+
+
+# ---------------------------------------------------------------------------------- durability
+def _failing(service: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """The disk refuses the log and the checkpoint (ENOSPC) until the returned function is called."""
+    real_append, real_save = service.wal.append, service.host.save_checkpoint
+
+    def full(*_: Any, **__: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(service.wal, "append", full)
+    monkeypatch.setattr(service.host, "save_checkpoint", full)
+
+    def restore() -> None:
+        monkeypatch.setattr(service.wal, "append", real_append)
+        monkeypatch.setattr(service.host, "save_checkpoint", real_save)
+
+    return restore
+
+
+def test_a_failed_log_write_is_refused_loudly_and_recovers(templates: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = copy_split(templates["u_shaped"], tmp_path / "u")
+    with LiveApp(settings_for(folder, checkpoint_every=10_000)) as live:
+        sid, token = live.open_session()
+        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        restore = _failing(live.service, monkeypatch)
+        grads = act()
+        refused = live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_durable"
+        assert refused.headers["retry-after"] == "2"
+        assert "No space left on device" in refused.json()["error"]["message"]
+        assert live.get("/readyz").status_code == 503 and live.get("/readyz").json()["status"] == "not_durable"
+        # while the disk refuses, nothing is acknowledged, not even the cached answer
+        assert live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token).status_code == 503
+        restore()
+        retry = live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token)
+        assert retry.status_code == 200  # a checkpoint made it durable; the update counted once
+        assert live.service.applied_steps == 1 and live.get("/readyz").status_code == 200
+        assert live.post(path(sid, 1, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        _failing(live.service, monkeypatch)
+        refused = live.post(path(sid, 1, "backward"), tensors={"m": act()}, token=token)
+        assert refused.status_code == 503
+        monkeypatch.undo()
+
+
+def test_a_forward_that_cannot_be_logged_leaves_nothing_pending(templates: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = copy_split(templates["u_shaped"], tmp_path / "u")
+    with LiveApp(settings_for(folder, checkpoint_every=10_000)) as live:
+        sid, token = live.open_session()
+        restore = _failing(live.service, monkeypatch)
+        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 503
+        assert live.service.runner._pending == {}
+        assert live.get(f"/v1/sessions/{sid}", token=token).json()["pending_step"] is None
+        restore()
+        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
