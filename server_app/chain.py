@@ -17,7 +17,8 @@ session.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from splitkeras.steps import StepLoop
@@ -223,6 +224,21 @@ class ChainExecutor:
             self.local.drop(key)
 
     # ---- the write-ahead log ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def isolated(self) -> Iterator[None]:
+        """Run a forward again to rebuild its tape without its side effects: the model's
+        variables (BatchNorm moving statistics, seed generator states) are put back after it;
+        a checkpoint already holds them."""
+        variables = list(self.local.runner.model.variables if isinstance(self.local, _LabelRunner)
+                         else self.local.model.variables)
+        saved = [v.numpy().copy() for v in variables]
+        try:
+            yield
+        finally:
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+
+
     def take_answers(self) -> list[bytes]:
         """The next server's answers (and a newly opened downstream session) of the change just
         made, for its log record."""

@@ -74,7 +74,11 @@ class SegmentService:
     def _replay(self, after: int) -> None:
         """Redo what the log holds past the checkpoint, then checkpoint (the log starts over)."""
         for record in self.wal.records(after=after):
-            self.steps.replay(record)
+            try:
+                self.steps.replay(record)
+            except RequestRefused as refusal:  # cannot happen for a log this server wrote
+                log.error("Could not replay log record %d (%s): %s", record.seq, record.kind, refusal)
+                continue
             self.replayed += 1
         self.wal.last_seq = max(self.wal.last_seq, after)
         if self.replayed:
@@ -117,6 +121,12 @@ class SegmentService:
         self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
                                   self.executor.persisted(), wal_seq=self.wal.last_seq)
         self.wal.reset()
+        try:
+            for record in self.steps.pending_records():  # their tapes are not in the checkpoint
+                self.wal.append(record)
+        except OSError:
+            self.durable = False  # nothing is acknowledged until a checkpoint logs them again
+            raise
         self._since_checkpoint = 0
 
     def _after_step(self) -> None:

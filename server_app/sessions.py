@@ -8,6 +8,7 @@ that was added until it is removed. `InMemorySessionStore` is a dict. Another st
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -27,20 +28,31 @@ class Session:
     expired_step: int | None = None
     applied_steps: int = 0
     pending_batch: int | None = None  # batch size of the pending forward (its gradients must match)
-    # cached responses (step, bytes) for exactly-once retries; not persisted
+    # cached responses (step, bytes) for exactly-once retries; the applied step's answer is
+    # persisted (a checkpoint taken right after an update must still answer its retry)
     last_forward: tuple[int, bytes] | None = None
     last_backward: tuple[int, bytes] | None = None
+    # the pending forward's logged blobs (its body, a chain's next-server answers): a checkpoint
+    # taken while it is pending logs them again, so its tape can be rebuilt after a crash
+    pending_blobs: list[bytes] | None = None
 
     def public(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "wire_dtype": self.wire_dtype,
                 "next_step": self.next_step, "pending_step": self.pending_step,
                 "applied_steps": self.applied_steps}
 
+    def __post_init__(self) -> None:
+        if isinstance(self.last_backward, list):  # as persisted: [step, base64 of the answer]
+            step, answer = self.last_backward
+            self.last_backward = (int(step), base64.b64decode(answer))
+
     def persisted(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON-ready); `Session(**persisted())` restores it."""
         data = asdict(self)
         data.pop("last_forward")
-        data.pop("last_backward")
+        data.pop("pending_blobs")
+        if self.last_backward is not None:
+            data["last_backward"] = [self.last_backward[0], base64.b64encode(self.last_backward[1]).decode()]
         return data
 
 

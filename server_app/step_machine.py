@@ -75,6 +75,7 @@ class StepMachine:
         self.journal, self.ensure_durable = journal, ensure_durable
         self.applied_steps = 0
         self.replaying = False
+        self._last_blobs: list[bytes] = []
 
     # ---- the write-ahead log (server_app.wal) ------------------------------------------------
     def _log(self, kind: str, session_id: str, step: int | None, body: bytes | None = None) -> None:
@@ -85,6 +86,13 @@ class StepMachine:
         answers: list[bytes] = getattr(self.executor, "take_answers", lambda: [])()
         blobs = ([] if body is None else [body]) + list(answers)
         self.journal(Record(kind, {"session": session_id, "step": step}, blobs))
+        self._last_blobs = blobs
+
+    def pending_records(self) -> list[Record]:
+        """For a checkpoint: the forwards still pending, to be logged again after it (their
+        tapes are not in the checkpoint)."""
+        return [Record("pending", {"session": s.session_id, "step": s.pending_step}, list(s.pending_blobs))
+                for s in self.store if s.pending_step is not None and s.pending_blobs is not None]
 
     def replay(self, record: Record) -> None:
         """Redo one logged change (at start, from the checkpoint on): the same request, with a
@@ -107,6 +115,11 @@ class StepMachine:
                 self._drop(session)
             elif record.kind in ("forward", "backward", "train"):
                 getattr(self, record.kind)(session, int(record.fields["step"]), record.blobs[0])
+            elif record.kind == "pending":  # rebuild the tape; the checkpoint has its side effects
+                with self.executor.isolated():  # type: ignore[attr-defined]
+                    self.forward(session, int(record.fields["step"]), record.blobs[0])
+            if record.kind in ("forward", "pending") and session.pending_step is not None:
+                session.pending_blobs = list(record.blobs)
         finally:
             self.replaying = False
             if feed is not None:
@@ -153,7 +166,7 @@ class StepMachine:
         self.executor.drop((session.session_id, session.pending_step))
         session.expired_step = session.pending_step
         session.next_step = session.pending_step
-        session.pending_step = None
+        session.pending_step, session.pending_blobs = None, None
 
     # ---- refusals ----------------------------------------------------------------------------
     def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
@@ -217,6 +230,7 @@ class StepMachine:
         except BaseException:
             self.executor.drop(key)  # not durable: not acknowledged, nothing left pending
             raise
+        session.pending_blobs = self._last_blobs
         session.pending_step, session.pending_since = step, self.clock()
         session.pending_batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
         session.lost_step = session.expired_step = None
@@ -275,7 +289,7 @@ class StepMachine:
 
     def _applied(self, session: Session, step: int, response: bytes, checkpoint: bool = True) -> None:
         session.last_backward = (step, response)  # before the checkpoint: a retry must find it
-        session.pending_step = None
+        session.pending_step, session.pending_blobs = None, None
         session.next_step = step + 1
         session.applied_steps += 1
         self.applied_steps += 1

@@ -316,6 +316,7 @@ def test_restore_after_a_restart_marks_the_pending_step_lost() -> None:
     m.steps.forward(m.session, 1, x(seed=3))
     saved = m.steps.persisted()
     assert saved == [m.session.persisted()] and "last_forward" not in saved[0]
+    assert saved[0]["last_backward"][0] == 0  # the applied step's answer survives a restart
 
     again = Machine()
     again.store.remove("s1")
@@ -323,7 +324,7 @@ def test_restore_after_a_restart_marks_the_pending_step_lost() -> None:
     session = again.store.get("s1")
     assert session is not None and again.steps.applied_steps == 7
     assert (session.next_step, session.pending_step, session.lost_step, session.applied_steps) == (1, None, 1, 1)
-    assert session.last_forward is None and session.last_backward is None
+    assert session.last_forward is None and session.last_backward == m.session.last_backward
 
     before = again.state()
     error = refused(again.steps.backward, session, 1, g())
