@@ -58,6 +58,23 @@ __all__ = ["Conditions", "CutPlan", "plan_single", "plan_pair", "device_only", "
            "Link", "ChainConditions", "ChainPlan", "plan_chain", "chain_device_only", "rank_chain"]
 
 
+def _batch_checks(batch_size: int, wire_dtype: str, device_memory_bytes: float | None
+                  ) -> list[tuple[bool, str]]:
+    """The checks both kinds of conditions share."""
+    return [
+        (batch_size >= 1, f"batch size must be >= 1, got {batch_size!r}"),
+        (wire_dtype in ("float32", "float16"), f"wire dtype must be 'float32' or 'float16', got {wire_dtype!r}"),
+        (device_memory_bytes is None or device_memory_bytes > 0,
+         f"device memory must be > 0 bytes, got {device_memory_bytes!r}"),
+    ]
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class Conditions:
     """The link and the two machines a plan is made for.
@@ -89,15 +106,8 @@ class Conditions:
             (self.device_flops > 0, f"device FLOP/s must be > 0, got {self.device_flops!r}"),
             (self.server_flops is None or self.server_flops > 0,
              f"server FLOP/s must be > 0, got {self.server_flops!r}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size!r}"),
-            (self.wire_dtype in ("float32", "float16"),
-             f"wire dtype must be 'float32' or 'float16', got {self.wire_dtype!r}"),
-            (self.device_memory_bytes is None or self.device_memory_bytes > 0,
-             f"device memory must be > 0 bytes, got {self.device_memory_bytes!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _raise_first(checks + _batch_checks(self.batch_size, self.wire_dtype, self.device_memory_bytes))
 
     @property
     def wire_factor(self) -> float:
@@ -325,15 +335,8 @@ class ChainConditions:
              f"{len(self.host_flops)} FLOP/s given"),
             (all(f is None or f > 0 for f in self.host_flops),
              f"host FLOP/s must be > 0, got {list(self.host_flops)!r}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size!r}"),
-            (self.wire_dtype in ("float32", "float16"),
-             f"wire dtype must be 'float32' or 'float16', got {self.wire_dtype!r}"),
-            (self.device_memory_bytes is None or self.device_memory_bytes > 0,
-             f"device memory must be > 0 bytes, got {self.device_memory_bytes!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _raise_first(checks + _batch_checks(self.batch_size, self.wire_dtype, self.device_memory_bytes))
 
     @property
     def hosts(self) -> tuple[str, ...]:

@@ -89,6 +89,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_plan, plan_usage_error=p.error)
 
 
+def _print_json(model: Any, source: Any, assumptions: dict[str, Any], reference: Any, plans: Any) -> None:
+    print(json.dumps({"model": model.name, "source": source, "assumptions": assumptions,
+                      "device_only": reference.to_json(), "plans": [p.to_json() for p in plans]}, indent=2))
+
+
 def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.3f}"
 
@@ -139,9 +144,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  "+ 2*crossing bytes*8/bandwidth + 2*requests per step*latency/batch size",
     }
     if args.format == "json":
-        print(json.dumps({"model": model.name, "source": source, "assumptions": assumptions,
-                          "device_only": reference.to_json(),
-                          "plans": [p.to_json() for p in plans]}, indent=2))
+        _print_json(model, source, assumptions, reference, plans)
         return 0
     server = "free" if args.server_flops is None else f"{args.server_flops:g} GFLOP/s"
     print(f"Model '{model.name}': {len(plans)} fastest plans, predicted ms per training sample")
@@ -222,9 +225,7 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
                  "every link between its two hosts: 2*crossing bytes*8/bandwidth + 2*latency/batch size",
     }
     if args.format == "json":
-        print(json.dumps({"model": model.name, "source": source, "assumptions": assumptions,
-                          "device_only": reference.to_json(),
-                          "plans": [p.to_json() for p in plans]}, indent=2))
+        _print_json(model, source, assumptions, reference, plans)
         return 0
     print(f"Model '{model.name}': {len(plans)} fastest cut sets for {' -> '.join(chain.placement)}, "
           "predicted ms per training sample")
