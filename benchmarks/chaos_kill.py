@@ -4,7 +4,7 @@ run is compared with the same training uninterrupted, in process.
 
     .venv/bin/python benchmarks/chaos_kill.py [--kills 20] [--epochs 6]
 
-Writes benchmarks/results/chaos_kill.{md,json}. The short form is tests/test_chaos.py.
+Writes benchmarks/results/chaos_kill.{md,json}. The short form is tests/test_chaos_kill.py.
 """
 
 from __future__ import annotations

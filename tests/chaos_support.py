@@ -2,7 +2,7 @@
 kills the server at random moments and restarts it; the result is compared with an
 uninterrupted in-process run from the same weights and batches.
 
-Used by `tests/test_chaos.py` (a short form, in the default suite) and
+Used by `tests/test_chaos_kill.py` (a short form, in the default suite) and
 `benchmarks/chaos_kill.py` (the long form, results in benchmarks/results/).
 """
 
