@@ -80,7 +80,7 @@ export class SplitDevice {
    */
   static async create({
     tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
-    fetch = globalThis.fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
+    fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
     seed, sleep,
   }) {
     if (!tf || typeof tf.tensor !== 'function') {
