@@ -269,6 +269,45 @@ export class DeviceSegment {
     return { inputGrads: inputs.map((_, i) => (this.inputGradients[i] ? watchedGrads[next++] : null)) };
   }
 
+  /**
+   * The label segment's evaluation of a batch, in inference mode (nothing changes): the loss
+   * (Keras' use of the logits behind a softmax/sigmoid output included), this segment's
+   * regularization, and each metric's sum and count.
+   * @returns {{loss: number, regularization: number,
+   *   metrics: Object<string, {sum: number, count: number}>}}
+   */
+  evaluate(inputs, y, lossSpec, metrics = []) {
+    const { tf } = this;
+    const result = { loss: 0, regularization: 0, metrics: {} };
+    tf.tidy(() => {
+      let logits = null;
+      try {
+        let output;
+        ({ output, logits } = captureLogits(tf, this.model,
+          () => this.model.apply(this.call(inputs), { training: false })));
+        const [yPred] = asList(output);
+        result.loss = lossSpec.compute(tf, y, yPred, logits).dataSync()[0];
+        for (const metric of metrics) {
+          const values = metricValues(tf, metric, y, yPred);
+          result.metrics[metric.name] = { sum: tf.sum(values).dataSync()[0], count: values.size };
+        }
+        const reg = this.regularization();
+        if (reg) result.regularization = reg.dataSync()[0];
+      } finally {
+        logits?.dispose();
+      }
+    });
+    return result;
+  }
+
+  /** The regularization loss of the current weights (0 if none). */
+  regularizationValue() {
+    return this.tf.tidy(() => {
+      const reg = this.regularization();
+      return reg ? reg.dataSync()[0] : 0;
+    });
+  }
+
   /** Inference-mode outputs (the caller owns them). */
   predict(inputs) {
     return this.tf.tidy(() => asList(this.model.apply(this.call(inputs), { training: false })));
