@@ -38,6 +38,7 @@
 // Several server stages: servers: {middle_1: 'https://edge.example.org',
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
+import { registerTrainingKernels } from './kernels.js';
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
 import { DeviceSegment } from './segment.js';
@@ -47,6 +48,7 @@ import { SplitDeviceError, isFloat, namedInputs } from './tensors.js';
 import { deriveTopology, placements } from './topology.js';
 
 export { ProtocolError, SplitSession } from './session.js';
+export { TRAINING_KERNELS, registerTrainingKernels } from './kernels.js';
 export { SegmentError } from './segment.js';
 export { UnsupportedTrainingConfigError } from './losses.js';
 export { SplitDeviceError } from './tensors.js';
@@ -70,23 +72,27 @@ export class SplitDevice {
    *   serverUrl?: string, servers?: Object<string, string|{url: string, key?: string}>,
    *   key?: string, wireDtype?: 'float32'|'float16', fetch?: Function,
    *   retries?: number, backoff?: number, maxBackoff?: number, timeoutMs?: number,
-   *   seed?: number}} options
+   *   seed?: number, kernels?: boolean}} options
    *   `models` maps each device segment name (head, tail) to a tf.LayersModel, an
    *   IOHandler or a URL for `tf.loadLayersModel`. `serverUrl` is the server of a split
    *   with one server stage; `servers` maps each server stage (its first segment's name,
    *   or that segment's host) to its first server's URL (and key, default `key`).
    *   `backoff` in milliseconds. `seed` seeds the per-step Dropout masks (default: random).
+   *   `kernels` (default true): register the runtime's training kernels (kernels.js) for the
+   *   cpu and wasm backends: fast conv/depthwise gradients on cpu, the ones wasm lacks or
+   *   gets wrong.
    * @returns {Promise<SplitDevice>}
    */
   static async create({
     tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
     fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
-    seed, sleep,
+    seed, sleep, kernels = true,
   }) {
     if (!tf || typeof tf.tensor !== 'function') {
       throw new SplitDeviceError('pass the @tensorflow/tfjs module as tf (import * as tf from '
         + "'@tensorflow/tfjs')");
     }
+    if (kernels) registerTrainingKernels(tf);
     const topology = checkTopology(manifest);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
       serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, timeoutMs, sleep,

@@ -1,0 +1,394 @@
+// Training kernels the device runtime registers with TF.js (4.22), so that a device segment
+// trains fast on the pure-JS `cpu` backend and trains at all, and right, on the `wasm` backend.
+// What the stock kernels do (measured in test/kernels.test.js and benchmarks/device_step.mjs):
+//
+//   kernel                               | cpu (stock)                        | wasm (stock)
+//   Conv2DBackpropFilter                 | replaced: a naive loop, ~40-60x    | missing: added
+//                                        |   slower than the forward conv     |
+//   DepthwiseConv2dNativeBackpropFilter  | replaced: naive, ~50x the forward  | missing: added
+//   DepthwiseConv2dNativeBackpropInput   | replaced (2-3x faster)             | missing: added
+//   DepthwiseConv2dNative (forward)      | replaced (~2x faster)              | stock (XNNPACK)
+//   MaxPoolGrad                          | stock                              | replaced: WRONG where a
+//                                        |                                    |   window's max is < 0
+//   AvgPoolGrad                          | replaced: WRONG with 'same'        | replaced: the same bug
+//                                        |   padding (divides by the whole    |
+//                                        |   window, the forward by the valid |
+//                                        |   part, as TF does)                |
+//
+// Everything else a conv/depthwise/pooling/BatchNorm/Dense model needs to train is stock on
+// both backends (Conv2D, FusedConv2D, Conv2DBackpropInput, BatchNorm's ops, ...;
+// test/kernels.test.js trains such a model on each). The kernels are plain loops over the
+// float32 data in NHWC order, with the filter-gradient sums in float64 (as the stock cpu
+// kernel does): dW[kh, kw, ci, co] = sum over (b, oh, ow) of x[b, ih, iw, ci] * dy[b, oh, ow, co],
+// with ih = oh * strideH + kh * dilationH - padTop (likewise iw), accumulated output position
+// by output position so that the innermost loop runs over contiguous channels. The padding
+// comes from TF.js's own `backend_util.computeConv2DInfo` / `computePool2DInfo`, so 'same',
+// 'valid', explicit and dimRoundingMode paddings mean what they mean to the stock kernels.
+// NCHW (channelsFirst) falls back to the stock kernel where there is one.
+//
+// They are checked against the stock cpu kernels and against TensorFlow/Keras numbers
+// (test/kernels.test.js, test/fixtures/kernel_fixtures.json, <= 1e-5 relative).
+//
+// Example:
+//   import * as tf from '@tensorflow/tfjs';
+//   import '@tensorflow/tfjs-backend-wasm';
+//   import { registerTrainingKernels } from 'splitkeras-device';
+//   registerTrainingKernels(tf);          // SplitDevice.create does this unless kernels: false
+//   await tf.setBackend('wasm');
+
+// The kernels registered for each backend.
+export const TRAINING_KERNELS = {
+  cpu: ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
+    'DepthwiseConv2dNativeBackpropInput', 'DepthwiseConv2dNative', 'AvgPoolGrad'],
+  wasm: ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
+    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad'],
+};
+
+const read = (backend, info) => backend.readSync(info.dataId);
+const output = (backend, shape, values) => ({ dataId: backend.write(values, shape, 'float32'), shape,
+  dtype: 'float32' });
+
+// convInfo of the stock kernels; null for NCHW (the caller falls back).
+function convInfo(tf, xShape, filterShape, strides, dilations, pad, dimRoundingMode, depthwise,
+  dataFormat = 'NHWC') {
+  const format = tf.backend_util.convertConv2DDataFormat(dataFormat);
+  if (format !== 'channelsLast') return null;
+  return tf.backend_util.computeConv2DInfo(xShape, filterShape, strides, dilations, pad,
+    dimRoundingMode, depthwise, format);
+}
+
+/**
+ * dW of a 2-D convolution (NHWC) from x and dy: Float32Array in filter layout [fh, fw, ci, co].
+ * @param {object} info TF.js conv info (backend_util.computeConv2DInfo)
+ */
+export function conv2dFilterGrad(x, dy, info) {
+  const { batchSize: B, inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
+    outChannels: CO, strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const top = padInfo.top;
+  const left = padInfo.left;
+  const acc = new Float64Array(FH * FW * CI * CO);
+  for (let b = 0; b < B; b += 1) {
+    for (let oh = 0; oh < OH; oh += 1) {
+      const ih0 = oh * SH - top;
+      for (let ow = 0; ow < OW; ow += 1) {
+        const iw0 = ow * SW - left;
+        const dyOff = ((b * OH + oh) * OW + ow) * CO;
+        for (let kh = 0; kh < FH; kh += 1) {
+          const ih = ih0 + kh * DH;
+          if (ih < 0 || ih >= H) continue;
+          for (let kw = 0; kw < FW; kw += 1) {
+            const iw = iw0 + kw * DW;
+            if (iw < 0 || iw >= W) continue;
+            const xOff = ((b * H + ih) * W + iw) * CI;
+            let wOff = (kh * FW + kw) * CI * CO;
+            for (let ci = 0; ci < CI; ci += 1, wOff += CO) {
+              const v = x[xOff + ci];
+              if (v === 0) continue;
+              for (let co = 0; co < CO; co += 1) acc[wOff + co] += v * dy[dyOff + co];
+            }
+          }
+        }
+      }
+    }
+  }
+  return Float32Array.from(acc);
+}
+
+/** dW of a depthwise convolution (NHWC), filter layout [fh, fw, ci, multiplier]. */
+export function depthwiseFilterGrad(x, dy, info) {
+  const { batchSize: B, inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
+    outChannels: CO, strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const M = CO / CI;
+  const acc = new Float64Array(FH * FW * CO);
+  for (let b = 0; b < B; b += 1) {
+    for (let oh = 0; oh < OH; oh += 1) {
+      const ih0 = oh * SH - padInfo.top;
+      for (let ow = 0; ow < OW; ow += 1) {
+        const iw0 = ow * SW - padInfo.left;
+        const dyOff = ((b * OH + oh) * OW + ow) * CO;
+        for (let kh = 0; kh < FH; kh += 1) {
+          const ih = ih0 + kh * DH;
+          if (ih < 0 || ih >= H) continue;
+          for (let kw = 0; kw < FW; kw += 1) {
+            const iw = iw0 + kw * DW;
+            if (iw < 0 || iw >= W) continue;
+            const xOff = ((b * H + ih) * W + iw) * CI;
+            const wOff = (kh * FW + kw) * CO;
+            if (M === 1) {
+              for (let c = 0; c < CI; c += 1) acc[wOff + c] += x[xOff + c] * dy[dyOff + c];
+            } else {
+              for (let c = 0; c < CI; c += 1) {
+                const v = x[xOff + c];
+                const o = c * M;
+                for (let m = 0; m < M; m += 1) acc[wOff + o + m] += v * dy[dyOff + o + m];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return Float32Array.from(acc);
+}
+
+/** dx of a depthwise convolution (NHWC) from dy and the filter [fh, fw, ci, multiplier]. */
+export function depthwiseInputGrad(dy, filter, info) {
+  const { batchSize: B, inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
+    outChannels: CO, strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const M = CO / CI;
+  const dx = new Float32Array(B * H * W * CI);
+  for (let b = 0; b < B; b += 1) {
+    for (let oh = 0; oh < OH; oh += 1) {
+      const ih0 = oh * SH - padInfo.top;
+      for (let ow = 0; ow < OW; ow += 1) {
+        const iw0 = ow * SW - padInfo.left;
+        const dyOff = ((b * OH + oh) * OW + ow) * CO;
+        for (let kh = 0; kh < FH; kh += 1) {
+          const ih = ih0 + kh * DH;
+          if (ih < 0 || ih >= H) continue;
+          for (let kw = 0; kw < FW; kw += 1) {
+            const iw = iw0 + kw * DW;
+            if (iw < 0 || iw >= W) continue;
+            const xOff = ((b * H + ih) * W + iw) * CI;
+            const wOff = (kh * FW + kw) * CO;
+            if (M === 1) {
+              for (let c = 0; c < CI; c += 1) dx[xOff + c] += dy[dyOff + c] * filter[wOff + c];
+            } else {
+              for (let c = 0; c < CI; c += 1) {
+                let sum = 0;
+                for (let m = 0; m < M; m += 1) sum += dy[dyOff + c * M + m] * filter[wOff + c * M + m];
+                dx[xOff + c] += sum;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return dx;
+}
+
+/** The forward depthwise convolution (NHWC), [b, oh, ow, ci * multiplier]. */
+export function depthwiseForward(x, filter, info) {
+  const { batchSize: B, inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
+    outChannels: CO, strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const M = CO / CI;
+  const y = new Float32Array(B * OH * OW * CO);
+  const sum = new Float64Array(CO);
+  for (let b = 0; b < B; b += 1) {
+    for (let oh = 0; oh < OH; oh += 1) {
+      const ih0 = oh * SH - padInfo.top;
+      for (let ow = 0; ow < OW; ow += 1) {
+        const iw0 = ow * SW - padInfo.left;
+        sum.fill(0);
+        for (let kh = 0; kh < FH; kh += 1) {
+          const ih = ih0 + kh * DH;
+          if (ih < 0 || ih >= H) continue;
+          for (let kw = 0; kw < FW; kw += 1) {
+            const iw = iw0 + kw * DW;
+            if (iw < 0 || iw >= W) continue;
+            const xOff = ((b * H + ih) * W + iw) * CI;
+            const wOff = (kh * FW + kw) * CO;
+            if (M === 1) {
+              for (let c = 0; c < CI; c += 1) sum[c] += x[xOff + c] * filter[wOff + c];
+            } else {
+              for (let c = 0; c < CI; c += 1) {
+                const v = x[xOff + c];
+                for (let m = 0; m < M; m += 1) sum[c * M + m] += v * filter[wOff + c * M + m];
+              }
+            }
+          }
+        }
+        y.set(sum, ((b * OH + oh) * OW + ow) * CO);
+      }
+    }
+  }
+  return y;
+}
+
+/** dx of a max pool (NHWC): each window's dy goes to its first maximum (row-major), as TF. */
+export function maxPoolGrad(x, dy, info) {
+  const { batchSize: B, inHeight: H, inWidth: W, inChannels: C, outHeight: OH, outWidth: OW,
+    strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const dx = new Float32Array(B * H * W * C);
+  const best = new Float32Array(C);
+  const where = new Int32Array(C);
+  for (let b = 0; b < B; b += 1) {
+    for (let oh = 0; oh < OH; oh += 1) {
+      const ih0 = oh * SH - padInfo.top;
+      for (let ow = 0; ow < OW; ow += 1) {
+        const iw0 = ow * SW - padInfo.left;
+        best.fill(-Infinity);
+        where.fill(-1);
+        for (let kh = 0; kh < FH; kh += 1) {
+          const ih = ih0 + kh * DH;
+          if (ih < 0 || ih >= H) continue;
+          for (let kw = 0; kw < FW; kw += 1) {
+            const iw = iw0 + kw * DW;
+            if (iw < 0 || iw >= W) continue;
+            const xOff = ((b * H + ih) * W + iw) * C;
+            for (let c = 0; c < C; c += 1) {
+              const v = x[xOff + c];
+              if (v > best[c] || (where[c] < 0 && v === -Infinity)) {
+                best[c] = v;
+                where[c] = xOff + c;
+              }
+            }
+          }
+        }
+        const dyOff = ((b * OH + oh) * OW + ow) * C;
+        for (let c = 0; c < C; c += 1) if (where[c] >= 0) dx[where[c]] += dy[dyOff + c];
+      }
+    }
+  }
+  return dx;
+}
+
+/** dx of an average pool (NHWC): dy / (the window's valid, unpadded size), as TF. */
+export function avgPoolGrad(dy, info) {
+  const { batchSize: B, inHeight: H, inWidth: W, inChannels: C, outHeight: OH, outWidth: OW,
+    strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const dx = new Float32Array(B * H * W * C);
+  for (let b = 0; b < B; b += 1) {
+    for (let oh = 0; oh < OH; oh += 1) {
+      const ih0 = oh * SH - padInfo.top;
+      let rows = 0;
+      for (let kh = 0; kh < FH; kh += 1) if (ih0 + kh * DH >= 0 && ih0 + kh * DH < H) rows += 1;
+      for (let ow = 0; ow < OW; ow += 1) {
+        const iw0 = ow * SW - padInfo.left;
+        let cols = 0;
+        for (let kw = 0; kw < FW; kw += 1) if (iw0 + kw * DW >= 0 && iw0 + kw * DW < W) cols += 1;
+        if (!rows || !cols) continue;
+        const scale = 1 / (rows * cols);
+        const dyOff = ((b * OH + oh) * OW + ow) * C;
+        for (let kh = 0; kh < FH; kh += 1) {
+          const ih = ih0 + kh * DH;
+          if (ih < 0 || ih >= H) continue;
+          for (let kw = 0; kw < FW; kw += 1) {
+            const iw = iw0 + kw * DW;
+            if (iw < 0 || iw >= W) continue;
+            const xOff = ((b * H + ih) * W + iw) * C;
+            for (let c = 0; c < C; c += 1) dx[xOff + c] += dy[dyOff + c] * scale;
+          }
+        }
+      }
+    }
+  }
+  return dx;
+}
+
+function unsupported(name, backendName, why) {
+  throw new Error(`${name} on the ${backendName} backend: ${why} (splitkeras-device kernels.js `
+    + 'handles NHWC float32 only)');
+}
+
+// kernelFunc factories; `stock` is the backend's own kernel (or undefined) for what they do not handle.
+const FACTORIES = {
+  Conv2DBackpropFilter: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { x, dy } = inputs;
+    const { strides, pad, dataFormat, dimRoundingMode, filterShape } = attrs;
+    const info = convInfo(tf, x.shape, filterShape, strides, 1, pad, dimRoundingMode, false, dataFormat);
+    if (!info) {
+      return stock ? stock.kernelFunc({ inputs, backend, attrs })
+        : unsupported('Conv2DBackpropFilter', backendName, `data format ${dataFormat}`);
+    }
+    return output(backend, info.filterShape, conv2dFilterGrad(read(backend, x), read(backend, dy), info));
+  },
+  DepthwiseConv2dNativeBackpropFilter: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { x, dy } = inputs;
+    const { strides, dilations, pad, dimRoundingMode, filterShape } = attrs;
+    const info = convInfo(tf, x.shape, filterShape, strides, dilations, pad, dimRoundingMode, true);
+    return output(backend, info.filterShape, depthwiseFilterGrad(read(backend, x), read(backend, dy), info));
+  },
+  DepthwiseConv2dNativeBackpropInput: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { dy, filter } = inputs;
+    const { strides, dilations, pad, dimRoundingMode, inputShape } = attrs;
+    const info = convInfo(tf, inputShape, filter.shape, strides, dilations, pad, dimRoundingMode, true);
+    return output(backend, info.inShape, depthwiseInputGrad(read(backend, dy), read(backend, filter), info));
+  },
+  MaxPoolGrad: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { dy, input } = inputs;
+    const { filterSize, strides, pad, dimRoundingMode } = attrs;
+    const info = tf.backend_util.computePool2DInfo(input.shape, filterSize, strides, 1, pad,
+      dimRoundingMode);
+    return output(backend, input.shape, maxPoolGrad(read(backend, input), read(backend, dy), info));
+  },
+  AvgPoolGrad: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { dy, input } = inputs;
+    const { filterSize, strides, pad, dimRoundingMode } = attrs;
+    const info = tf.backend_util.computePool2DInfo(input.shape, filterSize, strides, 1, pad,
+      dimRoundingMode);
+    return output(backend, input.shape, avgPoolGrad(read(backend, dy), info));
+  },
+  DepthwiseConv2dNative: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { x, filter } = inputs;
+    const { strides, pad, dilations, dimRoundingMode } = attrs;
+    const $dilations = dilations ?? [1, 1];
+    const info = convInfo(tf, x.shape, filter.shape, strides, $dilations, pad, dimRoundingMode, true);
+    if (x.dtype !== 'float32' || filter.dtype !== 'float32') {
+      return stock ? stock.kernelFunc({ inputs, backend, attrs })
+        : unsupported('DepthwiseConv2dNative', backendName, `dtype ${x.dtype}`);
+    }
+    return output(backend, info.outShape, depthwiseForward(read(backend, x), read(backend, filter), info));
+  },
+};
+
+// tf module -> {backendName: {kernelName: stock config or null}} of what this module replaced.
+const REGISTERED = new WeakMap();
+
+/**
+ * Register the training kernels for `backends` (default: cpu and wasm). Idempotent. A backend
+ * need not be loaded yet: the kernels are found when it is set. Returns what was registered
+ * and a `restore()` that puts the stock kernels back (for comparisons).
+ * @param {object} tf the @tensorflow/tfjs module (or tfjs-core)
+ * @param {{backends?: string[]}} [options]
+ * @returns {{registered: Array<{kernelName: string, backendName: string, replaced: boolean}>,
+ *   restore: () => void}}
+ */
+export function registerTrainingKernels(tf, { backends = ['cpu', 'wasm'] } = {}) {
+  if (typeof tf?.registerKernel !== 'function' || !tf.backend_util) {
+    throw new TypeError('registerTrainingKernels: pass the @tensorflow/tfjs module as tf');
+  }
+  let state = REGISTERED.get(tf);
+  if (!state) {
+    state = {};
+    REGISTERED.set(tf, state);
+  }
+  const registered = [];
+  for (const backendName of backends) {
+    const names = TRAINING_KERNELS[backendName];
+    if (!names) {
+      throw new Error(`registerTrainingKernels: no kernels for backend '${backendName}'; `
+        + `known: ${Object.keys(TRAINING_KERNELS).join(', ')}`);
+    }
+    state[backendName] ??= {};
+    for (const kernelName of names) {
+      if (!(kernelName in state[backendName])) {
+        const stock = tf.getKernel(kernelName, backendName) ?? null;
+        if (stock) tf.unregisterKernel(kernelName, backendName);
+        tf.registerKernel({ kernelName, backendName,
+          kernelFunc: FACTORIES[kernelName](tf, backendName, stock) });
+        state[backendName][kernelName] = stock;
+      }
+      registered.push({ kernelName, backendName, replaced: state[backendName][kernelName] !== null });
+    }
+  }
+  const restore = () => {
+    for (const backendName of backends) {
+      for (const kernelName of TRAINING_KERNELS[backendName]) {
+        if (!state[backendName] || !(kernelName in state[backendName])) continue;
+        const stock = state[backendName][kernelName];
+        tf.unregisterKernel(kernelName, backendName);
+        if (stock) tf.registerKernel(stock);
+        delete state[backendName][kernelName];
+      }
+    }
+  };
+  return { registered, restore };
+}
