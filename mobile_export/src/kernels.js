@@ -14,6 +14,8 @@
 //                                        |   padding (divides by the whole    |
 //                                        |   window, the forward by the valid |
 //                                        |   part, as TF does)                |
+//   UnsortedSegmentSum (Gather's and     | stock                              | missing: added
+//     Embedding's gradient)              |                                    |
 //
 // Everything else a conv/depthwise/pooling/BatchNorm/Dense model needs to train is stock on
 // both backends (Conv2D, FusedConv2D, Conv2DBackpropInput, BatchNorm's ops, ...;
@@ -41,7 +43,7 @@ export const TRAINING_KERNELS = {
   cpu: ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
     'DepthwiseConv2dNativeBackpropInput', 'DepthwiseConv2dNative', 'AvgPoolGrad'],
   wasm: ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
-    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad'],
+    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad', 'UnsortedSegmentSum'],
 };
 
 const read = (backend, info) => backend.readSync(info.dataId);
@@ -283,6 +285,19 @@ export function avgPoolGrad(dy, info) {
   return dx;
 }
 
+/** out[s, ...] = sum of x[i, ...] over i with segmentIds[i] = s (ids outside [0, n) dropped). */
+export function unsortedSegmentSum(x, ids, numSegments, inner, Out = Float32Array) {
+  const out = new Out(numSegments * inner);
+  for (let i = 0; i < ids.length; i += 1) {
+    const s = ids[i];
+    if (s < 0 || s >= numSegments) continue;
+    const src = i * inner;
+    const dst = s * inner;
+    for (let j = 0; j < inner; j += 1) out[dst + j] += x[src + j];
+  }
+  return out;
+}
+
 function unsupported(name, backendName, why) {
   throw new Error(`${name} on the ${backendName} backend: ${why} (splitkeras-device kernels.js `
     + 'handles NHWC float32 only)');
@@ -325,6 +340,21 @@ const FACTORIES = {
     const info = tf.backend_util.computePool2DInfo(input.shape, filterSize, strides, 1, pad,
       dimRoundingMode);
     return output(backend, input.shape, avgPoolGrad(read(backend, dy), info));
+  },
+  UnsortedSegmentSum: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { x, segmentIds } = inputs;
+    const { numSegments } = attrs;
+    if (segmentIds.shape.length !== 1 || segmentIds.shape[0] !== x.shape[0]) {
+      // the op flattens nothing else: TF.js's unsortedSegmentSum takes 1-D ids over axis 0
+      return stock ? stock.kernelFunc({ inputs, backend, attrs })
+        : unsupported('UnsortedSegmentSum', backendName, `segmentIds of shape [${segmentIds.shape}]`);
+    }
+    const inner = x.shape.slice(1).reduce((a, b) => a * b, 1);
+    const shape = [numSegments, ...x.shape.slice(1)];
+    const dtype = x.dtype === 'int32' ? 'int32' : 'float32';
+    const values = unsortedSegmentSum(read(backend, x), read(backend, segmentIds), numSegments, inner,
+      dtype === 'int32' ? Int32Array : Float32Array);
+    return { dataId: backend.write(values, shape, dtype), shape, dtype };
   },
   DepthwiseConv2dNative: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
     const { x, filter } = inputs;

@@ -219,7 +219,7 @@ test('wasm: a conv/depthwise/separable/pooling/BatchNorm model trains, with the 
     const { registered } = registerTrainingKernels(tf);
     assert.deepEqual(registered.filter((r) => r.backendName === 'wasm' && !r.replaced)
       .map((r) => r.kernelName).sort(), ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
-      'DepthwiseConv2dNativeBackpropInput'], 'the kernels wasm lacks');
+      'DepthwiseConv2dNativeBackpropInput', 'UnsortedSegmentSum'], 'the kernels wasm lacks');
     assert.deepEqual(registered.filter((r) => r.backendName === 'wasm').map((r) => r.kernelName),
       TRAINING_KERNELS.wasm);
     const grads = gradsOn(model, x, g);
@@ -229,6 +229,26 @@ test('wasm: a conv/depthwise/separable/pooling/BatchNorm model trains, with the 
   } finally {
     await tf.setBackend('cpu');
     registerTrainingKernels(tf);
+  }
+});
+
+test('wasm: an Embedding trains (UnsortedSegmentSum, its gradient, is added), as on cpu', async () => {
+  await tf.setBackend('cpu');
+  const model = tf.sequential({ layers: [tf.layers.embedding({ inputDim: 7, outputDim: 3, inputLength: 5,
+    embeddingsInitializer: tf.initializers.randomUniform({ minval: -1, maxval: 1, seed: 3 }) }),
+  tf.layers.flatten(), tf.layers.dense({ units: 2, kernelInitializer: tf.initializers.glorotUniform({ seed: 4 }) })] });
+  const ids = tf.tensor([[1, 2, 2, 6, 0], [6, 6, 3, 1, 1]], [2, 5], 'int32');
+  const g = tf.tensor([[1, -2], [0.5, 3]]);
+  const reference = gradsOn(model, ids, g).map((t) => ({ shape: t.shape, data: t.dataSync() }));
+  await tf.setBackend('wasm');
+  try {
+    gradsOn(model, ids, g).forEach((t, i) => close(t, tf.tensor(reference[i].data, reference[i].shape),
+      `wasm grad of ${model.trainableWeights[i].originalName}`, 1e-6));
+    const summed = tf.unsortedSegmentSum(tf.tensor([[1, 2], [3, 4], [5, 6]], [3, 2], 'int32'),
+      tf.tensor1d([2, 0, 2], 'int32'), 3);
+    assert.deepEqual(summed.arraySync(), [[3, 4], [0, 0], [6, 8]]);
+  } finally {
+    await tf.setBackend('cpu');
   }
 });
 
