@@ -142,7 +142,7 @@ export class SplitDevice {
       : { stage, session: stageSessions.get(stage.name) }));
     this.devices = this.runners.filter((r) => r.segment).map((r) => r.segment);
     this.head = this.devices[0];
-    this.tail = this.runners.at(-1).segment ?? null;
+    this.tail = this.runners[this.runners.length - 1].segment ?? null;
     this.stepCount = 0;
   }
 

@@ -60,7 +60,7 @@ export function deriveSeed(...parts) {
  */
 export function captureLogits(tf, model, fn) {
   const layer = model.outputLayers?.length === 1 ? model.outputLayers[0]
-    : (model.getClassName?.() === 'Sequential' ? model.layers.at(-1) : null);
+    : (model.getClassName?.() === 'Sequential' ? model.layers[model.layers.length - 1] : null);
   let logits = null;
   let restore = () => {};
   const className = layer?.getClassName?.();

@@ -33,7 +33,7 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
   const result = { step, metrics: {} };
   const received = details ? new Map() : null; // stage -> Map(name -> tensor copy data)
   const regularization = [];
-  const label = runners.at(-1);
+  const label = runners[runners.length - 1];
   const others = runners.slice(0, -1);
   let labels = null;
 
@@ -182,7 +182,7 @@ export async function runEvaluate(device, x, y) {
   let labels = null;
   try {
     labels = labelTensor(tf, y, samples);
-    const label = runners.at(-1);
+    const label = runners[runners.length - 1];
     if (label.segment) {
       const regularization = await infer(device, runners.slice(0, -1), store);
       const out = label.segment.evaluate(label.segment.inputNames.map((n) => store.get(n)), labels,
