@@ -40,11 +40,16 @@
 
 // The kernels registered for each backend.
 export const TRAINING_KERNELS = {
-  cpu: ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
-    'DepthwiseConv2dNativeBackpropInput', 'DepthwiseConv2dNative', 'AvgPoolGrad'],
-  wasm: ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
-    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad', 'UnsortedSegmentSum'],
+  cpu: ['Conv2D', 'FusedConv2D', 'Conv2DBackpropFilter', 'Conv2DBackpropInput',
+    'DepthwiseConv2dNativeBackpropFilter',
+    'DepthwiseConv2dNativeBackpropInput', 'DepthwiseConv2dNative', 'AvgPoolGrad', 'Tile',
+    ...REDUCE_KERNELS, ...BINARY_KERNELS],
+  wasm: ['Conv2DBackpropFilter', 'Conv2DBackpropInput', 'DepthwiseConv2dNativeBackpropFilter',
+    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad', 'UnsortedSegmentSum', 'Tile'],
 };
+
+import { gemm, transpose } from './gemm.js';
+import { BINARY_KERNELS, REDUCE_KERNELS, binaryKernel, reduceKernel, tileKernel } from './generic_kernels.js';
 
 const read = (backend, info) => backend.readSync(info.dataId);
 const output = (backend, shape, values) => ({ dataId: backend.write(values, shape, 'float32'), shape,
@@ -59,42 +64,29 @@ function convInfo(tf, xShape, filterShape, strides, dilations, pad, dimRoundingM
     dimRoundingMode, depthwise, format);
 }
 
+// Rows of im2col per block of the cpu convolutions: about 4 MiB of patches at a time.
+const BLOCK_FLOATS = 1 << 20;
+const blockRows = (K) => Math.max(4, Math.floor(BLOCK_FLOATS / Math.max(K, 1)));
+
 /**
- * dW of a 2-D convolution (NHWC) from x and dy: Float32Array in filter layout [fh, fw, ci, co].
+ * dW of a 2-D convolution (NHWC) from x and dy: Float32Array in filter layout [fh, fw, ci, co],
+ * im2col(x)^T @ dy, block of rows by block of rows (x itself for a 1x1 conv).
  * @param {object} info TF.js conv info (backend_util.computeConv2DInfo)
  */
 export function conv2dFilterGrad(x, dy, info) {
-  const { batchSize: B, inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
-    outChannels: CO, strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
-    filterHeight: FH, filterWidth: FW, padInfo } = info;
-  const top = padInfo.top;
-  const left = padInfo.left;
-  const acc = new Float64Array(FH * FW * CI * CO);
-  for (let b = 0; b < B; b += 1) {
-    for (let oh = 0; oh < OH; oh += 1) {
-      const ih0 = oh * SH - top;
-      for (let ow = 0; ow < OW; ow += 1) {
-        const iw0 = ow * SW - left;
-        const dyOff = ((b * OH + oh) * OW + ow) * CO;
-        for (let kh = 0; kh < FH; kh += 1) {
-          const ih = ih0 + kh * DH;
-          if (ih < 0 || ih >= H) continue;
-          for (let kw = 0; kw < FW; kw += 1) {
-            const iw = iw0 + kw * DW;
-            if (iw < 0 || iw >= W) continue;
-            const xOff = ((b * H + ih) * W + iw) * CI;
-            let wOff = (kh * FW + kw) * CI * CO;
-            for (let ci = 0; ci < CI; ci += 1, wOff += CO) {
-              const v = x[xOff + ci];
-              if (v === 0) continue;
-              for (let co = 0; co < CO; co += 1) acc[wOff + co] += v * dy[dyOff + co];
-            }
-          }
-        }
-      }
-    }
+  const rows = info.batchSize * info.outHeight * info.outWidth;
+  const K = info.filterHeight * info.filterWidth * info.inChannels;
+  const CO = info.outChannels;
+  const dW = new Float32Array(K * CO);
+  if (isPointwise(info)) return gemm(transpose(x, rows, K), dy, dW, K, rows, CO);
+  const step = blockRows(K);
+  const cols = new Float32Array(step * K);
+  for (let r0 = 0; r0 < rows; r0 += step) {
+    const n = Math.min(step, rows - r0);
+    im2col(x, info, r0, r0 + n, cols);
+    gemm(transpose(cols, n, K), dy.subarray(r0 * CO, (r0 + n) * CO), dW, K, n, CO, true);
   }
-  return Float32Array.from(acc);
+  return dW;
 }
 
 /** dW of a depthwise convolution (NHWC), filter layout [fh, fw, ci, multiplier]. */
@@ -298,6 +290,126 @@ export function unsortedSegmentSum(x, ids, numSegments, inner, Out = Float32Arra
   return out;
 }
 
+/** dx of a 2-D convolution (NHWC) from dy and the filter [fh, fw, ci, co]: col2im(dy @ W^T). */
+export function conv2dInputGrad(dy, filter, info) {
+  const rows = info.batchSize * info.outHeight * info.outWidth;
+  const K = info.filterHeight * info.filterWidth * info.inChannels;
+  const CO = info.outChannels;
+  const filterT = transpose(filter, K, CO);
+  if (isPointwise(info)) return gemm(dy, filterT, new Float32Array(rows * K), rows, CO, K);
+  const dx = new Float32Array(info.batchSize * info.inHeight * info.inWidth * info.inChannels);
+  const step = blockRows(K);
+  const cols = new Float32Array(step * K);
+  for (let r0 = 0; r0 < rows; r0 += step) {
+    const n = Math.min(step, rows - r0);
+    gemm(dy.subarray(r0 * CO, (r0 + n) * CO), filterT, cols, n, CO, K);
+    col2im(cols, info, r0, r0 + n, dx);
+  }
+  return dx;
+}
+
+/** The forward 2-D convolution (NHWC) with an optional bias [co] and activation: im2col @ W. */
+export function conv2dForward(x, filter, info, bias = null, activation = 'linear', alpha = 0.2) {
+  const rows = info.batchSize * info.outHeight * info.outWidth;
+  const K = info.filterHeight * info.filterWidth * info.inChannels;
+  const CO = info.outChannels;
+  const y = new Float32Array(rows * CO);
+  if (isPointwise(info)) {
+    gemm(x, filter, y, rows, K, CO);
+  } else {
+    const step = blockRows(K);
+    const cols = new Float32Array(step * K);
+    for (let r0 = 0; r0 < rows; r0 += step) {
+      const n = Math.min(step, rows - r0);
+      im2col(x, info, r0, r0 + n, cols);
+      gemm(cols, filter, y.subarray(r0 * CO, (r0 + n) * CO), n, K, CO);
+    }
+  }
+  if (bias) {
+    for (let base = 0; base < y.length; base += CO) {
+      for (let co = 0; co < CO; co += 1) y[base + co] += bias[co];
+    }
+  }
+  return activate(y, activation, alpha);
+}
+
+// The fused activations of TF.js's FusedConv2D (prelu is left to the stock kernel).
+const ACTIVATIONS = ['linear', 'relu', 'relu6', 'leakyrelu', 'elu', 'sigmoid'];
+function activate(y, activation, alpha) {
+  const n = y.length;
+  switch (activation) {
+    case 'relu': for (let i = 0; i < n; i += 1) if (y[i] < 0) y[i] = 0; break;
+    case 'relu6': for (let i = 0; i < n; i += 1) y[i] = y[i] < 0 ? 0 : (y[i] > 6 ? 6 : y[i]); break;
+    case 'leakyrelu': for (let i = 0; i < n; i += 1) if (y[i] < 0) y[i] *= alpha; break;
+    case 'elu': for (let i = 0; i < n; i += 1) if (y[i] < 0) y[i] = Math.exp(y[i]) - 1; break;
+    case 'sigmoid': for (let i = 0; i < n; i += 1) y[i] = 1 / (1 + Math.exp(-y[i])); break;
+    default: break;
+  }
+  return y;
+}
+
+const isPointwise = (info) => info.filterHeight === 1 && info.filterWidth === 1
+  && info.strideHeight === 1 && info.strideWidth === 1 && info.padInfo.top === 0
+  && info.padInfo.left === 0 && info.outHeight === info.inHeight && info.outWidth === info.inWidth;
+
+// The output positions [r0, r1) (rows of im2col: r = (b * OH + oh) * OW + ow) and each
+// one's window: calls visit(row, xOff, colOff) for every filter tap inside the input.
+function forWindows(info, r0, r1, visit) {
+  const { inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
+    strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  for (let r = r0; r < r1; r += 1) {
+    const ow = r % OW;
+    const oh = Math.floor(r / OW) % OH;
+    const b = Math.floor(r / (OW * OH));
+    const ih0 = oh * SH - padInfo.top;
+    const iw0 = ow * SW - padInfo.left;
+    for (let kh = 0; kh < FH; kh += 1) {
+      const ih = ih0 + kh * DH;
+      if (ih < 0 || ih >= H) continue;
+      for (let kw = 0; kw < FW; kw += 1) {
+        const iw = iw0 + kw * DW;
+        if (iw < 0 || iw >= W) continue;
+        visit(r - r0, ((b * H + ih) * W + iw) * CI, (kh * FW + kw) * CI);
+      }
+    }
+  }
+}
+
+/**
+ * im2col of the output positions [r0, r1): [r1 - r0, fh * fw * ci] patches into `cols`
+ * (zeros where the window is in the padding).
+ */
+export function im2col(x, info, r0 = 0, r1 = info.batchSize * info.outHeight * info.outWidth,
+  cols = new Float32Array((r1 - r0) * info.filterHeight * info.filterWidth * info.inChannels)) {
+  const CI = info.inChannels;
+  const K = info.filterHeight * info.filterWidth * CI;
+  cols.fill(0, 0, (r1 - r0) * K);
+  forWindows(info, r0, r1, (row, xOff, colOff) => {
+    cols.set(x.subarray(xOff, xOff + CI), row * K + colOff);
+  });
+  return cols;
+}
+
+/** col2im: the scatter-add of the columns of positions [r0, r1) into dx [b, h, w, ci]. */
+export function col2im(cols, info, r0 = 0, r1 = info.batchSize * info.outHeight * info.outWidth,
+  dx = new Float32Array(info.batchSize * info.inHeight * info.inWidth * info.inChannels)) {
+  const CI = info.inChannels;
+  const K = info.filterHeight * info.filterWidth * CI;
+  forWindows(info, r0, r1, (row, xOff, colOff) => {
+    const c = row * K + colOff;
+    for (let ci = 0; ci < CI; ci += 1) dx[xOff + ci] += cols[c + ci];
+  });
+  return dx;
+}
+
+// The backend's own BatchMatMul (XNNPACK on wasm) on [1, m, k] x [1, k, n] views.
+function matMul(tf, backendName, backend, a, b, transposeA, transposeB) {
+  return tf.getKernel('BatchMatMul', backendName).kernelFunc({ inputs: { a, b }, backend,
+    attrs: { transposeA, transposeB } });
+}
+const view = (info, shape) => ({ dataId: info.dataId, shape, dtype: info.dtype });
+
 function unsupported(name, backendName, why) {
   throw new Error(`${name} on the ${backendName} backend: ${why} (splitkeras-device kernels.js `
     + 'handles NHWC float32 only)');
@@ -313,7 +425,66 @@ const FACTORIES = {
       return stock ? stock.kernelFunc({ inputs, backend, attrs })
         : unsupported('Conv2DBackpropFilter', backendName, `data format ${dataFormat}`);
     }
+    if (backendName === 'wasm') {
+      // dW = im2col(x)^T @ dy on the backend's matrix product (x itself for a 1x1 conv)
+      const rows = info.batchSize * info.outHeight * info.outWidth;
+      const K = info.filterHeight * info.filterWidth * info.inChannels;
+      const pointwise = isPointwise(info);
+      const cols = pointwise ? x : { dataId: backend.write(im2col(read(backend, x), info), [rows, K], 'float32'),
+        shape: [rows, K], dtype: 'float32' };
+      try {
+        const out = matMul(tf, backendName, backend, view(cols, [1, rows, K]),
+          view(dy, [1, rows, info.outChannels]), true, false);
+        return view(out, info.filterShape);
+      } finally {
+        if (!pointwise) backend.disposeData(cols.dataId);
+      }
+    }
     return output(backend, info.filterShape, conv2dFilterGrad(read(backend, x), read(backend, dy), info));
+  },
+  Conv2D: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { x, filter } = inputs;
+    const { strides, pad, dataFormat, dilations, dimRoundingMode } = attrs;
+    const info = convInfo(tf, x.shape, filter.shape, strides, dilations ?? 1, pad, dimRoundingMode, false,
+      dataFormat);
+    if (!info || x.dtype !== 'float32' || filter.dtype !== 'float32') {
+      return stock.kernelFunc({ inputs, backend, attrs });
+    }
+    return output(backend, info.outShape, conv2dForward(read(backend, x), read(backend, filter), info));
+  },
+  FusedConv2D: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { x, filter, bias } = inputs;
+    const { strides, pad, dataFormat, dilations, dimRoundingMode, activation = 'linear', leakyreluAlpha } = attrs;
+    const info = convInfo(tf, x.shape, filter.shape, strides, dilations ?? 1, pad, dimRoundingMode, false,
+      dataFormat);
+    const biasOk = !bias || (bias.dtype === 'float32' && bias.shape.length === 1
+      && bias.shape[0] === filter.shape[3]);
+    if (!info || !biasOk || !ACTIVATIONS.includes(activation) || x.dtype !== 'float32'
+        || filter.dtype !== 'float32') {
+      return stock.kernelFunc({ inputs, backend, attrs });
+    }
+    return output(backend, info.outShape, conv2dForward(read(backend, x), read(backend, filter), info,
+      bias ? read(backend, bias) : null, activation, leakyreluAlpha ?? 0.2));
+  },
+  Conv2DBackpropInput: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+    const { dy, filter } = inputs;
+    const { strides, pad, dataFormat, dimRoundingMode, inputShape } = attrs;
+    const info = convInfo(tf, inputShape, filter.shape, strides, 1, pad, dimRoundingMode, false, dataFormat);
+    if (!info) return stock.kernelFunc({ inputs, backend, attrs });
+    if (backendName === 'wasm') {
+      // dcols = dy @ W^T on the backend's matrix product, then col2im (nothing for a 1x1 conv)
+      const rows = info.batchSize * info.outHeight * info.outWidth;
+      const K = info.filterHeight * info.filterWidth * info.inChannels;
+      const cols = matMul(tf, backendName, backend, view(dy, [1, rows, info.outChannels]),
+        view(filter, [1, K, info.outChannels]), false, true);
+      if (isPointwise(info)) return view(cols, info.inShape);
+      try {
+        return output(backend, info.inShape, col2im(read(backend, cols), info));
+      } finally {
+        backend.disposeData(cols.dataId);
+      }
+    }
+    return output(backend, info.inShape, conv2dInputGrad(read(backend, dy), read(backend, filter), info));
   },
   DepthwiseConv2dNativeBackpropFilter: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
     const { x, dy } = inputs;
@@ -325,6 +496,33 @@ const FACTORIES = {
     const { dy, filter } = inputs;
     const { strides, dilations, pad, dimRoundingMode, inputShape } = attrs;
     const info = convInfo(tf, inputShape, filter.shape, strides, dilations, pad, dimRoundingMode, true);
+    const { strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW, filterHeight: FH,
+      filterWidth: FW, inHeight: H, inWidth: W, outHeight: OH, outWidth: OW, padInfo } = info;
+    const flipPad = [FH - 1 - padInfo.top, H - OH - (FH - 1 - padInfo.top) + FH - 1,
+      FW - 1 - padInfo.left, W - OW - (FW - 1 - padInfo.left) + FW - 1];
+    if (backendName === 'wasm' && SH === 1 && SW === 1 && DH === 1 && DW === 1
+        && info.outChannels === info.inChannels && flipPad.every((p) => p >= 0)) {
+      // stride 1: dx is the depthwise convolution of dy with the flipped filter, which the
+      // backend's own (XNNPACK) forward kernel computes
+      const w = read(backend, filter);
+      const C = info.inChannels;
+      const flipped = new Float32Array(w.length);
+      for (let kh = 0; kh < FH; kh += 1) {
+        for (let kw = 0; kw < FW; kw += 1) {
+          flipped.set(w.subarray((kh * FW + kw) * C, (kh * FW + kw + 1) * C),
+            ((FH - 1 - kh) * FW + (FW - 1 - kw)) * C);
+        }
+      }
+      const flippedInfo = { dataId: backend.write(flipped, filter.shape, 'float32'), shape: filter.shape,
+        dtype: 'float32' };
+      try {
+        return tf.getKernel('DepthwiseConv2dNative', backendName).kernelFunc({ inputs: { x: dy,
+          filter: flippedInfo }, backend, attrs: { strides: [1, 1], dilations: [1, 1], dataFormat: 'NHWC',
+          pad: [[0, 0], [flipPad[0], flipPad[1]], [flipPad[2], flipPad[3]], [0, 0]] } });
+      } finally {
+        backend.disposeData(flippedInfo.dataId);
+      }
+    }
     return output(backend, info.inShape, depthwiseInputGrad(read(backend, dy), read(backend, filter), info));
   },
   MaxPoolGrad: (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
@@ -368,6 +566,10 @@ const FACTORIES = {
     return output(backend, info.outShape, depthwiseForward(read(backend, x), read(backend, filter), info));
   },
 };
+
+FACTORIES.Tile = (tf, backendName, stock) => tileKernel(stock);
+for (const name of REDUCE_KERNELS) FACTORIES[name] = (tf, backendName, stock) => reduceKernel(name, stock, tf);
+for (const name of BINARY_KERNELS) FACTORIES[name] = (tf, backendName, stock) => binaryKernel(name, stock);
 
 // tf module -> {backendName: {kernelName: stock config or null}} of what this module replaced.
 const REGISTERED = new WeakMap();
@@ -415,7 +617,13 @@ export function registerTrainingKernels(tf, { backends = ['cpu', 'wasm'] } = {})
         if (!state[backendName] || !(kernelName in state[backendName])) continue;
         const stock = state[backendName][kernelName];
         tf.unregisterKernel(kernelName, backendName);
-        if (stock) tf.registerKernel(stock);
+        if (stock) {
+          tf.registerKernel(stock);
+          // a stock kernel's setup (wasm: binding its function) runs when its backend starts;
+          // when that was before, bind it now
+          const started = typeof tf.findBackend === 'function' ? tf.findBackend(backendName) : null;
+          if (stock.setupFunc && started) stock.setupFunc(started);
+        }
         delete state[backendName][kernelName];
       }
     }

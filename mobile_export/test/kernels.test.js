@@ -102,10 +102,20 @@ function randomCases() {
     { x: [2, 8, 8, 3], f: [3, 3, 3, 4], strides: [2, 2], pad: 2, dimRoundingMode: 'floor' },
     { x: [2, 7, 8, 3], f: [3, 3, 3, 4], strides: [1, 2], pad: [[0, 0], [2, 0], [1, 3], [0, 0]] },
   ];
+  convs.push({ x: [2, 6, 5, 7], f: [1, 1, 7, 9], strides: [1, 1], pad: 'valid' }, // pointwise
+    { x: [3, 6, 6, 5], f: [1, 1, 5, 6], strides: [2, 2], pad: 'same' });
   convs.forEach((c, i) => {
     const info = tf.backend_util.computeConv2DInfo(c.x, c.f, c.strides, 1, c.pad, c.dimRoundingMode);
-    cases.push(['Conv2DBackpropFilter', { x: r(c.x, i), dy: r(info.outShape, 100 + i) },
-      { strides: c.strides, pad: c.pad, dataFormat: 'NHWC', dimRoundingMode: c.dimRoundingMode, filterShape: c.f }]);
+    const attrs = { strides: c.strides, pad: c.pad, dataFormat: 'NHWC', dimRoundingMode: c.dimRoundingMode };
+    const x = r(c.x, i);
+    const dy = r(info.outShape, 100 + i);
+    const filter = r(c.f, 700 + i);
+    cases.push(['Conv2DBackpropFilter', { x, dy }, { ...attrs, filterShape: c.f }]);
+    cases.push(['Conv2DBackpropInput', { dy, filter }, { ...attrs, inputShape: c.x }]);
+    cases.push(['Conv2D', { x, filter }, { ...attrs, dilations: [1, 1] }]);
+    cases.push(['FusedConv2D', { x, filter, bias: r([c.f[3]], 800 + i) },
+      { ...attrs, dilations: [1, 1], activation: ['relu', 'relu6', 'linear', 'leakyrelu', 'elu', 'sigmoid'][i % 6],
+        leakyreluAlpha: 0.1 }]);
   });
   const depthwise = [
     { x: [2, 9, 7, 4], f: [3, 3, 4, 1], strides: [1, 1], pad: 'same', dilations: [1, 1] },
@@ -136,6 +146,32 @@ function randomCases() {
       cases.push(['AvgPoolGrad', { dy: r(info.outShape, 500 + i), input: r(c.x, 600 + i) },
         { filterSize: c.filterSize, strides: c.strides, pad: 'valid' }]);
     });
+  // the generic kernels: broadcasts, reductions over leading or trailing axes, tile
+  const big = r([3, 4, 5, 6], 900);
+  const pairs = [[[3, 4, 5, 6], [3, 4, 5, 6]], [[3, 4, 5, 6], [6]], [[1, 1, 1, 6], [3, 4, 5, 6]],
+    [[3, 4, 5, 6], []], [[], [3, 4, 5, 6]], [[3, 4, 5, 6], [5, 6]], [[3, 4, 5, 6], [3, 1, 5, 6]], [[4, 1], [1, 6]]];
+  pairs.forEach(([sa, sb], i) => {
+    for (const name of ['Add', 'Sub', 'Multiply', 'RealDiv', 'Maximum', 'Minimum', 'SquaredDifference',
+      'Greater', 'GreaterEqual', 'Less', 'LessEqual', 'Equal']) {
+      const a = sa.length ? r(sa, 1000 + i) : tf.scalar(0.25);
+      const b = sb.length ? r(sb, 1100 + i) : tf.scalar(-0.5);
+      cases.push([name, { a: i === 7 ? a : (name === 'Equal' ? tf.round(a) : a), b: name === 'Equal' ? tf.round(b) : b }, {}]);
+    }
+    cases.push(['Add', { a: tf.cast(tf.mul(r(sa.length ? sa : [1], 1200 + i), 10), 'int32'),
+      b: tf.cast(tf.mul(r(sb.length ? sb : [1], 1300 + i), 10), 'int32') }, {}]);
+    cases.push(['LogicalAnd', { a: tf.greater(r(sa.length ? sa : [1], 1400 + i), 0),
+      b: tf.greater(r(sb.length ? sb : [1], 1500 + i), 0) }, {}]);
+  });
+  for (const [axis, keepDims] of [[[0, 1, 2], false], [[0, 1, 2], true], [[3], false], [[2, 3], true], [0, false],
+    [[1, 2], false], [-1, false], [[0, 1, 2, 3], false]]) {
+    cases.push(['Sum', { x: big }, { axis, keepDims }]);
+    cases.push(['Mean', { x: big }, { axis, keepDims }]);
+  }
+  cases.push(['Sum', { x: tf.cast(tf.mul(big, 10), 'int32') }, { axis: [0, 1, 2], keepDims: false }]);
+  for (const [shape, reps] of [[[1, 1, 1, 6], [3, 4, 5, 1]], [[2, 3], [2, 2]], [[2, 1, 3], [1, 4, 1]], [[5], [3]]]) {
+    cases.push(['Tile', { x: r(shape, 1600) }, { reps }]);
+  }
+  cases.push(['Tile', { x: tf.greater(r([2, 3], 1700), 0) }, { reps: [2, 1] }]);
   return cases;
 }
 
@@ -149,11 +185,32 @@ test('cpu: the registered kernels equal the stock cpu kernels on random shapes, 
   try {
     cases.forEach(([name, inputs, attrs], i) => {
       const stock = tf.engine().runKernel(name, inputs, attrs);
-      close(ours[i], stock, `${name} ${JSON.stringify(attrs)}`, 1e-6);
+      const what = `${name} ${JSON.stringify(Object.values(inputs).map((t) => t.shape))} ${JSON.stringify(attrs)}`;
+      assert.equal(ours[i].dtype, stock.dtype, `${what}: dtype`);
+      close(ours[i].dtype === 'bool' ? tf.cast(ours[i], 'float32') : ours[i],
+        stock.dtype === 'bool' ? tf.cast(stock, 'float32') : stock, what, 1e-6);
       stock.dispose();
     });
   } finally {
     registerTrainingKernels(tf);
+  }
+});
+
+test('wasm: the replaced kernels equal the stock wasm kernels (conv input gradient, tile)', async () => {
+  await tf.setBackend('wasm');
+  try {
+    const cases = randomCases().filter(([name]) => ['Conv2DBackpropInput', 'Tile'].includes(name));
+    const ours = cases.map(([name, inputs, attrs]) => tf.engine().runKernel(name, inputs, attrs));
+    const { restore } = registerTrainingKernels(tf, { backends: ['wasm'] });
+    restore();
+    cases.forEach(([name, inputs, attrs], i) => {
+      const stock = tf.engine().runKernel(name, inputs, attrs);
+      close(ours[i].dtype === 'bool' ? tf.cast(ours[i], 'float32') : ours[i],
+        stock.dtype === 'bool' ? tf.cast(stock, 'float32') : stock, `wasm ${name} ${JSON.stringify(attrs)}`, 1e-6);
+    });
+  } finally {
+    registerTrainingKernels(tf);
+    await tf.setBackend('cpu');
   }
 });
 
