@@ -103,6 +103,10 @@ export function failureHint(error, status, baseUrl, timeoutMs) {
     return { code: 'unreachable', hint: `The network said ${code}: ${what}. Is the server `
       + `(${serve}) running on that host and port, and reachable from this device?` };
   }
+  if (error.name === 'TypeError' && /Illegal invocation/i.test(error.message ?? '')) {
+    return { code: 'client_network', hint: 'The fetch function given was called with the wrong `this` '
+      + '(a browser\'s fetch must be called bound to window): pass fetch: (...a) => window.fetch(...a).' };
+  }
   const page = globalThis.location?.protocol;
   const inBrowser = typeof globalThis.document !== 'undefined' && typeof page === 'string';
   const reactNative = globalThis.navigator?.product === 'ReactNative';

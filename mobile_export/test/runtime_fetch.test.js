@@ -120,6 +120,13 @@ test('a timeout is reported as a timeout', async () => {
     && /No answer within timeoutMs \(20 ms\)/.test(e.message));
 });
 
+test('a fetch that throws Illegal invocation is named as such', async () => {
+  const session = new SplitSession({ serverUrl: 'http://server.test', key: 'k', ...quick,
+    fetch: failing(new TypeError("Failed to execute 'fetch' on 'Window': Illegal invocation")) });
+  await assert.rejects(session.open(), (e) => e.code === 'client_network'
+    && /called with the wrong `this`/.test(e.message));
+});
+
 test('HTTP 503 every time is the server side', async () => {
   const session = new SplitSession({ serverUrl: 'http://server.test', key: 'k', ...quick,
     fetch: async () => new Response('busy', { status: 503 }) });

@@ -20,14 +20,15 @@ const TYPES = {
 };
 
 /**
- * @param {{root: string, proxy?: string, isolate?: boolean, port?: number,
+ * @param {{root: string, proxy?: string|Function, isolate?: boolean, port?: number,
  *   routes?: Object<string, (req: object, res: object) => void>}} options `proxy`: the base URL
- *   that `/v1` requests go to; `routes`: extra handlers by exact path (e.g. a test's fake server).
+ *   that `/v1` requests go to, or a handler (req, res) that answers them (a test's in-memory
+ *   server); `routes`: extra handlers by exact path.
  * @returns {Promise<{url: string, port: number, close: () => Promise<void>, requests: number}>}
  */
 export async function startPageServer({ root, proxy, isolate = false, port = 0, routes = {} }) {
   const base = path.resolve(root);
-  const target = proxy ? new URL(proxy) : null;
+  const target = typeof proxy === 'string' ? new URL(proxy) : null;
   const state = { requests: 0 };
   const headers = isolate ? { 'Cross-Origin-Opener-Policy': 'same-origin',
     'Cross-Origin-Embedder-Policy': 'require-corp', 'Cross-Origin-Resource-Policy': 'same-origin' } : {};
@@ -36,6 +37,10 @@ export async function startPageServer({ root, proxy, isolate = false, port = 0, 
     const url = new URL(req.url, 'http://page');
     if (routes[url.pathname]) {
       routes[url.pathname](req, res);
+      return;
+    }
+    if (typeof proxy === 'function' && url.pathname.startsWith('/v1')) {
+      proxy(req, res);
       return;
     }
     if (target && url.pathname.startsWith('/v1')) {

@@ -8,7 +8,7 @@ import { trainOnDevice } from '../../examples/react-native/training.js';
 import { fakeServer } from './fake_server.js';
 
 const spec = (name, shape, dtype = 'float32') => ({ name, shape: [null, ...shape], dtype });
-const MANIFEST = {
+export const MANIFEST = {
   format: 'splitkeras.split', format_version: 2, cuts: ['pool', 'm'], source: {},
   model_inputs: [spec('image', [6, 6, 1])], model_outputs: [spec('classes', [3])],
   segments: [
@@ -23,7 +23,7 @@ const MANIFEST = {
     loss: 'sparse_categorical_crossentropy', metrics: ['accuracy'] },
 };
 
-function models(tf) {
+export function models(tf) {
   const seed = (s) => tf.initializers.glorotUniform({ seed: s });
   const image = tf.input({ shape: [6, 6, 1], name: 'image' });
   let h = tf.layers.conv2d({ filters: 4, kernelSize: 3, padding: 'same', activation: 'relu', name: 'conv',
@@ -36,12 +36,19 @@ function models(tf) {
   return { head, tail: tf.model({ inputs: m, outputs: out, name: 'tail' }) };
 }
 
-globalThis.runHarness = async ({ tf }) => {
-  await tf.setBackend('cpu');
-  const W = tf.tensor2d(Array.from({ length: 36 * 5 }, (_, i) => Math.sin(i) * 0.3), [36, 5]);
+/** The server's fixed middle and the training data. */
+export function data(tf) {
+  return {
+    W: tf.tensor2d(Array.from({ length: 36 * 5 }, (_, i) => Math.sin(i) * 0.3), [36, 5]),
+    xs: tf.tensor4d(Array.from({ length: 8 * 36 }, (_, i) => Math.cos(i * 0.7)), [8, 6, 6, 1]),
+    ys: tf.tensor1d([0, 1, 2, 1, 0, 2, 2, 1], 'int32'),
+  };
+}
+
+globalThis.runHarness = async ({ tf, backend = 'cpu' }) => {
+  await tf.setBackend(backend);
+  const { W, xs, ys } = data(tf);
   const server = fakeServer(tf, { W });
-  const xs = tf.tensor4d(Array.from({ length: 8 * 36 }, (_, i) => Math.cos(i * 0.7)), [8, 6, 6, 1]);
-  const ys = tf.tensor1d([0, 1, 2, 1, 0, 2, 2, 1], 'int32');
   const progress = [];
   const result = await trainOnDevice({ tf, manifest: MANIFEST, models: models(tf), serverUrl: 'https://split.test',
     key: 'k', fetch: server.fetch, xs, ys, batchSize: 4, epochs: 1, seed: 3,
