@@ -11,7 +11,7 @@ nothing it does not (no server segment, no labels):
                                     TLS, keys, persistence of trained weights, examples
       splitkeras-device/            the JavaScript runtime as an npm package (src/*.js and
                                     their .d.ts, README.md, package.json with the same
-                                    `exports` as the published package, less Node-only files)
+                                    `exports` as the published package)
 
 The TF.js bundles are copied from the split folder when `splitkeras split` wrote
 them, else exported from the segments' `.keras` files (`converters.export_tfjs`).
@@ -40,8 +40,10 @@ __all__ = ["export_app", "register", "runtime_files"]
 RUNTIME_PACKAGE = "mobile_export"  # the npm package's folder, shipped as package data
 RUNTIME_NAME = "splitkeras-device"
 MARKER = ".splitkeras-app.json"
-_NODE_ONLY = {"node_io.js", "node_io.d.ts"}
-_NODE_ONLY_EXPORTS = {"./node"}
+# Node's bundle loading (splitkeras-device/node) ships too: the package's `exports` gives it to
+# Node only ("node" condition), so no app bundler ever pulls node:fs in
+_NODE_ONLY: set[str] = set()
+_NODE_ONLY_EXPORTS: set[str] = set()
 APP_README = "app_template/README.md"  # in the runtime package, written to the app folder
 
 
