@@ -29,6 +29,10 @@ wasm backend may use threads.
 
 Floors: Chromium wasm <= 3x and Node cpu <= 10x the Python client's step time.
 
+To see what the same-origin proxy costs, "Chromium, wasm, no proxy" runs the same page in a
+second Chromium started with --disable-web-security (CORS checks off: for this measurement
+only), whose runtime calls the server directly.
+
 Usage:
     .venv/bin/python benchmarks/device_step.py [--rounds 5] [--steps 4] [--batch 32] [--quick]
 """
@@ -55,10 +59,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, machine, median, start_server, stop_server, write_results  # noqa: E402
 
 WORKER = ROOT / "mobile_export" / "tools" / "step_bench_worker.mjs"
-JS_CLIENTS = ["node-cpu", "chromium-cpu", "chromium-wasm"]
+JS_CLIENTS = ["node-cpu", "chromium-cpu", "chromium-wasm", "chromium-wasm-direct"]
 FLOORS = {"chromium-wasm": 3.0, "node-cpu": 10.0}
 LABELS = {"python": "Python DeviceClient (TF CPU)", "node-cpu": "Node, cpu backend",
-          "chromium-cpu": "Chromium, cpu backend", "chromium-wasm": "Chromium, wasm backend"}
+          "chromium-cpu": "Chromium, cpu backend", "chromium-wasm": "Chromium, wasm backend",
+          "chromium-wasm-direct": "Chromium, wasm, no proxy (CORS off)"}
 
 
 def mobilenet_model(seed: int = 0) -> Any:

@@ -26,6 +26,7 @@ const COMPARISON = {
   LogicalAnd: (a, b) => (a && b ? 1 : 0),
 };
 export const BINARY_KERNELS = [...Object.keys(ARITHMETIC), ...Object.keys(COMPARISON)];
+export const UNARY_KERNELS = ['Relu', 'Relu6', 'ClipByValue', 'Step'];
 export const REDUCE_KERNELS = ['Sum', 'Mean'];
 
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
@@ -235,5 +236,43 @@ export function tileKernel(stock) {
     const shape = x.shape.map((d, i) => d * reps[i]);
     const out = tileValues(backend.readSync(x.dataId), x.shape, reps);
     return { dataId: backend.write(out, shape, x.dtype), shape, dtype: x.dtype };
+  };
+}
+
+// Unary activations and their gradients' masks, one loop each (the stock cpu kernels call the
+// op through a shared function per element). float32 only; NaN stays NaN as in stock.
+function unaryLoop(kernelName, x, out, attrs) {
+  const n = x.length;
+  switch (kernelName) {
+    case 'Relu':
+      for (let i = 0; i < n; i += 1) out[i] = x[i] < 0 ? 0 : x[i];
+      break;
+    case 'Relu6':
+      for (let i = 0; i < n; i += 1) out[i] = x[i] < 0 ? 0 : (x[i] > 6 ? 6 : x[i]);
+      break;
+    case 'ClipByValue': {
+      const lo = attrs.clipValueMin;
+      const hi = attrs.clipValueMax;
+      for (let i = 0; i < n; i += 1) out[i] = x[i] > hi ? hi : (x[i] < lo ? lo : x[i]);
+      break;
+    }
+    case 'Step': {
+      const alpha = attrs.alpha ?? 0;
+      for (let i = 0; i < n; i += 1) out[i] = x[i] > 0 ? 1 : (Number.isNaN(x[i]) ? NaN : alpha);
+      break;
+    }
+    default:
+      throw new Error(`no loop for ${kernelName}`);
+  }
+  return out;
+}
+
+export function unaryKernel(kernelName, stock) {
+  return ({ inputs, backend, attrs }) => {
+    const { x } = inputs;
+    if (x.dtype !== 'float32') return stock.kernelFunc({ inputs, backend, attrs });
+    const values = backend.readSync(x.dataId);
+    const out = unaryLoop(kernelName, values, new Float32Array(values.length), attrs ?? {});
+    return { dataId: backend.write(out, [...x.shape], 'float32'), shape: [...x.shape], dtype: 'float32' };
   };
 }

@@ -43,13 +43,14 @@ export const TRAINING_KERNELS = {
   cpu: ['Conv2D', 'FusedConv2D', 'Conv2DBackpropFilter', 'Conv2DBackpropInput',
     'DepthwiseConv2dNativeBackpropFilter',
     'DepthwiseConv2dNativeBackpropInput', 'DepthwiseConv2dNative', 'AvgPoolGrad', 'Tile',
-    ...REDUCE_KERNELS, ...BINARY_KERNELS],
+    ...REDUCE_KERNELS, ...BINARY_KERNELS, ...UNARY_KERNELS],
   wasm: ['Conv2DBackpropFilter', 'Conv2DBackpropInput', 'DepthwiseConv2dNativeBackpropFilter',
     'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad', 'UnsortedSegmentSum', 'Tile'],
 };
 
 import { gemm, transpose } from './gemm.js';
-import { BINARY_KERNELS, REDUCE_KERNELS, binaryKernel, reduceKernel, tileKernel } from './generic_kernels.js';
+import { BINARY_KERNELS, REDUCE_KERNELS, UNARY_KERNELS, binaryKernel, reduceKernel, tileKernel, unaryKernel }
+  from './generic_kernels.js';
 
 const read = (backend, info) => backend.readSync(info.dataId);
 const output = (backend, shape, values) => ({ dataId: backend.write(values, shape, 'float32'), shape,
@@ -352,54 +353,65 @@ const isPointwise = (info) => info.filterHeight === 1 && info.filterWidth === 1
   && info.strideHeight === 1 && info.strideWidth === 1 && info.padInfo.top === 0
   && info.padInfo.left === 0 && info.outHeight === info.inHeight && info.outWidth === info.inWidth;
 
-// The output positions [r0, r1) (rows of im2col: r = (b * OH + oh) * OW + ow) and each
-// one's window: calls visit(row, xOff, colOff) for every filter tap inside the input.
-function forWindows(info, r0, r1, visit) {
+/**
+ * im2col of the output positions [r0, r1) (rows r = (b * OH + oh) * OW + ow):
+ * [r1 - r0, fh * fw * ci] patches into `cols` (zeros where the window is in the padding).
+ */
+export function im2col(x, info, r0 = 0, r1 = info.batchSize * info.outHeight * info.outWidth,
+  cols = new Float32Array((r1 - r0) * info.filterHeight * info.filterWidth * info.inChannels)) {
   const { inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
     strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
     filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const K = FH * FW * CI;
+  cols.fill(0, 0, (r1 - r0) * K);
   for (let r = r0; r < r1; r += 1) {
     const ow = r % OW;
     const oh = Math.floor(r / OW) % OH;
     const b = Math.floor(r / (OW * OH));
     const ih0 = oh * SH - padInfo.top;
     const iw0 = ow * SW - padInfo.left;
+    const row = (r - r0) * K;
     for (let kh = 0; kh < FH; kh += 1) {
       const ih = ih0 + kh * DH;
       if (ih < 0 || ih >= H) continue;
       for (let kw = 0; kw < FW; kw += 1) {
         const iw = iw0 + kw * DW;
         if (iw < 0 || iw >= W) continue;
-        visit(r - r0, ((b * H + ih) * W + iw) * CI, (kh * FW + kw) * CI);
+        const xOff = ((b * H + ih) * W + iw) * CI;
+        const c = row + (kh * FW + kw) * CI;
+        for (let ci = 0; ci < CI; ci += 1) cols[c + ci] = x[xOff + ci];
       }
     }
   }
-}
-
-/**
- * im2col of the output positions [r0, r1): [r1 - r0, fh * fw * ci] patches into `cols`
- * (zeros where the window is in the padding).
- */
-export function im2col(x, info, r0 = 0, r1 = info.batchSize * info.outHeight * info.outWidth,
-  cols = new Float32Array((r1 - r0) * info.filterHeight * info.filterWidth * info.inChannels)) {
-  const CI = info.inChannels;
-  const K = info.filterHeight * info.filterWidth * CI;
-  cols.fill(0, 0, (r1 - r0) * K);
-  forWindows(info, r0, r1, (row, xOff, colOff) => {
-    cols.set(x.subarray(xOff, xOff + CI), row * K + colOff);
-  });
   return cols;
 }
 
 /** col2im: the scatter-add of the columns of positions [r0, r1) into dx [b, h, w, ci]. */
 export function col2im(cols, info, r0 = 0, r1 = info.batchSize * info.outHeight * info.outWidth,
   dx = new Float32Array(info.batchSize * info.inHeight * info.inWidth * info.inChannels)) {
-  const CI = info.inChannels;
-  const K = info.filterHeight * info.filterWidth * CI;
-  forWindows(info, r0, r1, (row, xOff, colOff) => {
-    const c = row * K + colOff;
-    for (let ci = 0; ci < CI; ci += 1) dx[xOff + ci] += cols[c + ci];
-  });
+  const { inHeight: H, inWidth: W, inChannels: CI, outHeight: OH, outWidth: OW,
+    strideHeight: SH, strideWidth: SW, dilationHeight: DH, dilationWidth: DW,
+    filterHeight: FH, filterWidth: FW, padInfo } = info;
+  const K = FH * FW * CI;
+  for (let r = r0; r < r1; r += 1) {
+    const ow = r % OW;
+    const oh = Math.floor(r / OW) % OH;
+    const b = Math.floor(r / (OW * OH));
+    const ih0 = oh * SH - padInfo.top;
+    const iw0 = ow * SW - padInfo.left;
+    const row = (r - r0) * K;
+    for (let kh = 0; kh < FH; kh += 1) {
+      const ih = ih0 + kh * DH;
+      if (ih < 0 || ih >= H) continue;
+      for (let kw = 0; kw < FW; kw += 1) {
+        const iw = iw0 + kw * DW;
+        if (iw < 0 || iw >= W) continue;
+        const xOff = ((b * H + ih) * W + iw) * CI;
+        const c = row + (kh * FW + kw) * CI;
+        for (let ci = 0; ci < CI; ci += 1) dx[xOff + ci] += cols[c + ci];
+      }
+    }
+  }
   return dx;
 }
 
@@ -570,6 +582,7 @@ const FACTORIES = {
 FACTORIES.Tile = (tf, backendName, stock) => tileKernel(stock);
 for (const name of REDUCE_KERNELS) FACTORIES[name] = (tf, backendName, stock) => reduceKernel(name, stock, tf);
 for (const name of BINARY_KERNELS) FACTORIES[name] = (tf, backendName, stock) => binaryKernel(name, stock);
+for (const name of UNARY_KERNELS) FACTORIES[name] = (tf, backendName, stock) => unaryKernel(name, stock);
 
 // tf module -> {backendName: {kernelName: stock config or null}} of what this module replaced.
 const REGISTERED = new WeakMap();

@@ -26,6 +26,10 @@ function relative(actual, expected, what) {
   let diff = 0;
   let scale = 0;
   for (let i = 0; i < e.length; i += 1) {
+    if (Number.isNaN(a[i]) || Number.isNaN(e[i])) {
+      if (Number.isNaN(a[i]) !== Number.isNaN(e[i])) return Infinity; // NaN in one only
+      continue;
+    }
     diff = Math.max(diff, Math.abs(a[i] - e[i]));
     scale = Math.max(scale, Math.abs(e[i]));
   }
@@ -172,6 +176,11 @@ function randomCases() {
     cases.push(['Tile', { x: r(shape, 1600) }, { reps }]);
   }
   cases.push(['Tile', { x: tf.greater(r([2, 3], 1700), 0) }, { reps: [2, 1] }]);
+  const withNaN = tf.concat([r([20], 1800).mul(8), tf.tensor1d([NaN, 0, 6, -0])]);
+  for (const [name, attrs] of [['Relu', {}], ['Relu6', {}], ['ClipByValue', { clipValueMin: -1, clipValueMax: 2.5 }],
+    ['Step', { alpha: 0 }], ['Step', { alpha: 0.3 }]]) {
+    cases.push([name, { x: withNaN }, attrs]);
+  }
   return cases;
 }
 

@@ -8,7 +8,7 @@ import { createBench } from './step_bench.js';
 
 let bench = null;
 window.bench = {
-  async setup({ backend, app, batch, key }) {
+  async setup({ backend, app, batch, key, serverUrl }) {
     if (backend === 'wasm') setWasmPaths(new URL('/wasm/', location.href).href);
     await tf.setBackend(backend);
     await tf.ready();
@@ -17,7 +17,7 @@ window.bench = {
     for (const segment of manifest.segments.filter((s) => s.placement === 'device')) {
       models[segment.name] = await tf.loadLayersModel(`${app}/${segment.tfjs}`);
     }
-    bench = await createBench({ tf, manifest, models, serverUrl: location.origin, key, batch });
+    bench = await createBench({ tf, manifest, models, serverUrl: serverUrl ?? location.origin, key, batch });
     const threads = backend === 'wasm' ? await tf.env().getAsync('WASM_HAS_MULTITHREAD_SUPPORT') : null;
     const simd = backend === 'wasm' ? await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT') : null;
     return { backend: tf.getBackend(), crossOriginIsolated: globalThis.crossOriginIsolated === true,

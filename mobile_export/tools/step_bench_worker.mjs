@@ -3,7 +3,8 @@
 // headless Chromium (cpu and wasm backends), driven by JSON lines on stdin, one answer per line
 // on stdout (the last line of output for each command).
 //
-//   {"cmd": "open", "client": "node-cpu"|"chromium-cpu"|"chromium-wasm", "model": "digits",
+//   {"cmd": "open", "client": "node-cpu"|"chromium-cpu"|"chromium-wasm"|"chromium-wasm-direct",
+//    "model": "digits",
 //    "app": "/path/to/app", "server": "http://127.0.0.1:PORT", "key": "...", "batch": 32}
 //   {"cmd": "steps", "client": ..., "model": ..., "n": 5}  -> {"steps": [{ms, transportMs, loss}]}
 //   {"cmd": "profile", "client": ..., "model": ...}       -> {"kernels": [{kernel, ms}]}
@@ -13,6 +14,8 @@
 // served with the app bundle by tools/page_server.mjs on 127.0.0.1, which also proxies /v1 to
 // the model's splitkeras server: page and protocol share one origin, so no CORS is needed (the
 // server has none yet). The page is cross-origin isolated (COOP/COEP), so wasm may use threads.
+// "chromium-wasm-direct" measures what that proxy hop costs: a second browser started with
+// --disable-web-security (no CORS checks, for this measurement only) calls the server itself.
 
 import { copyFile, mkdtemp, readdir, readFile, rm, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -33,6 +36,7 @@ const clients = new Map(); // `${client}/${model}` -> bench
 const pageServers = new Map(); // model -> page server
 let site = null;
 let browser = null;
+let directBrowser = null;
 
 async function buildSite() {
   const root = await mkdtemp(path.join(tmpdir(), 'splitkeras-bench-page-'));
@@ -60,14 +64,21 @@ async function open({ client, model, app, server, key, batch }) {
     clients.set(`${client}/${model}`, await createBench({ tf, manifest, models, serverUrl: server, key, batch }));
     return { backend: tf.getBackend(), node: process.version };
   }
-  const backend = client.replace(/^chromium-/, '');
+  const direct = client.endsWith('-direct');
+  const backend = client.replace(/^chromium-/, '').replace(/-direct$/, '');
   site ??= await buildSite();
   if (!pageServers.has(model)) {
     await symlink(path.resolve(app), path.join(site, `app-${model}`), 'dir');
     pageServers.set(model, await startPageServer({ root: site, proxy: server, isolate: true }));
   }
-  browser ??= await launchChromium();
-  const page = await browser.newPage();
+  let page;
+  if (direct) {
+    directBrowser ??= await launchChromium({ args: ['--disable-web-security'] });
+    page = await directBrowser.newPage();
+  } else {
+    browser ??= await launchChromium();
+    page = await browser.newPage();
+  }
   const logs = [];
   page.on('console', (message) => logs.push(message.text()));
   page.on('pageerror', (error) => logs.push(`pageerror: ${error.message}`));
@@ -76,7 +87,7 @@ async function open({ client, model, app, server, key, batch }) {
   let info;
   try {
     info = await page.evaluate((config) => window.bench.setup(config),
-      { backend, app: `/app-${model}`, batch, key });
+      { backend, app: `/app-${model}`, batch, key, serverUrl: direct ? server : undefined });
   } catch (error) {
     throw new Error(`${error.message}\npage log:\n${logs.join('\n')}`);
   }
@@ -85,7 +96,7 @@ async function open({ client, model, app, server, key, batch }) {
     profile: () => page.evaluate(() => window.bench.profile()),
     close: () => page.evaluate(() => window.bench.close()),
   });
-  return { ...info, proxied: true };
+  return { ...info, proxied: !direct };
 }
 
 async function handle(command) {
@@ -96,6 +107,7 @@ async function handle(command) {
     case 'quit': {
       for (const bench of clients.values()) await bench.close().catch(() => {});
       await browser?.close();
+      await directBrowser?.close();
       for (const server of pageServers.values()) await server.close();
       if (site) await rm(site, { recursive: true, force: true });
       return { bye: true };
