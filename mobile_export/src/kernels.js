@@ -16,6 +16,8 @@
 //                                        |   part, as TF does)                |
 //   UnsortedSegmentSum (Gather's and     | stock                              | missing: added
 //     Embedding's gradient)              |                                    |
+//   BatchMatMul with a transpose (Dense  | stock                              | ~40x slower than without:
+//     gradients)                         |                                    |   transposed here first
 //
 // Everything else a conv/depthwise/pooling/BatchNorm/Dense model needs to train is stock on
 // both backends (Conv2D, FusedConv2D, Conv2DBackpropInput, BatchNorm's ops, ...;
@@ -45,7 +47,8 @@ export const TRAINING_KERNELS = {
     'DepthwiseConv2dNativeBackpropInput', 'DepthwiseConv2dNative', 'AvgPoolGrad', 'Tile',
     ...REDUCE_KERNELS, ...BINARY_KERNELS, ...UNARY_KERNELS],
   wasm: ['Conv2DBackpropFilter', 'Conv2DBackpropInput', 'DepthwiseConv2dNativeBackpropFilter',
-    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad', 'UnsortedSegmentSum', 'Tile'],
+    'DepthwiseConv2dNativeBackpropInput', 'MaxPoolGrad', 'AvgPoolGrad', 'UnsortedSegmentSum', 'Tile',
+    'BatchMatMul'],
 };
 
 import { gemm, transpose } from './gemm.js';
@@ -438,18 +441,19 @@ const FACTORIES = {
         : unsupported('Conv2DBackpropFilter', backendName, `data format ${dataFormat}`);
     }
     if (backendName === 'wasm') {
-      // dW = im2col(x)^T @ dy on the backend's matrix product (x itself for a 1x1 conv)
+      // dW = im2col(x)^T @ dy on the backend's matrix product (XNNPACK), the transpose made here:
+      // its BatchMatMul with transposeA is ~40x slower than without
       const rows = info.batchSize * info.outHeight * info.outWidth;
       const K = info.filterHeight * info.filterWidth * info.inChannels;
-      const pointwise = isPointwise(info);
-      const cols = pointwise ? x : { dataId: backend.write(im2col(read(backend, x), info), [rows, K], 'float32'),
-        shape: [rows, K], dtype: 'float32' };
+      const cols = isPointwise(info) ? read(backend, x) : im2col(read(backend, x), info);
+      const colsT = { dataId: backend.write(transpose(cols, rows, K), [K, rows], 'float32'), shape: [K, rows],
+        dtype: 'float32' };
       try {
-        const out = matMul(tf, backendName, backend, view(cols, [1, rows, K]),
-          view(dy, [1, rows, info.outChannels]), true, false);
+        const out = matMul(tf, backendName, backend, view(colsT, [1, K, rows]),
+          view(dy, [1, rows, info.outChannels]), false, false);
         return view(out, info.filterShape);
       } finally {
-        if (!pointwise) backend.disposeData(cols.dataId);
+        backend.disposeData(colsT.dataId);
       }
     }
     return output(backend, info.filterShape, conv2dFilterGrad(read(backend, x), read(backend, dy), info));
@@ -484,11 +488,19 @@ const FACTORIES = {
     const info = convInfo(tf, inputShape, filter.shape, strides, 1, pad, dimRoundingMode, false, dataFormat);
     if (!info) return stock.kernelFunc({ inputs, backend, attrs });
     if (backendName === 'wasm') {
-      // dcols = dy @ W^T on the backend's matrix product, then col2im (nothing for a 1x1 conv)
+      // dcols = dy @ W^T on the backend's matrix product (W^T made here, see above), then col2im
+      // (nothing to do for a 1x1 conv)
       const rows = info.batchSize * info.outHeight * info.outWidth;
       const K = info.filterHeight * info.filterWidth * info.inChannels;
-      const cols = matMul(tf, backendName, backend, view(dy, [1, rows, info.outChannels]),
-        view(filter, [1, K, info.outChannels]), false, true);
+      const CO = info.outChannels;
+      const filterT = { dataId: backend.write(transpose(read(backend, filter), K, CO), [CO, K], 'float32'),
+        shape: [CO, K], dtype: 'float32' };
+      let cols;
+      try {
+        cols = matMul(tf, backendName, backend, view(dy, [1, rows, CO]), view(filterT, [1, CO, K]), false, false);
+      } finally {
+        backend.disposeData(filterT.dataId);
+      }
       if (isPointwise(info)) return view(cols, info.inShape);
       try {
         return output(backend, info.inShape, col2im(read(backend, cols), info));
@@ -579,10 +591,41 @@ const FACTORIES = {
   },
 };
 
+// wasm: XNNPACK's product runs ~40x slower with transposeA or transposeB (a Dense layer's
+// gradients ask for them): transpose the operand here, then the stock kernel untransposed
+FACTORIES.BatchMatMul = (tf, backendName, stock) => ({ inputs, backend, attrs }) => {
+  const { a, b } = inputs;
+  const { transposeA, transposeB } = attrs;
+  if ((!transposeA && !transposeB) || a.dtype !== 'float32' || b.dtype !== 'float32') {
+    return stock.kernelFunc({ inputs, backend, attrs });
+  }
+  const made = [];
+  const untransposed = (t) => {
+    const rank = t.shape.length;
+    const [r, c] = t.shape.slice(rank - 2);
+    const batch = t.shape.slice(0, rank - 2).reduce((p, q) => p * q, 1);
+    const values = read(backend, t);
+    const out = new Float32Array(values.length);
+    for (let i = 0; i < batch; i += 1) out.set(transpose(values.subarray(i * r * c, (i + 1) * r * c), r, c), i * r * c);
+    const shape = [...t.shape.slice(0, rank - 2), c, r];
+    const info = { dataId: backend.write(out, shape, 'float32'), shape, dtype: 'float32' };
+    made.push(info);
+    return info;
+  };
+  try {
+    return stock.kernelFunc({ inputs: { a: transposeA ? untransposed(a) : a, b: transposeB ? untransposed(b) : b },
+      backend, attrs: { ...attrs, transposeA: false, transposeB: false } });
+  } finally {
+    made.forEach((info) => backend.disposeData(info.dataId));
+  }
+};
 FACTORIES.Tile = (tf, backendName, stock) => tileKernel(stock);
 for (const name of REDUCE_KERNELS) FACTORIES[name] = (tf, backendName, stock) => reduceKernel(name, stock, tf);
 for (const name of BINARY_KERNELS) FACTORIES[name] = (tf, backendName, stock) => binaryKernel(name, stock);
 for (const name of UNARY_KERNELS) FACTORIES[name] = (tf, backendName, stock) => unaryKernel(name, stock);
+
+// The backend instance if it has been initialized (setting it up would start it otherwise).
+const startedBackend = (tf, backendName) => tf.engine?.().registry?.[backendName] ?? null;
 
 // tf module -> {backendName: {kernelName: stock config or null}} of what this module replaced.
 const REGISTERED = new WeakMap();
@@ -617,8 +660,13 @@ export function registerTrainingKernels(tf, { backends = ['cpu', 'wasm'] } = {})
       if (!(kernelName in state[backendName])) {
         const stock = tf.getKernel(kernelName, backendName) ?? null;
         if (stock) tf.unregisterKernel(kernelName, backendName);
-        tf.registerKernel({ kernelName, backendName,
-          kernelFunc: FACTORIES[kernelName](tf, backendName, stock) });
+        // the stock kernel's setup (wasm: binding its function, which ours may call) goes with
+        // ours, so that it runs when the backend starts; if it has started, it runs now
+        const config = { kernelName, backendName, kernelFunc: FACTORIES[kernelName](tf, backendName, stock) };
+        if (stock?.setupFunc) config.setupFunc = stock.setupFunc;
+        tf.registerKernel(config);
+        const started = startedBackend(tf, backendName);
+        if (stock?.setupFunc && started) stock.setupFunc(started);
         state[backendName][kernelName] = stock;
       }
       registered.push({ kernelName, backendName, replaced: state[backendName][kernelName] !== null });
@@ -634,7 +682,7 @@ export function registerTrainingKernels(tf, { backends = ['cpu', 'wasm'] } = {})
           tf.registerKernel(stock);
           // a stock kernel's setup (wasm: binding its function) runs when its backend starts;
           // when that was before, bind it now
-          const started = typeof tf.findBackend === 'function' ? tf.findBackend(backendName) : null;
+          const started = startedBackend(tf, backendName);
           if (stock.setupFunc && started) stock.setupFunc(started);
         }
         delete state[backendName][kernelName];

@@ -205,10 +205,16 @@ test('cpu: the registered kernels equal the stock cpu kernels on random shapes, 
   }
 });
 
-test('wasm: the replaced kernels equal the stock wasm kernels (conv input gradient, tile)', async () => {
+test('wasm: the replaced kernels equal the stock wasm kernels (conv input gradient, tile, transposed products)', async () => {
   await tf.setBackend('wasm');
   try {
+    const r = (shape, seed) => tf.randomNormal(shape, 0, 1, 'float32', seed);
     const cases = randomCases().filter(([name]) => ['Conv2DBackpropInput', 'Tile'].includes(name));
+    for (const [transposeA, transposeB] of [[true, false], [false, true], [true, true], [false, false]]) {
+      const a = r(transposeA ? [2, 5, 3] : [2, 3, 5], 1900);
+      const b = r(transposeB ? [2, 4, 5] : [2, 5, 4], 1901);
+      cases.push(['BatchMatMul', { a, b }, { transposeA, transposeB }]);
+    }
     const ours = cases.map(([name, inputs, attrs]) => tf.engine().runKernel(name, inputs, attrs));
     const { restore } = registerTrainingKernels(tf, { backends: ['wasm'] });
     restore();
