@@ -227,7 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "steps": steps}
             params = int(model.count_params())
             head = splitkeras.split(model, at=cuts)["head"].model
-            results["models"][name] = {"cuts": cuts, "params": params, "head_layers": [l.name for l in head.layers],
+            results["models"][name] = {"cuts": cuts, "params": params,
+                                       "head_layers": [layer.name for layer in head.layers],
                                        "head_output": list(head.output_shape), "clients": summary}
     finally:
         worker.quit()
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
-    lines = ["# Device step time per client (batch %d)" % results["batch"], "",
+    lines = [f"# Device step time per client (batch {results['batch']})", "",
              f"One run, {results['rounds']} rounds x {results['steps_per_round']} steps per client, the "
              "order rotating every round; median step time, median over rounds of the per-round ratio "
              f"to the Python client. Machine: {m['cpu']}, {m['cores']} cores (shared: compare ratios). "
@@ -251,17 +252,18 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"## {name} (head: {', '.join(model['head_layers'][1:])} -> {model['head_output']})", "",
                   "| client | step (ms) | of it in fetch: network + server (ms) | device compute (ms) "
                   "| x Python | floor | met? |", "|---|---|---|---|---|---|---|"]
-        for c, s in model["clients"].items():
+        for s in model["clients"].values():
             floor = s["floor"]
             met = "" if floor is None else ("**met**" if s["ratio_to_python"] <= floor else "**not met**")
             lines.append(f"| {s['label']} | {s['step_ms']:.0f} | {s['transport_ms']:.0f} | {s['device_ms']:.0f} "
                          f"| {s['ratio_to_python']:.2f} | {'' if floor is None else f'<= {floor:g}x'} | {met} |")
         lines.append("")
-        for c, s in model["clients"].items():
+        for s in model["clients"].values():
             if s.get("info"):
-                lines.append(f"* {s['label']}: `{json.dumps({k: v for k, v in s['info'].items() if k != 'userAgent'})}`")
+                info = {k: v for k, v in s["info"].items() if k != "userAgent"}
+                lines.append(f"* {s['label']}: `{json.dumps(info)}`")
         lines.append("")
-        for c, s in model["clients"].items():
+        for s in model["clients"].values():
             if s.get("profile"):
                 lines += [f"Kernels of one step, {s['label']} (tf.profile, top by time):", "",
                           "| kernel (input shapes) | ms |", "|---|---|"]
