@@ -127,6 +127,21 @@ test('a fetch that throws Illegal invocation is named as such', async () => {
     && /called with the wrong `this`/.test(e.message));
 });
 
+test('in a browser the body goes as a Blob of the same bytes; elsewhere as the Uint8Array', async () => {
+  const bodies = [];
+  const capture = async (url, init) => { bodies.push(init.body); return opened(); };
+  await withGlobals({ document: {}, location: { protocol: 'http:', origin: 'http://127.0.0.1:1' } }, async () => {
+    await new SplitSession({ serverUrl: 'http://server.test', key: 'k', fetch: capture, ...quick }).open();
+  });
+  await withGlobals({ document: {}, navigator: { product: 'ReactNative' } }, async () => {
+    await new SplitSession({ serverUrl: 'http://server.test', key: 'k', fetch: capture, ...quick }).open();
+  });
+  await new SplitSession({ serverUrl: 'http://server.test', key: 'k', fetch: capture, ...quick }).open();
+  assert.ok(bodies[0] instanceof Blob);
+  assert.ok(bodies[1] instanceof Uint8Array && bodies[2] instanceof Uint8Array);
+  assert.deepEqual(new Uint8Array(await bodies[0].arrayBuffer()), bodies[2]);
+});
+
 test('HTTP 503 every time is the server side', async () => {
   const session = new SplitSession({ serverUrl: 'http://server.test', key: 'k', ...quick,
     fetch: async () => new Response('busy', { status: 503 }) });

@@ -3,13 +3,14 @@
 // bundle's device segments over HTTP on the asked backend, window.bench.steps(n) times steps.
 
 import * as tf from '@tensorflow/tfjs';
-import { setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
+import { setThreadsCount, setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
 import { createBench } from './step_bench.js';
 
 let bench = null;
 window.bench = {
-  async setup({ backend, app, batch, key, serverUrl }) {
+  async setup({ backend, app, batch, key, serverUrl, threads }) {
     if (backend === 'wasm') setWasmPaths(new URL('/wasm/', location.href).href);
+    if (backend === 'wasm' && threads) setThreadsCount(threads);
     await tf.setBackend(backend);
     await tf.ready();
     const manifest = await (await fetch(`${app}/split.json`)).json();
@@ -18,10 +19,10 @@ window.bench = {
       models[segment.name] = await tf.loadLayersModel(`${app}/${segment.tfjs}`);
     }
     bench = await createBench({ tf, manifest, models, serverUrl: serverUrl ?? location.origin, key, batch });
-    const threads = backend === 'wasm' ? await tf.env().getAsync('WASM_HAS_MULTITHREAD_SUPPORT') : null;
+    const multithread = backend === "wasm" ? await tf.env().getAsync("WASM_HAS_MULTITHREAD_SUPPORT") : null;
     const simd = backend === 'wasm' ? await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT') : null;
     return { backend: tf.getBackend(), crossOriginIsolated: globalThis.crossOriginIsolated === true,
-      threads, simd, userAgent: navigator.userAgent, cores: navigator.hardwareConcurrency };
+      threads: multithread, threadsCount: threads ?? null, simd, userAgent: navigator.userAgent, cores: navigator.hardwareConcurrency };
   },
   steps: (n) => bench.steps(n),
   profile: () => bench.profile(),

@@ -53,7 +53,7 @@ async function buildSite() {
   return root;
 }
 
-async function open({ client, model, app, server, key, batch }) {
+async function open({ client, model, app, server, key, batch, threads }) {
   if (client === 'node-cpu') {
     await tf.setBackend('cpu');
     const manifest = JSON.parse(await readFile(path.join(app, 'split.json'), 'utf8'));
@@ -87,7 +87,7 @@ async function open({ client, model, app, server, key, batch }) {
   let info;
   try {
     info = await page.evaluate((config) => window.bench.setup(config),
-      { backend, app: `/app-${model}`, batch, key, serverUrl: direct ? server : undefined });
+      { backend, app: `/app-${model}`, batch, key, serverUrl: direct ? server : undefined, threads });
   } catch (error) {
     throw new Error(`${error.message}\npage log:\n${logs.join('\n')}`);
   }
