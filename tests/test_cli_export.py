@@ -49,7 +49,7 @@ def test_export_makes_missing_bundles_and_the_runtime(split_dir: Path, capsys: p
     np.testing.assert_array_equal(weights["h/kernel"], keras.ops.convert_to_numpy(head.layers[1].kernel))
     package = json.loads((app / "splitkeras-device" / "package.json").read_text())
     assert package["main"] == "src/runtime.js" and "scripts" not in package
-    assert not (app / "splitkeras-device" / "src" / "node_io.js").exists()
+    assert (app / "splitkeras-device" / "src" / "node_io.js").exists()  # Node only, through exports
     assert "tail: bundleResourceIO(require('./tail_tfjs/model.json')" in (app / "assets.js").read_text()
 
 
@@ -102,3 +102,58 @@ def test_export_without_the_runtime_is_one_error_line(split_dir: Path, monkeypat
     err = capsys.readouterr().err
     assert err == ("error: The JavaScript runtime (the 'no_such_runtime_package' package) is not installed; "
                    "export from a splitkeras checkout or a complete installation\n")
+
+
+def test_the_app_bundle_is_readable_and_its_runtime_is_the_package(split_dir: Path) -> None:
+    """split.json 0644 (not the 0600 of the atomic write); the runtime copy has the published
+    package's exports and declarations (./node, for Node only, included); the app README is the
+    one for app developers."""
+    out = split_dir.parent / "app_package"
+    export_app(split_dir, out)
+    assert (out / "split.json").stat().st_mode & 0o777 == 0o644
+    published = json.loads((Path(__file__).resolve().parents[1] / "mobile_export" / "package.json").read_text())
+    copy = json.loads((out / "splitkeras-device" / "package.json").read_text())
+    assert copy["exports"] == published["exports"]
+    assert copy["exports"]["."]["react-native"] == "./src/runtime.js"
+    for key in ("name", "version", "type", "types", "react-native", "browser", "peerDependencies",
+                "peerDependenciesMeta", "sideEffects"):
+        assert copy[key] == published[key], key
+    assert "devDependencies" not in copy and "scripts" not in copy
+    src = sorted(p.name for p in (out / "splitkeras-device" / "src").iterdir())
+    assert "runtime.d.ts" in src and "kernels.js" in src and "node_io.d.ts" in src
+    readme = (out / "README.md").read_text()
+    assert "--cors-origin" in readme and "asyncStorageIO" in readme and "## Node example" in readme
+
+
+def test_the_exported_runtime_installs_as_a_package(split_dir: Path, tmp_path: Path) -> None:
+    """`npm pack` of the exported copy, `npm install` of the tarball offline into a fresh project
+    (TF.js linked from mobile_export/node_modules), and `import { SplitDevice } from
+    "splitkeras-device"` in Node."""
+    import shutil
+    import subprocess
+
+    npm, node = shutil.which("npm"), shutil.which("node")
+    tfjs = Path(__file__).resolve().parents[1] / "mobile_export" / "node_modules" / "@tensorflow"
+    if not npm or not node or not tfjs.is_dir():
+        pytest.skip("npm/node or mobile_export/node_modules missing: run scripts/setup")
+    out = split_dir.parent / "app_install"
+    export_app(split_dir, out)
+    packed = subprocess.run([npm, "pack", "--json", "--pack-destination", str(tmp_path), "--loglevel=error"],
+                            cwd=out / "splitkeras-device", check=True, capture_output=True, text=True)
+    tarball = tmp_path / json.loads(packed.stdout)[0]["filename"]
+    project = tmp_path / "consumer"
+    project.mkdir()
+    (project / "package.json").write_text('{"name": "consumer", "private": true, "type": "module"}')
+    subprocess.run([npm, "install", "--offline", "--no-audit", "--no-fund", "--no-save", "--legacy-peer-deps",
+                    "--ignore-scripts", "--loglevel=error", str(tarball)], cwd=project, check=True,
+                   capture_output=True)
+    (project / "node_modules" / "@tensorflow").symlink_to(tfjs, target_is_directory=True)
+    script = ("import * as tf from '@tensorflow/tfjs';\n"
+              "import { SplitDevice, registerTrainingKernels } from 'splitkeras-device';\n"
+              "registerTrainingKernels(tf);\n"
+              "console.log(typeof SplitDevice.create, import.meta.resolve('splitkeras-device'));\n")
+    (project / "check.mjs").write_text(script)
+    result = subprocess.run([node, "check.mjs"], cwd=project, check=True, capture_output=True, text=True)
+    kind, resolved = result.stdout.split()[-2:]
+    assert kind == "function"
+    assert resolved.endswith("/consumer/node_modules/splitkeras-device/src/runtime.js")

@@ -230,7 +230,7 @@ def test_export_writes_a_self_contained_app_bundle(u_shaped_run: dict[str, Any])
     assert [s.get("tfjs") for s in manifest["segments"]] == \
         ["head_tfjs/model.json", None, "tail_tfjs/model.json"]
     runtime = sorted(p.name for p in (app / "splitkeras-device" / "src").iterdir())
-    assert "runtime.js" in runtime and "wire.js" in runtime and "node_io.js" not in runtime
+    assert "runtime.js" in runtime and "wire.js" in runtime and "runtime.d.ts" in runtime
     assert (app / "splitkeras-device" / "README.md").exists()
     assets = (app / "assets.js").read_text()
     assert "bundleResourceIO(require('./head_tfjs/model.json'), [require('./head_tfjs/group1-shard1of1.bin')])" \

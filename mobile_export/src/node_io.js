@@ -14,7 +14,7 @@
 //   const model = await loadLayersModelFromDir(tf, 'out/head_tfjs');
 //   model.predict(tf.zeros([1, 28, 28, 1])).print();
 
-import { readFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 /**
@@ -73,4 +73,36 @@ export function nodeDirHandler(tf, dir) {
  */
 export async function loadLayersModelFromDir(tf, dir) {
   return tf.loadLayersModel(nodeDirHandler(tf, dir), { strict: true });
+}
+
+/**
+ * Save a LayersModel as a bundle folder (`model.json` + `group1-shard1of1.bin`) that
+ * `loadLayersModelFromDir` and `converters.load_tfjs_weights` read: e.g. the trained device
+ * segments, to start from them on the next run. The folder is replaced as a whole.
+ *
+ * @param {object} tf the @tensorflow/tfjs module
+ * @param {object} model a tf.LayersModel (e.g. `device.model('head')`)
+ * @param {string} dir the bundle folder to write
+ * @returns {Promise<string>} the path of the model.json written
+ */
+export async function saveLayersModelToDir(tf, model, dir) {
+  const root = path.resolve(dir);
+  const fresh = `${root}.saving`;
+  await rm(fresh, { recursive: true, force: true });
+  await mkdir(fresh, { recursive: true });
+  await model.save(tf.io.withSaveHandler(async (artifacts) => {
+    const shard = 'group1-shard1of1.bin';
+    const data = tf.io.CompositeArrayBuffer.join(artifacts.weightData);
+    await writeFile(path.join(fresh, shard), Buffer.from(data));
+    await writeFile(path.join(fresh, 'model.json'), JSON.stringify({
+      format: artifacts.format, generatedBy: artifacts.generatedBy,
+      convertedBy: 'splitkeras-device saveLayersModelToDir', modelTopology: artifacts.modelTopology,
+      weightsManifest: [{ paths: [shard], weights: artifacts.weightSpecs }],
+    }));
+    return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON',
+      weightDataBytes: data.byteLength } };
+  }));
+  await rm(root, { recursive: true, force: true });
+  await rename(fresh, root);
+  return path.join(root, 'model.json');
 }

@@ -38,15 +38,17 @@
 // Several server stages: servers: {middle_1: 'https://edge.example.org',
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
+import { registerTrainingKernels } from './kernels.js';
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
 import { DeviceSegment } from './segment.js';
 import { StageSessions } from './servers.js';
-import { runPredict, runTrainStep } from './steps.js';
+import { runEvaluate, runPredict, runTrainStep } from './steps.js';
 import { SplitDeviceError, isFloat, namedInputs } from './tensors.js';
 import { deriveTopology, placements } from './topology.js';
 
 export { ProtocolError, SplitSession } from './session.js';
+export { TRAINING_KERNELS, registerTrainingKernels } from './kernels.js';
 export { SegmentError } from './segment.js';
 export { UnsupportedTrainingConfigError } from './losses.js';
 export { SplitDeviceError } from './tensors.js';
@@ -70,23 +72,27 @@ export class SplitDevice {
    *   serverUrl?: string, servers?: Object<string, string|{url: string, key?: string}>,
    *   key?: string, wireDtype?: 'float32'|'float16', fetch?: Function,
    *   retries?: number, backoff?: number, maxBackoff?: number, timeoutMs?: number,
-   *   seed?: number}} options
+   *   seed?: number, kernels?: boolean}} options
    *   `models` maps each device segment name (head, tail) to a tf.LayersModel, an
    *   IOHandler or a URL for `tf.loadLayersModel`. `serverUrl` is the server of a split
    *   with one server stage; `servers` maps each server stage (its first segment's name,
    *   or that segment's host) to its first server's URL (and key, default `key`).
    *   `backoff` in milliseconds. `seed` seeds the per-step Dropout masks (default: random).
+   *   `kernels` (default true): register the runtime's training kernels (kernels.js) for the
+   *   cpu and wasm backends: fast conv/depthwise gradients on cpu, the ones wasm lacks or
+   *   gets wrong.
    * @returns {Promise<SplitDevice>}
    */
   static async create({
     tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
-    fetch = globalThis.fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
-    seed, sleep,
+    fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
+    seed, sleep, kernels = true,
   }) {
     if (!tf || typeof tf.tensor !== 'function') {
       throw new SplitDeviceError('pass the @tensorflow/tfjs module as tf (import * as tf from '
         + "'@tensorflow/tfjs')");
     }
+    if (kernels) registerTrainingKernels(tf);
     const topology = checkTopology(manifest);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
       serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, timeoutMs, sleep,
@@ -136,7 +142,7 @@ export class SplitDevice {
       : { stage, session: stageSessions.get(stage.name) }));
     this.devices = this.runners.filter((r) => r.segment).map((r) => r.segment);
     this.head = this.devices[0];
-    this.tail = this.runners.at(-1).segment ?? null;
+    this.tail = this.runners[this.runners.length - 1].segment ?? null;
     this.stepCount = 0;
   }
 
@@ -217,39 +223,99 @@ export class SplitDevice {
   }
 
   /**
-   * Train for `epochs` over (xs, ys) in batches, like keras.Model.fit: the epoch's
-   * loss is the batch losses averaged by batch size, the metrics are running means.
+   * Train like keras.Model.fit: `epochs` passes over (xs, ys) of any size, in batches of
+   * `batchSize` (the last one smaller), shuffled each epoch; after each epoch the validation
+   * data (if any) is evaluated and its values are logged as `val_<name>`. The epoch's loss is
+   * the batch losses averaged by batch size, its metrics the running means, as Keras'.
+   *
+   * Callbacks (each may be async; the `callbacks` objects are called after the `on*`
+   * options): onTrainBegin(logs), onEpochBegin(epoch), onBatchBegin(batch),
+   * onBatchEnd(batch, logs) with the step's result (loss, metrics, bytes, seconds, size),
+   * onEpochEnd(epoch, logs), onTrainEnd(logs). Setting `device.stopTraining = true` in a
+   * callback ends training after that batch. If a step or a callback fails, the server
+   * sessions are closed and the error is thrown.
+   *
    * @param {object} xs inputs (as for trainStep), all samples
    * @param {object} ys labels, all samples
-   * @param {{batchSize?: number, epochs?: number, shuffle?: boolean,
-   *   onBatchEnd?: (batch: number, logs: object) => any,
-   *   onEpochEnd?: (epoch: number, logs: object) => any}} [options]
-   * @returns {Promise<{history: Object<string, number[]>, steps: number, bytesSent: number,
-   *   bytesReceived: number}>}
+   * @param {FitOptions} [options] batchSize (32; at most the server's max_batch), epochs (1),
+   *   shuffle (true), validationData ([x, y]), validationSplit (a fraction of the LAST samples,
+   *   before shuffling, as Keras), validationBatchSize (batchSize), initialEpoch (0), callbacks.
+   * @returns {Promise<{history: Object<string, number[]>, epoch: number[], steps: number,
+   *   bytesSent: number, bytesReceived: number}>}
    */
-  async fit(xs, ys, {
-    batchSize = 32, epochs = 1, shuffle = true, onBatchEnd, onEpochEnd,
-  } = {}) {
+  async fit(xs, ys, options = {}) {
     const { tf } = this;
-    await this.ensureSessions();
-    if (!(batchSize >= 1) || (this.maxBatch && batchSize > this.maxBatch)) {
-      throw new SplitDeviceError(`batchSize ${batchSize} must be between 1 and the server's `
-        + `max_batch (${this.maxBatch})`);
+    const {
+      batchSize = 32, epochs = 1, shuffle = true, validationData, validationSplit = 0,
+      validationBatchSize, initialEpoch = 0, callbacks,
+    } = options;
+    const hooks = [options, ...(Array.isArray(callbacks) ? callbacks : (callbacks ? [callbacks] : []))];
+    const emit = async (name, ...args) => {
+      for (const hook of hooks) if (typeof hook[name] === 'function') await hook[name](...args);
+    };
+    if (!Number.isInteger(epochs) || epochs < 0 || !Number.isInteger(initialEpoch) || initialEpoch < 0) {
+      throw new SplitDeviceError(`epochs (${epochs}) and initialEpoch (${initialEpoch}) must be `
+        + 'integers >= 0');
     }
-    const store = namedInputs(tf, this.modelInputs, xs, this.maxBatch);
+    if (!(validationSplit >= 0 && validationSplit < 1)) {
+      throw new SplitDeviceError(`validationSplit ${validationSplit} must be in [0, 1)`);
+    }
+    if (validationData !== undefined && validationData !== null
+        && !(Array.isArray(validationData) && validationData.length === 2)) {
+      throw new SplitDeviceError('validationData must be [x, y]');
+    }
     const names = this.modelInputs.map((s) => s.name);
-    const labels = ys instanceof tf.Tensor ? ys : tf.tensor(ys);
-    const count = store.get(names[0]).shape[0];
-    const history = { loss: [] };
+    let store = namedInputs(tf, this.modelInputs, xs); // the whole dataset: no max_batch check
+    let labels = ys instanceof tf.Tensor ? ys.clone() : tf.tensor(ys);
+    let validation = validationData ? [validationData[0], validationData[1]] : null;
+    const owned = [];
+    const history = {};
+    const epochList = [];
     const start = this.stats;
     let steps = 0;
+    let lastLogs = {};
     try {
-      for (let epoch = 0; epoch < epochs; epoch += 1) {
+      let count = store.get(names[0]).shape[0];
+      if (count < 1) throw new SplitDeviceError('xs holds no sample to train on');
+      if (labels.shape[0] !== count) {
+        throw new SplitDeviceError(`ys has ${labels.shape[0]} samples, xs has ${count}`);
+      }
+      if (validationSplit > 0 && !validation) {
+        const kept = Math.floor(count * (1 - validationSplit));
+        if (kept < 1 || kept === count) {
+          throw new SplitDeviceError(`validationSplit ${validationSplit} of ${count} samples leaves `
+            + `${kept} to train on and ${count - kept} to validate`);
+        }
+        const cut = (t, from, size) => tf.slice(t, [from], [size]);
+        const vx = names.map((n) => cut(store.get(n), kept, count - kept));
+        const vy = cut(labels, kept, count - kept);
+        owned.push(...vx, vy);
+        validation = [vx, vy];
+        const trainStore = new Map(names.map((n) => [n, cut(store.get(n), 0, kept)]));
+        const trainLabels = cut(labels, 0, kept);
+        for (const t of store.values()) t.dispose();
+        labels.dispose();
+        store = trainStore;
+        labels = trainLabels;
+        count = kept;
+      }
+      await this.ensureSessions();
+      if (!Number.isInteger(batchSize) || batchSize < 1 || (this.maxBatch && batchSize > this.maxBatch)) {
+        throw new SplitDeviceError(`batchSize ${batchSize} must be an integer between 1 and the `
+          + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
+      }
+      this.stopTraining = false;
+      await emit('onTrainBegin', {});
+      for (let epoch = initialEpoch; epoch < epochs && !this.stopTraining; epoch += 1) {
+        await emit('onEpochBegin', epoch);
         const order = Int32Array.from({ length: count }, (_, i) => i);
         if (shuffle) tf.util.shuffle(order);
         const sums = { loss: 0, samples: 0, metrics: {}, counts: {} };
-        for (let begin = 0, batch = 0; begin < count; begin += batchSize, batch += 1) {
-          const indices = tf.tensor1d(order.subarray(begin, begin + batchSize), 'int32');
+        for (let begin = 0, batch = 0; begin < count && !this.stopTraining;
+          begin += batchSize, batch += 1) {
+          await emit('onBatchBegin', batch);
+          const size = Math.min(batchSize, count - begin);
+          const indices = tf.tensor1d(order.subarray(begin, begin + size), 'int32');
           const bx = names.map((n) => tf.gather(store.get(n), indices));
           const by = tf.gather(labels, indices);
           indices.dispose();
@@ -261,7 +327,6 @@ export class SplitDevice {
             by.dispose();
           }
           steps += 1;
-          const size = Math.min(batchSize, count - begin);
           sums.loss += logs.loss * size;
           sums.samples += size;
           for (const [name, value] of Object.entries(logs.metrics)) {
@@ -269,33 +334,141 @@ export class SplitDevice {
             sums.metrics[name] = (sums.metrics[name] ?? 0) + value * weight;
             sums.counts[name] = (sums.counts[name] ?? 0) + weight;
           }
-          if (onBatchEnd) await onBatchEnd(batch, logs);
+          await emit('onBatchEnd', batch, { ...logs, size });
         }
         const epochLogs = { loss: sums.loss / sums.samples };
         for (const name of Object.keys(sums.metrics)) {
           epochLogs[name] = sums.metrics[name] / sums.counts[name];
         }
+        if (validation) {
+          const val = await this.evaluate(validation[0], validation[1],
+            { batchSize: validationBatchSize ?? batchSize });
+          for (const [name, value] of Object.entries(val)) epochLogs[`val_${name}`] = value;
+        }
         for (const [name, value] of Object.entries(epochLogs)) {
           (history[name] ??= []).push(value);
         }
-        if (onEpochEnd) await onEpochEnd(epoch, epochLogs);
+        epochList.push(epoch);
+        lastLogs = epochLogs;
+        await emit('onEpochEnd', epoch, epochLogs);
       }
+      await emit('onTrainEnd', lastLogs);
+    } catch (error) {
+      try {
+        await this.closeSession();
+      } catch {
+        // the first error is the one to report
+      }
+      throw error;
     } finally {
       for (const t of store.values()) t.dispose();
-      if (labels !== ys) labels.dispose();
+      labels.dispose();
+      owned.forEach((t) => t.dispose());
     }
     const end = this.stats;
-    return { history, steps, bytesSent: end.bytesSent - start.bytesSent,
+    return { history, epoch: epochList, steps, bytesSent: end.bytesSent - start.bytesSent,
       bytesReceived: end.bytesReceived - start.bytesReceived };
   }
 
   /**
-   * Inference: the device segments in inference mode, each server stage through its
-   * server's predict route. Returns the model output (a tf.Tensor the caller owns).
+   * Evaluate like keras.Model.evaluate (return_dict): inference mode everywhere, the loss
+   * (regularization included) and metrics averaged over the samples, in batches of
+   * `batchSize`. Nothing trains.
+   * @returns {Promise<Object<string, number>>} {loss, <metric>: value, ...}
    */
-  async predict(x) {
+  async evaluate(x, y, { batchSize = 32 } = {}) {
+    const { tf } = this;
     await this.ensureSessions();
-    return runPredict(this, x);
+    if (!Number.isInteger(batchSize) || batchSize < 1 || (this.maxBatch && batchSize > this.maxBatch)) {
+      throw new SplitDeviceError(`batchSize ${batchSize} must be an integer between 1 and the `
+        + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
+    }
+    this.evaluation(); // refuse an unsupported loss before any request
+    const store = namedInputs(tf, this.modelInputs, x);
+    const labels = y instanceof tf.Tensor ? y.clone() : tf.tensor(y);
+    const names = this.modelInputs.map((s) => s.name);
+    try {
+      const count = store.get(names[0]).shape[0];
+      if (labels.shape[0] !== count) {
+        throw new SplitDeviceError(`y has ${labels.shape[0]} samples, x has ${count}`);
+      }
+      let loss = 0;
+      const sums = {};
+      const counts = {};
+      for (let begin = 0; begin < count; begin += batchSize) {
+        const size = Math.min(batchSize, count - begin);
+        const bx = names.map((n) => tf.slice(store.get(n), [begin], [size]));
+        const by = tf.slice(labels, [begin], [size]);
+        let out;
+        try {
+          out = await runEvaluate(this, bx, by);
+        } finally {
+          bx.forEach((t) => t.dispose());
+          by.dispose();
+        }
+        loss += out.loss * size;
+        for (const [name, { sum, count: n }] of Object.entries(out.metrics)) {
+          sums[name] = (sums[name] ?? 0) + sum;
+          counts[name] = (counts[name] ?? 0) + n;
+        }
+      }
+      const logs = { loss: loss / count };
+      for (const name of Object.keys(sums)) logs[name] = sums[name] / counts[name];
+      return logs;
+    } finally {
+      for (const t of store.values()) t.dispose();
+      labels.dispose();
+    }
+  }
+
+  /** The loss and metrics that evaluate computes on the device (resolved once). */
+  evaluation() {
+    if (!this.evaluationSpec) {
+      const training = this.manifest.training;
+      const loss = this.loss ?? resolveLoss(training.loss);
+      const metrics = this.metrics ?? resolveMetrics(training.metrics).metrics;
+      this.evaluationSpec = { loss, metrics };
+    }
+    return this.evaluationSpec;
+  }
+
+  /**
+   * Inference: the device segments in inference mode, each server stage through its
+   * server's predict route, in batches of `batchSize` (default: the server's max_batch,
+   * so any number of samples works). Returns the model output (a tf.Tensor the caller owns).
+   */
+  async predict(x, { batchSize } = {}) {
+    const { tf } = this;
+    await this.ensureSessions();
+    const limit = batchSize ?? this.maxBatch;
+    if (limit !== undefined && (!Number.isInteger(limit) || limit < 1
+        || (this.maxBatch && limit > this.maxBatch))) {
+      throw new SplitDeviceError(`batchSize ${limit} must be an integer between 1 and the `
+        + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
+    }
+    const store = namedInputs(tf, this.modelInputs, x);
+    const names = this.modelInputs.map((s) => s.name);
+    try {
+      const count = store.get(names[0]).shape[0];
+      if (!limit || count <= limit) return await runPredict(this, names.map((n) => store.get(n)));
+      const parts = [];
+      try {
+        for (let begin = 0; begin < count; begin += limit) {
+          const size = Math.min(limit, count - begin);
+          const bx = names.map((n) => tf.slice(store.get(n), [begin], [size]));
+          try {
+            parts.push(await runPredict(this, bx));
+          } finally {
+            bx.forEach((t) => t.dispose());
+          }
+        }
+        return tf.concat(parts);
+      } finally {
+        parts.forEach((t) => t.dispose());
+      }
+    } finally {
+      for (const t of store.values()) t.dispose();
+    }
   }
 
   // ---------------------------------------------------------------- weights

@@ -60,7 +60,7 @@ export function deriveSeed(...parts) {
  */
 export function captureLogits(tf, model, fn) {
   const layer = model.outputLayers?.length === 1 ? model.outputLayers[0]
-    : (model.getClassName?.() === 'Sequential' ? model.layers.at(-1) : null);
+    : (model.getClassName?.() === 'Sequential' ? model.layers[model.layers.length - 1] : null);
   let logits = null;
   let restore = () => {};
   const className = layer?.getClassName?.();
@@ -159,7 +159,8 @@ export class DeviceSegment {
       if (reg) regularization = reg.dataSync()[0];
       return out;
     }));
-    this.pending.set(step, { inputs: inputs.map((x) => tf.keep(x.clone())) });
+    this.pending.set(step, { inputs: inputs.map((x) => tf.keep(x.clone())),
+      sizes: outputs.map((o) => o.size) });
     return { outputs, regularization };
   }
 
@@ -190,13 +191,22 @@ export class DeviceSegment {
       throw new SegmentError(`Segment '${this.name}' has ${this.outputNames.length} outputs, `
         + `received ${outputGrads.length} gradients.`);
     }
+    // The VJP is seeded with the outputs' gradients themselves (flattened, concatenated),
+    // rather than differentiating sum(outputs * g): that scalar's gradient would first
+    // broadcast 1 to the output shape (Sum's gradient: [1,1,1,1] x ones(shape), a slow
+    // broadcasting multiply on the cpu backend) and then multiply it by g.
+    const seed = tf.tidy(() => {
+      const parts = pending.sizes.map((size, i) => (outputGrads[i]
+        ? tf.reshape(outputGrads[i], [-1]) : tf.zeros([size])));
+      return parts.length === 1 ? parts[0] : tf.concat(parts);
+    });
     try {
       return this.withSeeds(step, () => this.differentiate(pending.inputs, (outputs) => {
-        const terms = outputs.map((out, i) => (outputGrads[i] ? tf.sum(tf.mul(out, outputGrads[i]))
-          : tf.mul(tf.sum(out), 0)));
-        return terms.length === 1 ? terms[0] : tf.addN(terms);
-      }, true).inputGrads);
+        const flat = outputs.map((out) => tf.reshape(out, [-1]));
+        return flat.length === 1 ? flat[0] : tf.concat(flat);
+      }, true, seed).inputGrads);
     } finally {
+      seed.dispose();
       this.drop(step);
     }
   }
@@ -225,11 +235,20 @@ export class DeviceSegment {
     return result;
   }
 
+  /** Whether the model has regularization losses (computed once). */
+  hasRegularization() {
+    this.regularized ??= this.tf.tidy(() => this.model.calculateLosses().length > 0);
+    return this.regularized;
+  }
+
   // The gradients of objective(outputs) + regularization for the trainable weights and the
-  // inputs that need one; applies the update. With `restoreState`, the non-trainable weights
-  // (BatchNorm moving statistics) are put back as they were before this pass.
-  differentiate(inputs, objective, restoreState) {
+  // inputs that need one; applies the update. Without `seed`, the objective is a scalar; with
+  // one, the objective is a flat tensor and `seed` its gradient (the VJP of the outputs), and
+  // the regularization joins it as one more element seeded with 1. With `restoreState`, the
+  // non-trainable weights (BatchNorm moving statistics) are put back as they were before.
+  differentiate(inputs, objective, restoreState, seed = null) {
     const { tf } = this;
+    const regularized = this.hasRegularization();
     const saved = restoreState ? this.model.nonTrainableWeights.map((w) => tf.keep(w.read().clone()))
       : [];
     const variables = this.trainable.map((w) => w.read());
@@ -239,6 +258,7 @@ export class DeviceSegment {
     try {
       if (variables.length + watched.length === 0) return { inputGrads: inputs.map(() => null) };
       grads = tf.tidy(() => {
+        const dy = seed && regularized ? tf.concat([seed, tf.ones([1])]) : seed;
         const { value, grads: all } = tf.engine().gradients(() => {
           let output;
           ({ output, logits } = captureLogits(tf, this.model,
@@ -246,9 +266,13 @@ export class DeviceSegment {
           let total = objective(asList(output), logits);
           const reg = this.regularization();
           this.lastRegularization = reg ? reg.dataSync()[0] : 0;
-          if (reg) total = tf.add(total, reg);
+          if (Boolean(reg) !== regularized) {
+            throw new SegmentError(`Segment '${this.name}': its regularization losses appeared or `
+              + 'vanished between two passes');
+          }
+          if (reg) total = seed ? tf.concat([total, tf.reshape(reg, [1])]) : tf.add(total, reg);
           return total;
-        }, [...variables, ...watched], undefined, true);
+        }, [...variables, ...watched], dy ?? undefined, true);
         value.dispose();
         return all.map((g, i) => g
           ?? (i < variables.length ? null : tf.zerosLike(watched[i - variables.length])));
@@ -267,6 +291,45 @@ export class DeviceSegment {
     const watchedGrads = grads.slice(variables.length);
     let next = 0;
     return { inputGrads: inputs.map((_, i) => (this.inputGradients[i] ? watchedGrads[next++] : null)) };
+  }
+
+  /**
+   * The label segment's evaluation of a batch, in inference mode (nothing changes): the loss
+   * (Keras' use of the logits behind a softmax/sigmoid output included), this segment's
+   * regularization, and each metric's sum and count.
+   * @returns {{loss: number, regularization: number,
+   *   metrics: Object<string, {sum: number, count: number}>}}
+   */
+  evaluate(inputs, y, lossSpec, metrics = []) {
+    const { tf } = this;
+    const result = { loss: 0, regularization: 0, metrics: {} };
+    tf.tidy(() => {
+      let logits = null;
+      try {
+        let output;
+        ({ output, logits } = captureLogits(tf, this.model,
+          () => this.model.apply(this.call(inputs), { training: false })));
+        const [yPred] = asList(output);
+        result.loss = lossSpec.compute(tf, y, yPred, logits).dataSync()[0];
+        for (const metric of metrics) {
+          const values = metricValues(tf, metric, y, yPred);
+          result.metrics[metric.name] = { sum: tf.sum(values).dataSync()[0], count: values.size };
+        }
+        const reg = this.regularization();
+        if (reg) result.regularization = reg.dataSync()[0];
+      } finally {
+        logits?.dispose();
+      }
+    });
+    return result;
+  }
+
+  /** The regularization loss of the current weights (0 if none). */
+  regularizationValue() {
+    return this.tf.tidy(() => {
+      const reg = this.regularization();
+      return reg ? reg.dataSync()[0] : 0;
+    });
   }
 
   /** Inference-mode outputs (the caller owns them). */

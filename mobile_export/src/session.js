@@ -60,21 +60,105 @@ class Refused extends Error {
   }
 }
 
+// The global fetch, looked up at each call and called as a function (bound to the global):
+// `window.fetch` called as a method of another object throws "Illegal invocation".
+const globalFetch = (...args) => globalThis.fetch(...args);
+
+const NODE_NETWORK_CODES = ['ECONNREFUSED', 'ECONNRESET', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH',
+  'ENETUNREACH', 'ETIMEDOUT', 'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_SOCKET', 'EPIPE'];
+
+function errorCode(error) {
+  return error?.cause?.code ?? error?.code ?? null;
+}
+
+/** One line for what fetch threw, with the cause Node's fetch hides in `error.cause`. */
+function describeFetchError(error) {
+  const base = `${error?.name ?? 'Error'}: ${error?.message ?? error}`;
+  const code = errorCode(error?.cause ? error : null);
+  return code ? `${base} (${code})` : base;
+}
+
+/**
+ * What a failure after the retries means, and whose side it is on. `fetch` throwing a bare
+ * TypeError in a browser or React Native is the client side (network, CORS, mixed content,
+ * a blocked cleartext URL): the server may be fine, so the message does not ask whether it
+ * is running.
+ * @returns {{hint: string, code: string}}
+ */
+export function failureHint(error, status, baseUrl, timeoutMs) {
+  const serve = '`splitkeras serve`';
+  if (!error) {
+    return { code: 'unreachable', hint: `The server, or a proxy in front of it, answered HTTP ${status} `
+      + `every time: is ${serve} overloaded or restarting?` };
+  }
+  const code = errorCode(error);
+  if (error.name === 'AbortError' || error.name === 'TimeoutError') {
+    return { code: 'timeout', hint: `No answer within timeoutMs (${timeoutMs} ms): the server is `
+      + 'slow or the network drops the request; raise timeoutMs for large batches.' };
+  }
+  if (code && NODE_NETWORK_CODES.includes(code)) {
+    const what = code === 'ECONNREFUSED' ? 'nothing accepted the connection'
+      : (code === 'ENOTFOUND' || code === 'EAI_AGAIN' ? 'the host name does not resolve'
+        : 'the connection failed');
+    return { code: 'unreachable', hint: `The network said ${code}: ${what}. Is the server `
+      + `(${serve}) running on that host and port, and reachable from this device?` };
+  }
+  if (error.name === 'TypeError' && /Illegal invocation/i.test(error.message ?? '')) {
+    return { code: 'client_network', hint: 'The fetch function given was called with the wrong `this` '
+      + '(a browser\'s fetch must be called bound to window): pass fetch: (...a) => window.fetch(...a).' };
+  }
+  const page = globalThis.location?.protocol;
+  const inBrowser = typeof globalThis.document !== 'undefined' && typeof page === 'string';
+  const reactNative = globalThis.navigator?.product === 'ReactNative';
+  if (error.name === 'TypeError' && inBrowser) {
+    let hint = 'The browser refused or could not send the request before any answer came '
+      + '(fetch threw a TypeError; the browser hides why from the page): a network error, a CORS '
+      + `refusal (the server must allow this page's origin ${globalThis.location.origin}: `
+      + `${serve} --cors-origin ${globalThis.location.origin}), or mixed content (an https page `
+      + 'cannot call an http server). This is not an error the server reported; the browser '
+      + "console names the cause.";
+    if (page === 'https:' && /^http:/i.test(baseUrl)) {
+      hint = `Mixed content: this page is https and the server URL ${baseUrl} is http, which `
+        + 'browsers block; serve the split over https (TLS in front of the server). ' + hint;
+    }
+    return { code: 'client_network', hint };
+  }
+  if (error.name === 'TypeError' && reactNative) {
+    return { code: 'client_network', hint: 'React Native\'s fetch failed before any answer '
+      + '(TypeError): no network, a host the phone cannot reach (the emulator reaches the '
+      + 'computer at 10.0.2.2), or a cleartext http URL, which Android (usesCleartextTraffic) '
+      + 'and iOS (App Transport Security) block by default; use https.' };
+  }
+  return { code: 'unreachable', hint: `Is the server (${serve}) running and reachable?` };
+}
+
+// In a browser a request body is sent as a Blob: Chromium's fetch takes ~5x longer to send a
+// 256 KB Uint8Array body than the same bytes as a Blob (measured: 31 ms vs 6.5 ms per request,
+// benchmarks/results/device_step.md). Not in React Native (its fetch sends typed arrays as
+// they are) nor in Node.
+export function browserBlobBodies() {
+  return typeof Blob === 'function' && typeof globalThis.document !== 'undefined'
+    && globalThis.navigator?.product !== 'ReactNative';
+}
+
 const defaultSleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 export class SplitSession {
   /**
    * @param {{serverUrl: string, key?: string, wireDtype?: 'float32'|'float16',
    *   fetch?: Function, retries?: number, backoff?: number, maxBackoff?: number,
-   *   timeoutMs?: number, sleep?: (ms: number) => Promise<void>, client?: string}} options
-   *   backoff and maxBackoff in milliseconds.
+   *   timeoutMs?: number, sleep?: (ms: number) => Promise<void>, client?: string,
+   *   blobBodies?: boolean}} options
+   *   backoff and maxBackoff in milliseconds. blobBodies: send request bodies as Blobs
+   *   (default: in a browser, see browserBlobBodies).
    */
   constructor({
-    serverUrl, key, wireDtype = 'float32', fetch = globalThis.fetch, retries = 5, backoff = 200,
+    serverUrl, key, wireDtype = 'float32', fetch = globalFetch, retries = 5, backoff = 200,
     maxBackoff = 10000, timeoutMs = 30000, sleep = defaultSleep, client = 'splitkeras-device/0.1.0',
+    blobBodies = browserBlobBodies(),
   }) {
     if (!serverUrl) throw new TypeError('serverUrl is required, e.g. "http://10.0.2.2:8000"');
-    if (typeof fetch !== 'function') {
+    if (typeof fetch !== 'function' || (fetch === globalFetch && typeof globalThis.fetch !== 'function')) {
       throw new TypeError('No fetch: pass fetch=... (React Native and Node >= 18 have one)');
     }
     if (!WIRE_DTYPES.includes(wireDtype)) {
@@ -83,8 +167,10 @@ export class SplitSession {
     if (!(retries >= 0 && backoff >= 0 && maxBackoff >= 0)) {
       throw new TypeError('retries, backoff and maxBackoff must be >= 0');
     }
-    Object.assign(this, { key, wireDtype, retries, backoff, maxBackoff, timeoutMs, sleep, client });
+    Object.assign(this, { key, wireDtype, retries, backoff, maxBackoff, timeoutMs, sleep, client, blobBodies });
     this.baseUrl = serverUrl.replace(/\/+$/, '');
+    // Called as a plain function, never as a method of this session: a browser's fetch
+    // throws "Illegal invocation" when `this` is not the global object.
     this.fetch = fetch;
     this.info = null; // the server's answer to POST /v1/sessions
     this.offset = null; // server step - device step
@@ -261,8 +347,10 @@ export class SplitSession {
     if (contentType) headers['Content-Type'] = contentType;
     if (bearer) headers.Authorization = `Bearer ${bearer}`;
     const size = body ? body.byteLength : 0;
+    const payload = body && this.blobBodies ? new Blob([body]) : body;
     let failure = '';
     let status = 0;
+    let lastError = null;
     for (let attempt = 0; attempt <= this.retries; attempt += 1) {
       if (attempt) this.stats.retries += 1;
       this.stats.requests += 1;
@@ -273,8 +361,9 @@ export class SplitSession {
         ? new AbortController() : null;
       const timer = controller ? setTimeout(() => controller.abort(), this.timeoutMs) : null;
       try {
-        response = await this.fetch(this.baseUrl + path, {
-          method, headers, body: body ?? undefined, signal: controller?.signal,
+        const fetchFn = this.fetch;
+        response = await fetchFn(this.baseUrl + path, {
+          method, headers, body: payload ?? undefined, signal: controller?.signal,
         });
         const data = new Uint8Array(await response.arrayBuffer());
         this.stats.bytesReceived += data.byteLength;
@@ -282,11 +371,13 @@ export class SplitSession {
         if (!RETRY_STATUSES.includes(response.status)) throw refusedFrom(response, data, what);
         failure = `HTTP ${response.status}`;
         status = response.status;
+        lastError = null;
         retryAfter = parseRetryAfter(response.headers?.get?.('retry-after'));
       } catch (error) {
         if (error instanceof Refused) throw error;
-        failure = `${error?.name ?? 'Error'}: ${error?.message ?? error}`;
+        failure = describeFetchError(error);
         status = 0;
+        lastError = error ?? new Error(String(error));
       } finally {
         if (timer) clearTimeout(timer);
       }
@@ -296,9 +387,9 @@ export class SplitSession {
         await this.sleep(delay);
       }
     }
+    const { hint, code } = failureHint(lastError, status, this.baseUrl, this.timeoutMs);
     throw new ProtocolError(`Could not complete ${what} on ${this.baseUrl} after `
-      + `${this.retries + 1} attempts (last: ${failure}). Is the server (\`splitkeras serve\`) `
-      + 'running and reachable?', { status, code: 'unreachable' });
+      + `${this.retries + 1} attempts (last: ${failure}). ${hint}`, { status, code });
   }
 
   // ---------------------------------------------------------------- bodies

@@ -16,6 +16,7 @@
 // The loss is the label stage's (its regularization included) plus the regularization
 // every other stage reports on its forward (`regularization_loss` from a server).
 
+import { metricValues } from './losses.js';
 import { addGrads, fromWire, labelTensor, namedInputs, wireTensors } from './tensors.js';
 
 const LABEL_PREFIX = 'label:';
@@ -32,7 +33,7 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
   const result = { step, metrics: {} };
   const received = details ? new Map() : null; // stage -> Map(name -> tensor copy data)
   const regularization = [];
-  const label = runners.at(-1);
+  const label = runners[runners.length - 1];
   const others = runners.slice(0, -1);
   let labels = null;
 
@@ -134,22 +135,73 @@ function gradientDetails(received) {
   return details;
 }
 
+// Inference through `runners` in inference mode: fills `store` and returns the sum of the
+// regularization losses (a device segment's from its weights, a server's `regularization_loss`
+// predict metadata, 0 when it sends none, as the Python client reads it).
+async function infer(device, runners, store) {
+  const { tf } = device;
+  let regularization = 0;
+  for (const { segment, session, stage } of runners) {
+    if (segment) {
+      const outs = segment.predict(segment.inputNames.map((n) => store.get(n)));
+      segment.outputNames.forEach((name, i) => store.set(name, outs[i]));
+      regularization += segment.regularizationValue();
+    } else {
+      const answer = await session.predict(await wireTensors(specNames(stage.inputs), store));
+      regularization += Number(answer.metadata?.regularization_loss ?? 0);
+      for (const [name, t] of fromWire(tf, answer, stage.outputs, 'predict')) store.set(name, t);
+    }
+  }
+  return regularization;
+}
+
 /** Inference over every stage; the model output (a tf.Tensor the caller owns). */
 export async function runPredict(device, x) {
   const { tf, runners } = device;
   const store = namedInputs(tf, device.modelInputs, x, device.maxBatch);
   try {
-    for (const { segment, session, stage } of runners) {
-      if (segment) {
-        const outs = segment.predict(segment.inputNames.map((n) => store.get(n)));
-        segment.outputNames.forEach((name, i) => store.set(name, outs[i]));
-      } else {
-        const answer = await session.predict(await wireTensors(specNames(stage.inputs), store));
-        for (const [name, t] of fromWire(tf, answer, stage.outputs, 'predict')) store.set(name, t);
-      }
-    }
+    await infer(device, runners, store);
     return tf.keep(store.get(device.manifest.model_outputs[0].name).clone());
   } finally {
     for (const t of store.values()) t.dispose();
+  }
+}
+
+/**
+ * The loss and metrics of one batch in inference mode (keras `test_step`): the label segment
+ * on the device computes them from its inputs, or, with the labels on the server, the device
+ * computes them from the server's predictions. Nothing trains.
+ * @returns {Promise<{loss: number, metrics: Object<string, {sum: number, count: number}>,
+ *   samples: number}>}
+ */
+export async function runEvaluate(device, x, y) {
+  const { tf, runners } = device;
+  const { loss: lossSpec, metrics } = device.evaluation();
+  const store = namedInputs(tf, device.modelInputs, x, device.maxBatch);
+  const samples = store.get(device.modelInputs[0].name).shape[0];
+  let labels = null;
+  try {
+    labels = labelTensor(tf, y, samples);
+    const label = runners[runners.length - 1];
+    if (label.segment) {
+      const regularization = await infer(device, runners.slice(0, -1), store);
+      const out = label.segment.evaluate(label.segment.inputNames.map((n) => store.get(n)), labels,
+        lossSpec, metrics);
+      return { loss: out.loss + out.regularization + regularization, metrics: out.metrics, samples };
+    }
+    const regularization = await infer(device, runners, store);
+    const yPred = store.get(device.manifest.model_outputs[0].name);
+    return tf.tidy(() => {
+      const result = { loss: lossSpec.compute(tf, labels, yPred, null).dataSync()[0]
+        + regularization, metrics: {}, samples };
+      for (const metric of metrics) {
+        const values = metricValues(tf, metric, labels, yPred);
+        result.metrics[metric.name] = { sum: tf.sum(values).dataSync()[0], count: values.size };
+      }
+      return result;
+    });
+  } finally {
+    for (const t of store.values()) t.dispose();
+    labels?.dispose();
   }
 }

@@ -139,14 +139,14 @@ export function deriveTopology(manifest) {
   // Stages: consecutive server segments together, each device segment alone.
   const groups = [];
   segments.forEach((entry, index) => {
-    const last = groups.at(-1);
+    const last = groups[groups.length - 1];
     if (entry.placement === 'server' && last?.kind === 'server') last.indices.push(index);
     else groups.push({ kind: entry.placement, indices: [index] });
   });
   const lastIndex = segments.length - 1;
   const stages = groups.map(({ kind, indices }) => {
     const first = indices[0];
-    const end = indices.at(-1);
+    const end = indices[indices.length - 1];
     const members = indices.map((i) => segments[i]);
     const inputs = uniqueSpecs(members.flatMap((entry) => entry.inputs
       .filter((spec) => modelInputs.has(spec.name) || producedBy.get(spec.name) < first)));
@@ -166,7 +166,7 @@ export function deriveTopology(manifest) {
       mode: kind === 'server' ? (holdsLabels ? 'labels_on_server' : 'u_shaped') : null,
     };
   });
-  const labelStage = stages.at(-1);
+  const labelStage = stages[stages.length - 1];
   return {
     segments,
     stages,

@@ -7,7 +7,11 @@ nothing it does not (no server segment, no labels):
       split.json                    the manifest, `segments[].tfjs` naming the bundles
       head_tfjs/, tail_tfjs/        TF.js layers-model bundles of the device segments
       assets.js                     `require`s of those files for React Native (Metro)
-      splitkeras-device/            the JavaScript runtime (src/*.js, README.md, package.json)
+      README.md                     for the app's developers: install, backends, CORS and
+                                    TLS, keys, persistence of trained weights, examples
+      splitkeras-device/            the JavaScript runtime as an npm package (src/*.js and
+                                    their .d.ts, README.md, package.json with the same
+                                    `exports` as the published package)
 
 The TF.js bundles are copied from the split folder when `splitkeras split` wrote
 them, else exported from the segments' `.keras` files (`converters.export_tfjs`).
@@ -36,7 +40,11 @@ __all__ = ["export_app", "register", "runtime_files"]
 RUNTIME_PACKAGE = "mobile_export"  # the npm package's folder, shipped as package data
 RUNTIME_NAME = "splitkeras-device"
 MARKER = ".splitkeras-app.json"
-_NODE_ONLY = {"node_io.js"}
+# Node's bundle loading (splitkeras-device/node) ships too: the package's `exports` gives it to
+# Node only ("node" condition), so no app bundler ever pulls node:fs in
+_NODE_ONLY: set[str] = set()
+_NODE_ONLY_EXPORTS: set[str] = set()
+APP_README = "app_template/README.md"  # in the runtime package, written to the app folder
 
 
 def _prepare(out: Path, force: bool) -> None:
@@ -68,7 +76,7 @@ def _copy_bundle(source: Path, target: Path) -> None:
 
 def runtime_files() -> Traversable:
     """The JavaScript runtime as installed: the `mobile_export` package's files
-    (`src/*.js`, `README.md`, `package.json`)."""
+    (`src/*.js`, `src/*.d.ts`, `README.md`, `package.json`, `app_template/README.md`)."""
     from splitkeras.errors import ExportError
 
     try:
@@ -88,9 +96,9 @@ def _copy_runtime(target: Path) -> list[str]:
 
     runtime = runtime_files()
     src = runtime / "src"
-    sources = sorted((p for p in src.iterdir() if p.name.endswith(".js") and p.is_file()),
+    sources = sorted((p for p in src.iterdir() if p.name.endswith((".js", ".d.ts")) and p.is_file()),
                      key=lambda p: p.name) if src.is_dir() else []
-    if not sources:
+    if not any(p.name == "runtime.js" for p in sources):
         raise ExportError(f"The JavaScript runtime is missing from {src}; export "
                           "from a splitkeras checkout or a complete installation")
     (target / "src").mkdir(parents=True)
@@ -104,11 +112,26 @@ def _copy_runtime(target: Path) -> list[str]:
     if readme.is_file():
         _copy_file(readme, target / "README.md")
     package = json.loads((runtime / "package.json").read_text(encoding="utf-8"))
-    slim = {key: package[key] for key in ("name", "version", "description", "type", "license",
-                                            "engines", "peerDependencies") if key in package}
-    slim.update({"main": "src/runtime.js", "exports": {".": "./src/runtime.js"}})
+    # the published package's fields (entry points, conditions, types, peers), less what only
+    # its development needs and the Node-only entry point this copy does not hold
+    slim = {key: value for key, value in package.items()
+            if key not in ("scripts", "devDependencies", "private")}
+    slim["main"] = "src/runtime.js"
+    exports = slim.get("exports")
+    if isinstance(exports, dict):
+        slim["exports"] = {k: v for k, v in exports.items() if k not in _NODE_ONLY_EXPORTS}
+    else:
+        slim["exports"] = {".": "./src/runtime.js"}
     (target / "package.json").write_text(json.dumps(slim, indent=2) + "\n", encoding="utf-8")
     return copied
+
+
+def _copy_app_readme(out: Path) -> bool:
+    readme = runtime_files().joinpath(*APP_README.split("/"))
+    if not readme.is_file():
+        return False
+    _copy_file(readme, out / "README.md")
+    return True
 
 
 def _assets_js(bundles: dict[str, list[str]]) -> str:
@@ -181,7 +204,11 @@ def export_app(split_dir: str | Path, output: str | Path | None = None, *,
         spec = json.loads((target / "model.json").read_text(encoding="utf-8"))
         bundles[entry.name] = [p for g in spec["weightsManifest"] for p in g["paths"]]
     manifest.write(out)
+    # readable by the app's build and the web server that serves it (the atomic write of
+    # Manifest.write leaves a 0600 temporary file)
+    (out / "split.json").chmod(0o644)
     runtime = _copy_runtime(out / RUNTIME_NAME)
+    _copy_app_readme(out)
     (out / "assets.js").write_text(_assets_js(bundles), encoding="utf-8")
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum((out / f).stat().st_size for f in files)
@@ -203,7 +230,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     for name, how in summary["device_segments"].items():
         print(f"  {name}_tfjs/   TF.js bundle of segment '{name}', {how}")
     print(f"  split.json, assets.js, {RUNTIME_NAME}/ (runtime: {len(summary['runtime'])} modules)")
-    print(f"See {summary['app']}/{RUNTIME_NAME}/README.md to train it in a React Native app.")
+    print(f"See {summary['app']}/README.md to install and train it in an app (React Native, "
+          "a web page or Node).")
     return 0
 
 
