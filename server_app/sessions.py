@@ -27,20 +27,23 @@ class Session:
     expired_step: int | None = None
     applied_steps: int = 0
     pending_batch: int | None = None  # batch size of the pending forward (its gradients must match)
+    refused_steps: int = 0  # steps the guards refused (out_of_bounds, update_refused)
     # cached responses (step, bytes) for exactly-once retries; not persisted
     last_forward: tuple[int, bytes] | None = None
     last_backward: tuple[int, bytes] | None = None
+    # monotonic time of the session's last request in this process (None: none yet); not persisted
+    last_seen: float | None = None
 
     def public(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "wire_dtype": self.wire_dtype,
                 "next_step": self.next_step, "pending_step": self.pending_step,
-                "applied_steps": self.applied_steps}
+                "applied_steps": self.applied_steps, "refused_steps": self.refused_steps}
 
     def persisted(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON-ready); `Session(**persisted())` restores it."""
         data = asdict(self)
-        data.pop("last_forward")
-        data.pop("last_backward")
+        for transient in ("last_forward", "last_backward", "last_seen"):
+            data.pop(transient)
         return data
 
 

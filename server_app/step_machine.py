@@ -104,6 +104,14 @@ class StepMachine:
                 dropped += 1
         return dropped
 
+    def expire(self, session: Session) -> None:
+        """The executor no longer holds the session's pending step (a refusal consumed its
+        forward): its backward gets `step_expired`, and the forward may be sent again."""
+        if session.pending_step is not None:
+            self.executor.drop((session.session_id, session.pending_step))
+            session.expired_step = session.next_step = session.pending_step
+            session.pending_step = None
+
     # ---- refusals ----------------------------------------------------------------------------
     def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
         if route == "backward" and step == session.lost_step:
