@@ -87,45 +87,64 @@ class _Pending:
 class _GuardedVariables:
     """Variables a guarded step may change: read into a snapshot, checked, restored.
 
-    `check` is one compiled pass: every float variable's sum is finite (NaN or Inf anywhere
-    makes it so; a finite sum can only overflow for values far over any bound), and the
-    largest |w| of the `bounded` ones (the trainable weights).
+    The check: every float variable's sum is finite (NaN or Inf anywhere makes it so; a
+    finite sum can only overflow for values far over any bound), and the largest |w| of the
+    `bounded` ones (the trainable weights). `snapshot_ops` and `check_ops` trace into the
+    caller's `tf.function` (an update reads, applies and checks in ONE call); a few small
+    variables (moving statistics, seed states) are read and checked in NumPy instead, which
+    costs less than a function call.
     """
+
+    SMALL = 1 << 16  # elements
 
     def __init__(self, variables: Sequence[Any], bounded: Sequence[Any]) -> None:
         self.variables = list(variables)
-        floats = [v for v in self.variables if v.dtype.is_floating]
-        bounded = [v for v in bounded if v.dtype.is_floating and v.shape.num_elements() != 0]
-
-        def read() -> list[tf.Tensor]:
-            return [v.read_value() for v in self.variables]
-
-        def check() -> tuple[tf.Tensor, tf.Tensor]:
-            finite = tf.reduce_all(tf.stack([tf.math.is_finite(tf.reduce_sum(v)) for v in floats])) \
-                if floats else tf.constant(True)
-            biggest = tf.reduce_max(tf.stack(
-                [tf.cast(tf.maximum(tf.reduce_max(v), -tf.reduce_min(v)), tf.float32) for v in bounded])) \
-                if bounded else tf.zeros((), tf.float32)
-            return finite, biggest
+        self.floats = [v for v in self.variables if v.dtype.is_floating]
+        self.bounded = [v for v in bounded if v.dtype.is_floating and v.shape.num_elements() != 0]
+        self.small = sum(int(v.shape.num_elements() or 0) for v in self.variables) <= self.SMALL
 
         def restore(saved: list[tf.Tensor]) -> None:
             for variable, value in zip(self.variables, saved):
                 variable.assign(value)
 
-        self._read, self._check = tf.function(read), tf.function(check)
+        self._read = tf.function(self.snapshot_ops)
+        self._check = tf.function(self.check_ops)
         self._restore = tf.function(restore)
 
-    def read(self) -> list[tf.Tensor]:
-        return self._read() if self.variables else []
+    def snapshot_ops(self) -> list[tf.Tensor]:
+        """The values now (TensorFlow copies a variable's buffer before it updates one that is
+        still read, so they stay as they are)."""
+        return [v.read_value() for v in self.variables]
+
+    def check_ops(self) -> tuple[tf.Tensor, tf.Tensor]:
+        finite = tf.reduce_all(tf.stack([tf.math.is_finite(tf.reduce_sum(v)) for v in self.floats])) \
+            if self.floats else tf.constant(True)
+        biggest = tf.reduce_max(tf.stack(
+            [tf.cast(tf.maximum(tf.reduce_max(v), -tf.reduce_min(v)), tf.float32) for v in self.bounded])) \
+            if self.bounded else tf.zeros((), tf.float32)
+        return finite, biggest
+
+    def read(self) -> list[Any]:
+        if not self.variables:
+            return []
+        if self.small:
+            return [np.array(v.numpy(), copy=True) for v in self.variables]
+        return self._read()
 
     def check(self, guard: UpdateGuard, step_kept: bool = False) -> None:
-        if self.variables:
-            finite, biggest = self._check()
-            guard.bound_weight(float(biggest), bool(finite), step_kept)
+        if not self.variables:
+            return
+        if self.small:
+            finite = all(np.isfinite(v.numpy()).all() for v in self.floats)
+            biggest = max((float(np.max(np.abs(v.numpy()))) for v in self.bounded), default=0.0)
+        else:
+            finite_t, biggest_t = self._check()
+            finite, biggest = bool(finite_t), float(biggest_t)
+        guard.bound_weight(biggest, finite, step_kept)
 
-    def restore(self, saved: list[tf.Tensor]) -> None:
+    def restore(self, saved: Sequence[Any]) -> None:
         if self.variables:
-            self._restore(saved)
+            self._restore([tf.convert_to_tensor(value) for value in saved])
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -197,6 +216,9 @@ class SegmentRunner:
         self._apply_fn = tf.function(self._apply_impl, **options)
         self._predict_fn = tf.function(self._predict_impl, **options)
         self._train_fn = tf.function(self._train_impl, **options)
+        # with a guard: the same bodies between a snapshot and a check, in one call
+        self._guarded_apply_fn = tf.function(self._guarded_apply_impl, **options)
+        self._guarded_train_fn = tf.function(self._guarded_train_impl, **options)
         self._test_fn = tf.function(self._test_impl, **options)
 
     @classmethod
@@ -246,6 +268,18 @@ class SegmentRunner:
 
     def _apply_impl(self, grads: list[tf.Tensor]) -> None:
         self.optimizer.apply(grads, self.trainable)
+
+    def _guarded_apply_impl(self, grads: list[tf.Tensor]) -> Any:
+        state = self._variables("update")
+        saved = state.snapshot_ops()
+        self._apply_impl(grads)
+        return saved, *state.check_ops()
+
+    def _guarded_train_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any, other_losses: tf.Tensor) -> Any:
+        state = self._variables("train")
+        saved = state.snapshot_ops()
+        grads, logs, y_pred = self._train_impl(xs, y, sample_weight, other_losses)
+        return grads, logs, y_pred, saved, *state.check_ops()
 
     def _predict_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
         outputs = _as_list(self.model(self._call_inputs(xs), training=False))
@@ -326,19 +360,18 @@ class SegmentRunner:
         guard.accept(measured)
         return list(pending.outputs)
 
-    def _guarded_update(self, guard: UpdateGuard, kind: str, run: Any, measure: Any) -> Any:
-        """`run()` (which applies an update) between a snapshot and a check of what it
-        changed; `measure(result)` checks what it computed. Rolled back if either refuses."""
+    def _commit_or_roll_back(self, guard: UpdateGuard, kind: str, saved: Sequence[Any], finite: Any,
+                             biggest: Any, measure: Any = None) -> list[Measured]:
+        """After an update that returned its snapshot and check: `measure()` checks what it
+        computed; if that or the new state breaks a rule, the snapshot is put back."""
         state = self._variables(kind)
-        saved = state.read()
-        result = run()
         try:
-            measured: list[Measured] = measure(result)
-            state.check(guard)
+            measured: list[Measured] = measure() if measure is not None else []
+            guard.bound_weight(float(biggest), bool(finite))
         except UpdateRefused:
             state.restore(saved)
             raise
-        return result, measured
+        return measured
 
     def taped_forward(self, xs: list[tf.Tensor], forward: Any = None) -> _Pending:
         """The training-mode pass under a tape that watches the weights and the inputs
@@ -403,7 +436,8 @@ class SegmentRunner:
             return input_gradients
         measured += guard.measure_all("input_grad", self.input_names, input_gradients)
         if self.trainable:
-            self._guarded_update(guard, "update", lambda: self._apply_fn(weight_gradients), lambda _: [])
+            saved, finite, biggest = self._guarded_apply_fn(weight_gradients)
+            self._commit_or_roll_back(guard, "update", saved, finite, biggest)
         guard.accept(measured)
         return input_gradients
 
@@ -427,16 +461,16 @@ class SegmentRunner:
         if sample_weight is not None:
             measured += guard.measure_all("sample_weight", ["sample_weight"], [sample_weight])
 
-        def checked(result: Any) -> list[Measured]:
-            grads, logs, _ = result
+        grads, logs, _, saved, finite, biggest = self._guarded_train_fn(xs, y, sample_weight, other)
+
+        def computed() -> list[Measured]:
             found = guard.measure_all("input_grad", self.input_names, self._per_input(grads))
             if "loss" in logs:
                 found += guard.measure_all("loss", ["loss"], [logs["loss"]])
             return found
 
-        (grads, logs, _), computed = self._guarded_update(
-            guard, "train", lambda: self._train_fn(xs, y, sample_weight, other), checked)
-        guard.accept(measured + computed)
+        measured += self._commit_or_roll_back(guard, "train", saved, finite, biggest, computed)
+        guard.accept(measured)
         return self._per_input(grads), logs
 
     def test_step(self, inputs: Sequence[Any], y: Any, sample_weight: Any = None,

@@ -42,8 +42,25 @@ def u_split() -> Any:
     return splitkeras.split(keras.Model(inputs, outputs), at=["h", "m"])
 
 
-def u_runner(guard: UpdateGuard | None) -> SegmentRunner:
-    return SegmentRunner(u_split()["middle"], keras.optimizers.Adam(0.01), guard=guard)
+def conv_split() -> Any:
+    """Convolutions, BatchNorm and Dropout in the middle: oneDNN fuses ops there."""
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    inputs = keras.Input((8, 8, 2), name="image")
+    x = L.Conv2D(4, 3, padding="same", name="h")(inputs)
+    x = L.Conv2D(6, 3, padding="same", use_bias=False, name="c1")(x)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(6, 3, padding="same", activation="relu", name="c2")(x)
+    x = L.Dropout(0.2)(x)
+    x = L.Flatten(name="m")(x)
+    outputs = L.Dense(3, name="logits")(x)
+    return splitkeras.split(keras.Model(inputs, outputs), at=["h", "m"])
+
+
+def u_runner(guard: UpdateGuard | None, kind: str = "dense") -> SegmentRunner:
+    split = u_split() if kind == "dense" else conv_split()
+    return SegmentRunner(split["middle"], keras.optimizers.Adam(0.01), guard=guard)
 
 
 def label_runner(guard: UpdateGuard | None) -> SegmentRunner:
@@ -87,11 +104,16 @@ def warmed_u(steps: int = 12, config: GuardConfig | None = None) -> SegmentRunne
 # ------------------------------------------------------------------- an accepted step is the step
 
 
-def test_a_guarded_u_shaped_step_is_bitwise_the_unguarded_step() -> None:
-    batches = u_batches(20)
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_a_guarded_u_shaped_step_is_bitwise_the_unguarded_step(kind: str) -> None:
+    if kind == "dense":
+        batches = u_batches(20)
+    else:
+        batches = [(RNG.standard_normal((BATCH, 8, 8, 4)).astype(np.float32),
+                    (RNG.standard_normal((BATCH, 384)) / BATCH).astype(np.float32)) for _ in range(12)]
     runs = {}
     for name, guard in (("plain", None), ("guarded", UpdateGuard())):
-        runner = u_runner(guard)
+        runner = u_runner(guard, kind)
         answers = []
         for k, (x, g) in enumerate(batches):
             outputs = runner.forward(k, [x])
