@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from server_app.service import SegmentService
     from server_app.settings import ServerSettings
 
-__all__ = ["ServerStartError", "is_loopback", "check_bind", "check_tls", "ServerLock", "load_service",
+__all__ = ["ServerStartError", "is_loopback", "check_bind", "check_port", "check_tls", "ServerLock", "load_service",
            "read_timeout_protocol", "uvicorn_config", "KEEP_ALIVE", "MAX_HEAD"]
 
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
@@ -65,6 +65,23 @@ def check_bind(host: str, tls: bool, insecure: bool) -> None:
             f"--host {host} would serve plain HTTP beyond this machine (activations, gradients and "
             "tokens in the clear): give --tls-cert CERT --tls-key KEY, or --insecure if a proxy in front "
             "terminates TLS.")
+
+
+def check_port(host: str, port: int) -> None:
+    """The address can be listened on now (else one line, before the segment loads)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ServerStartError(f"--host {host}: {error.strerror or error}.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ServerStartError(f"Cannot listen on {host}:{port}: {error.strerror or error}.") from None
 
 
 def check_tls(cert: str | None, key: str | None) -> None:

@@ -332,6 +332,7 @@ START_UP = [
      "SPLITKERAS_MAX_SESSIONS): Input should be greater than or equal to 1"),
     ("host_not_loopback", lambda f, t: ["--host", "0.0.0.0"], 1, "--host 0.0.0.0 would serve plain HTTP beyond "
      "this machine"),
+    ("port_in_use", "port", 1, "Cannot listen on 127.0.0.1:{port}: Address already in use."),
     ("tls_key_missing", lambda f, t: ["--tls-cert", str(f / "split.json")], 1, "TLS needs both --tls-cert and "
      "--tls-key"),
     ("tls_not_a_cert", lambda f, t: ["--tls-cert", str(f / "split.json"), "--tls-key", str(f / "split.json")], 1,
@@ -360,6 +361,7 @@ def test_every_start_up_mistake_is_one_line(case: str, prepare: Any, code: int, 
                                             capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     folder = fresh()
+    taken = None
     if prepare == "other":  # the labels-on-server split's checkpoint (its segment 'tail') under this one
         other = fresh("labels_on_server")
         _checkpoint_of(other, {})
@@ -378,6 +380,13 @@ def test_every_start_up_mistake_is_one_line(case: str, prepare: Any, code: int, 
         arrays["__state__"] = np.frombuffer(json.dumps(state).encode(), np.uint8)
         np.savez(folder / "checkpoints" / checkpoint.ARRAYS, **arrays)
         args = []
+    elif prepare == "port":  # something else listens there
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = message.replace("{port}", str(port))
+        args = ["--port", str(port)]
     else:
         args = prepare(folder, tmp_path)
     if args[:1] == ["--env"]:
@@ -385,6 +394,8 @@ def test_every_start_up_mistake_is_one_line(case: str, prepare: Any, code: int, 
         monkeypatch.setenv(name, value)
         args = []
     returned, lines = _serve([str(folder), "--key", "k", *args], capsys)
+    if taken is not None:
+        taken.close()
     expected = message.replace("{f}", str(folder))
     assert returned == code and len(lines) == 1, lines
     assert lines[0].startswith("error: ") and expected in lines[0], lines

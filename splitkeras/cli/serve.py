@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server_app import create_app  # the server is optional for the core
-    from server_app.launch import ServerLock, check_bind, check_tls, load_service, uvicorn_config
+    from server_app.launch import ServerLock, check_bind, check_port, check_tls, load_service, uvicorn_config
     from server_app.segment_choice import choose_segment
     from splitkeras.manifest import Manifest
 
@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     check_tls(args.tls_cert, args.tls_key)
     check_bind(args.host, tls=args.tls_cert is not None, insecure=args.insecure)
+    check_port(args.host, args.port)
     manifest = Manifest.read(settings.split_dir)  # a wrong folder fails here, in one line
     served = choose_segment(manifest, settings.segment, settings.next_url)  # likewise a wrong --segment
     with ServerLock(settings.split_dir, served.segment):
