@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import RESULTS, machine  # noqa: E402
-from chaos_support import kill_chaos  # noqa: E402
+from kill_support import kill_chaos  # noqa: E402
 
 
 def main() -> None:

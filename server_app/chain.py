@@ -29,11 +29,8 @@ if TYPE_CHECKING:  # the client's runner imports TensorFlow: loaded with the fir
     from splitkeras.client.remote import RemoteSegment
     from splitkeras.client.transport import Transport
 
-__all__ = ["ChainExecutor", "NEXT_RETRIES"]
+__all__ = ["ChainExecutor"]
 
-# A next server that restarts (a redeploy, a crash) is waited for: 12 retries with backoff
-# 0.2 s doubling up to 10 s, about 72 s in all.
-NEXT_RETRIES, NEXT_BACKOFF, NEXT_MAX_BACKOFF = 12, 0.2, 10.0
 _SESSION = b"session:"  # a logged blob that names a downstream session
 
 
@@ -223,6 +220,11 @@ class ChainExecutor:
         else:
             self.local.drop(key)
 
+    def has_pending(self, key: tuple[str, int]) -> bool:
+        """Whether `key`'s forward is held, waiting for its backward."""
+        loop = self._alone or self._loops.get(key[0])
+        return loop is not None and loop.has_pending(key)
+
     # ---- the write-ahead log ----------------------------------------------------------------------
     @contextlib.contextmanager
     def isolated(self) -> Iterator[None]:
@@ -251,13 +253,18 @@ class ChainExecutor:
         self._answers = []
 
     # ---- downstream sessions --------------------------------------------------------------------
-    def close_session(self, session_id: str) -> None:
-        """The device closed its session: close the next server's session too (best effort)."""
+    def close_session(self, session_id: str, notify: bool = True) -> None:
+        """The device closed its session: close the next server's session too (best effort).
+        `notify=False` (an idle session closed by this server) only lets go of it: the next
+        server closes it by its own idle timeout, and no request waits on a slow next server."""
         self._loops.pop(session_id, None)
         self._restored.pop(session_id, None)
         transport = self._transports.pop(session_id, None)
         if transport is not None:
-            transport.close()
+            if notify:
+                transport.close()
+            else:
+                transport._client.close()
 
     def persisted(self) -> dict[str, dict[str, Any]]:
         """The next server's session of each device session, for this server's checkpoint."""
@@ -284,4 +291,6 @@ class ChainExecutor:
 def _transport(url: str, key: str | None) -> Transport:
     from splitkeras.client.transport import Transport
 
-    return Transport(url, key=key, retries=NEXT_RETRIES, backoff=NEXT_BACKOFF, max_backoff=NEXT_MAX_BACKOFF)
+    # A next server that restarts (a redeploy, a crash) is waited for as a device waits for
+    # this one: the transport's default retry budget, 64 to 107 s.
+    return Transport(url, key=key)

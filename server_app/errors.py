@@ -34,6 +34,8 @@ STATUS: dict[str, int] = {
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "too_many_sessions": 429,
+    "out_of_bounds": 422,
+    "update_refused": 422,
     "not_durable": 503,
 }
 

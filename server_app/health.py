@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 __all__ = ["router"]
@@ -19,17 +19,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "Not ready"}})
-async def readyz(request: Request) -> Any:
-    """The segment is loaded, the checkpoint folder is writable and the last log write worked."""
+async def readyz(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
+    """The segment is loaded and the checkpoint folder is writable: `{"status": "ready"}`.
+    With the server key (`Authorization: Bearer <key>`) also the segment, the counters and
+    the guards' running scales."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    writable = service.checkpoint_dir_writable()
-    status = "ready" if writable and service.durable else \
-        "checkpoint_dir_not_writable" if not writable else "not_durable"
-    writable = status == "ready"
-    body = {"status": status,
-            "segment": service.entry.name, "mode": service.mode,
-            "applied_steps": service.applied_steps, "sessions": len(service.sessions),
-            "resumed_from": service.resumed_from, "replayed": service.replayed}
-    return JSONResponse(body, status_code=200 if writable else 503)
+    given = authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None
+    ready, body = service.status(detailed=service.server_key.matches(given))
+    return JSONResponse(body, status_code=200 if ready else 503)

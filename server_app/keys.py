@@ -36,9 +36,12 @@ class ServerKey:
     def __init__(self, value: str) -> None:
         self.value = value
 
+    def matches(self, given: str | None) -> bool:
+        return bool(given) and secrets.compare_digest(str(given).encode(), self.value.encode())
+
     def check(self, given: str | None) -> None:
         """Refuse (`unauthorized`) unless `given` is the key."""
-        if not given or not secrets.compare_digest(given.encode(), self.value.encode()):
+        if not self.matches(given):
             raise RequestRefused("unauthorized",
                                  "Opening a session needs the server key as 'Authorization: Bearer "
                                  "<key>' (printed by `splitkeras serve`, stored in "

@@ -5,18 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from server_app import health, routes
 from server_app.errors import install_error_handlers
+from server_app.limits import BodyLimits
 from server_app.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from server_app.service import SegmentService
 
 __all__ = ["create_app"]
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, service: SegmentService | None = None) -> FastAPI:
     """Build the app for `settings` (default: from `SPLITKERAS_*` environment variables).
+
+    The segment loads in the app's lifespan, unless `service` is given (`splitkeras serve`
+    loads it before the server starts, so that a bad file or flag is one line, not a
+    traceback from the lifespan); the lifespan closes it at shutdown either way.
 
     Example:
         >>> app = create_app(ServerSettings(split_dir="out", key="k"))   # doctest: +SKIP
@@ -27,15 +36,18 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from server_app.service import SegmentService
 
-        resolved = settings or ServerSettings()  # type: ignore[call-arg]
-        service = await asyncio.to_thread(SegmentService, resolved)
-        app.state.service = service
-        sweeper = asyncio.create_task(_sweep(service))
+        if service is not None:
+            loaded = service
+        else:
+            resolved = settings or ServerSettings()  # type: ignore[call-arg]
+            loaded = await asyncio.to_thread(SegmentService, resolved)
+        app.state.service = loaded
+        sweeper = asyncio.create_task(_sweep(loaded))
         try:
             yield
         finally:
             sweeper.cancel()
-            await asyncio.to_thread(service.close)
+            await asyncio.to_thread(loaded.close)
 
     app = FastAPI(
         title="splitkeras server",
@@ -45,6 +57,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimits)
     app.include_router(health.router)
     app.include_router(routes.router)
     return app
@@ -54,7 +67,9 @@ async def _sweep(service: object) -> None:
     from server_app.service import SegmentService
 
     assert isinstance(service, SegmentService)
-    interval = max(0.05, min(30.0, service.settings.step_ttl_seconds / 4))
+    settings = service.settings
+    interval = max(0.05, min(30.0, settings.step_ttl_seconds / 4, settings.session_ttl_seconds / 4))
     while True:
         await asyncio.sleep(interval)
         await service.run(service.sweep_expired)
+        await service.run(service.sweep_idle)

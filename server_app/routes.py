@@ -1,13 +1,18 @@
 """The `/v1` routes: decode nothing here, only authenticate, bound the body and hand
-the bytes to `SegmentService` on its single writer thread."""
+the bytes to `SegmentService` on its single writer thread. The key or token is checked
+before a body is read, and no body is read past its cap (`server_app.limits`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
+from server_app.limits import JSON_LIMIT, too_large
 from server_app.service import SegmentService, Session
 from splitkeras import wire
 from splitkeras.errors import RequestRefused
@@ -62,23 +67,29 @@ async def read_tensor_body(request: Request, limit: int) -> bytes:
         raise RequestRefused("unsupported_media_type",
                              f"Expected Content-Type '{wire.MEDIA_TYPE}' (or application/octet-stream), "
                              f"got '{content_type}'.")
+    return await read_body(request, limit, tensors=True)
+
+
+async def read_body(request: Request, limit: int, tensors: bool = False) -> bytes:
+    """The body, refused with 413 past `limit` bytes (from Content-Length, or while it
+    streams in: never read whole when it is too large)."""
     declared = request.headers.get("content-length")
-    too_large = RequestRefused("body_too_large",
-                               f"The body is over {limit} bytes, the most this segment's tensors take at "
-                               "the server's max_batch. Send smaller batches.", limit=limit)
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise too_large
+                raise too_large(limit, tensors)
         except ValueError:
             raise RequestRefused("bad_request", "Content-Length is not a number.") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit, tensors)
+            chunks.append(chunk)
+    except ClientDisconnect:  # e.g. closed by the read timeout: nobody is left to answer
+        raise RequestRefused("bad_request", "The client went away before its body arrived.") from None
     return b"".join(chunks)
 
 
@@ -110,18 +121,46 @@ class SessionState(BaseModel):
     next_step: int
     pending_step: int | None
     applied_steps: int
+    refused_steps: int
+
+
+OPEN_BODY = {"requestBody": {"required": False, "content": {
+    "application/json": {"schema": OpenSession.model_json_schema()}}}}
+
+
+def _open_body(raw: bytes) -> OpenSession:
+    """The JSON body of POST /v1/sessions (empty or `null`: the defaults); a bad one is the
+    422 `bad_request` FastAPI gives for a body it validates."""
+    if not raw.strip():
+        return OpenSession()
+    try:
+        data = json.loads(raw)
+    except ValueError as error:  # not JSON, or not UTF-8
+        position = getattr(error, "pos", 0)
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", position),
+                                       "msg": "JSON decode error", "input": {}}]) from None
+    if data is None:
+        return OpenSession()
+    try:
+        return OpenSession.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
 
 
 router = APIRouter(prefix="/v1", tags=["split learning"])
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOpened,
-             responses={401: {"description": "Missing or wrong server key."}})
-async def open_session(service: ServiceDep, body: OpenSession | None = None,
+@router.post("/sessions", status_code=201, response_model=SessionOpened, openapi_extra=OPEN_BODY,
+             responses={401: {"description": "Missing or wrong server key."},
+                        413: {"description": "Body over 16 KiB."},
+                        422: {"description": "Invalid JSON body (bad_request)."},
+                        429: {"description": "max_sessions held, each with a step in progress."}})
+async def open_session(request: Request, service: ServiceDep,
                        authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
-    """Open a session (needs the server key); returns the token for its routes."""
-    service.check_key(_bearer(authorization))
-    body = body or OpenSession()
+    """Open a session (needs the server key); returns the token for its routes. Body
+    (optional): `{"wire_dtype": "float32" | "float16", "client": str}`."""
+    service.check_key(_bearer(authorization))  # before a byte of the body is read
+    body = _open_body(await read_body(request, JSON_LIMIT))
     session, token = await service.run(service.open_session, body.wire_dtype)
     return {"session_id": session.session_id, "token": token, "wire_dtype": session.wire_dtype,
             "next_step": session.next_step, **service.describe()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +71,20 @@ class SegmentHost:
         return list(self.segment.model.variables), list(self.runner.optimizer.variables)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """Assign the saved variables, if there is a checkpoint; returns its state (or None)."""
-        return load_checkpoint(self.checkpoint_dir, *self._variables())
+        """Assign the saved variables, if there is a checkpoint; returns its state (or None).
+        An unreadable checkpoint, or one of another segment, is a one-line `ManifestError`."""
+        try:
+            state = load_checkpoint(self.checkpoint_dir, *self._variables())
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            raise ManifestError(f"The checkpoint in '{self.checkpoint_dir}' cannot be read "
+                                f"({type(error).__name__}: {str(error).strip()[:200]}). Move it away to start "
+                                "fresh, or put back a good copy.") from None
+        saved_segment = (state or {}).get("segment")
+        if saved_segment is not None and saved_segment != self.entry.name:
+            raise ManifestError(f"The checkpoint in '{self.checkpoint_dir}' belongs to segment '{saved_segment}', "
+                                f"not '{self.entry.name}'. Give this segment its own --checkpoint-dir, or move "
+                                "the checkpoint away to start fresh.")
+        return state
 
     def save_checkpoint(self, applied_steps: int, sessions: list[dict[str, Any]],
                         downstream: dict[str, Any] | None = None, wal_seq: int = 0) -> None:

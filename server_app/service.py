@@ -7,13 +7,22 @@ nothing of HTTP: it takes and returns bytes (safetensors bodies) and raises
 `RequestRefused` for refusals. All TensorFlow work and every state change run on ONE
 worker thread (`run`), in arrival order, so updates from many devices are applied one at
 a time and a refused request changes nothing.
+
+The segment's runner has an `UpdateGuard` (`splitkeras.guard`, unless `guard` is off): a
+step that would poison the shared weights is refused, counted on its session, and a
+session with `max_refused_steps` refusals is closed. Sessions close after
+`session_ttl_seconds` without a request (their pending forwards and cached answers freed);
+when `max_sessions` are open, a new one replaces the least recently used idle one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import secrets
+import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -27,7 +36,8 @@ from server_app.settings import ServerSettings
 from server_app.step_machine import StepMachine
 from server_app.wal import Record, WriteAheadLog
 from splitkeras import wire
-from splitkeras.errors import RequestRefused
+from splitkeras.errors import GUARD_CODES, RequestRefused
+from splitkeras.guard import UpdateGuard
 
 __all__ = ["SegmentService", "Session"]
 
@@ -47,6 +57,9 @@ class SegmentService:
         self.bodies = TensorBodies(served.inputs, served.outputs, host.manifest.model_outputs,
                                    host.loss, settings.max_batch)
         self.body_limits = self.bodies.limits
+        guard_config = settings.guard_config()
+        self.guard = self.runner.guard = UpdateGuard(guard_config) if guard_config else None
+        self.clock: Callable[[], float] = time.monotonic
         self.sessions: SessionStore = sessions if sessions is not None else InMemorySessionStore()
         own_key = settings.key or keys.load_or_create_key(settings.key_file)
         self.server_key = keys.ServerKey(own_key)
@@ -59,6 +72,7 @@ class SegmentService:
                                  journal=self._journal, ensure_durable=self.ensure_durable)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
+        self.refused_steps = 0  # refused by the guards since the start
         self.resumed_from: int | None = None
         self.replayed = 0
         state = host.load_checkpoint()
@@ -172,6 +186,7 @@ class SegmentService:
                                  f"No session '{session_id}' (closed, or never opened). Open a new "
                                  "one with POST /v1/sessions.")
         keys.check_token(token, session.token_hash)
+        session.last_seen = self.clock()
         return session
 
     def open_session(self, wire_dtype: str) -> tuple[Session, str]:
@@ -179,13 +194,20 @@ class SegmentService:
             raise RequestRefused("bad_request",
                                  f"wire_dtype must be one of {list(wire.WIRE_DTYPES)}, got '{wire_dtype}'.")
         if len(self.sessions) >= self.settings.max_sessions:
-            raise RequestRefused("too_many_sessions",
-                                 f"The server holds {len(self.sessions)} sessions, its limit. Close "
-                                 "unused sessions (DELETE /v1/sessions/{id}).")
+            idle = [s for s in self.sessions if s.pending_step is None]
+            if not idle:
+                raise RequestRefused("too_many_sessions",
+                                     f"The server holds {len(self.sessions)} sessions, its limit, and each "
+                                     "has a step in progress. Try again later, or close unused sessions "
+                                     "(DELETE /v1/sessions/{id}).")
+            oldest = min(idle, key=lambda s: -1.0 if s.last_seen is None else s.last_seen)
+            log.info("Session %s replaced (the least recently used idle one of %d)", oldest.session_id,
+                     len(self.sessions))
+            self._let_go(oldest)
         self.ensure_durable()
         token = keys.new_token()
         session = Session(session_id=secrets.token_hex(8), token_hash=keys.hash_token(token),
-                          wire_dtype=wire_dtype)
+                          wire_dtype=wire_dtype, last_seen=self.clock())
         self._journal(Record("open", {"session": session.session_id, "data": session.persisted()}))
         self.sessions.add(session)
         return session, token
@@ -193,6 +215,30 @@ class SegmentService:
     def close_session(self, session: Session) -> None:
         self.steps.close(session)
         self.executor.close_session(session.session_id)
+
+    def _let_go(self, session: Session) -> None:
+        """Close a session the device did not close (idle, replaced): its pending forward and
+        cached answers are freed; a chain's next server is not waited on."""
+        try:
+            self.steps.close(session)
+        except RequestRefused:  # the log cannot record the close now: keep it, try again later
+            return
+        self.executor.close_session(session.session_id, notify=False)
+
+    def sweep_idle(self) -> int:
+        """Close the sessions without a request for `session_ttl_seconds`. Returns how many."""
+        now, ttl = self.clock(), self.settings.session_ttl_seconds
+        closed = 0
+        for session in self.sessions:
+            if session.last_seen is None:  # restored from a checkpoint: its time starts now
+                session.last_seen = now
+            elif now - session.last_seen > ttl:
+                self._let_go(session)
+                closed += 1
+        if closed:
+            log.info("Closed %d idle session(s) (no request for %g s)", closed, ttl)
+            _release_memory()
+        return closed
 
     def describe(self) -> dict[str, Any]:
         """What this server serves: its segment and, in a chain, the rest of the chain."""
@@ -206,13 +252,67 @@ class SegmentService:
         return self.steps.sweep_expired()
 
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
-        return self.steps.forward(session, step, body)
+        return self._guarded(session, step, self.steps.forward, body)
 
     def backward(self, session: Session, step: int, body: bytes) -> bytes:
-        return self.steps.backward(session, step, body)
+        return self._guarded(session, step, self.steps.backward, body)
 
     def train(self, session: Session, step: int, body: bytes) -> bytes:
-        return self.steps.train(session, step, body)
+        return self._guarded(session, step, self.steps.train, body)
+
+    def _guarded(self, session: Session, step: int, route: Callable[[Session, int, bytes], bytes],
+                 body: bytes) -> bytes:
+        try:
+            return route(session, step, body)
+        except BaseException as error:
+            self._after_failure(session, step, error)
+            raise
+
+    def _after_failure(self, session: Session, step: int, error: BaseException) -> None:
+        """A step failed: if it consumed the pending forward, the session says so
+        (`step_expired`); a guard's refusal counts on the session, which is closed at
+        `max_refused_steps` (the refusal then says so, with `session_closed`)."""
+        if session.pending_step == step and not self.executor.has_pending((session.session_id, step)):
+            self.steps.expire(session)
+        if not isinstance(error, RequestRefused) or error.code not in GUARD_CODES:
+            return
+        session.refused_steps += 1
+        self.refused_steps += 1
+        limit = self.settings.max_refused_steps
+        log.warning("Session %s: step %d refused (%s), %d refused so far", session.session_id, step, error.code,
+                    session.refused_steps)
+        if session.refused_steps >= limit and self.sessions.get(session.session_id) is session:
+            self._let_go(session)
+            error.message += (f" The session sent {session.refused_steps} refused steps, the server's limit "
+                              f"(max_refused_steps): it is closed.")
+            error.args = (error.message,)
+            error.details["session_closed"] = True
+
+    def status(self, detailed: bool) -> tuple[bool, dict[str, Any]]:
+        """Readiness: (ready, what to say). Without `detailed`, only whether it is ready."""
+        writable = self.checkpoint_dir_writable()
+        ready = writable and self.durable
+        if not detailed:
+            return ready, {"status": "ready" if ready else "not_ready"}
+        status = "ready" if ready else "checkpoint_dir_not_writable" if not writable else "not_durable"
+        body: dict[str, Any] = {
+            "status": status, "segment": self.entry.name,
+            "mode": self.mode, "applied_steps": self.applied_steps, "sessions": len(self.sessions),
+            "resumed_from": self.resumed_from, "replayed": self.replayed,
+            "refused_steps": self.refused_steps}
+        if self.guard is not None:
+            body["guard"] = self.guard.describe()
+        return ready, body
 
     def predict(self, session: Session, body: bytes) -> bytes:
         return self.steps.predict(session, body)
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise), so closing many
+    sessions shows in the process's RSS."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

@@ -28,10 +28,13 @@ class Session:
     expired_step: int | None = None
     applied_steps: int = 0
     pending_batch: int | None = None  # batch size of the pending forward (its gradients must match)
+    refused_steps: int = 0  # steps the guards refused (out_of_bounds, update_refused)
     # cached responses (step, bytes) for exactly-once retries; the applied step's answer is
     # persisted (a checkpoint taken right after an update must still answer its retry)
     last_forward: tuple[int, bytes] | None = None
     last_backward: tuple[int, bytes] | None = None
+    # monotonic time of the session's last request in this process (None: none yet); not persisted
+    last_seen: float | None = None
     # the pending forward's logged blobs (its body, a chain's next-server answers): a checkpoint
     # taken while it is pending logs them again, so its tape can be rebuilt after a crash
     pending_blobs: list[bytes] | None = None
@@ -39,7 +42,7 @@ class Session:
     def public(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "wire_dtype": self.wire_dtype,
                 "next_step": self.next_step, "pending_step": self.pending_step,
-                "applied_steps": self.applied_steps}
+                "applied_steps": self.applied_steps, "refused_steps": self.refused_steps}
 
     def __post_init__(self) -> None:
         if isinstance(self.last_backward, list):  # as persisted: [step, base64 of the answer]
@@ -49,8 +52,8 @@ class Session:
     def persisted(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON-ready); `Session(**persisted())` restores it."""
         data = asdict(self)
-        data.pop("last_forward")
-        data.pop("pending_blobs")
+        for transient in ("last_forward", "last_seen", "pending_blobs"):
+            data.pop(transient)
         if self.last_backward is not None:
             data["last_backward"] = [self.last_backward[0], base64.b64encode(self.last_backward[1]).decode()]
         return data

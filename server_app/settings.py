@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from splitkeras.guard import GuardConfig
+
 __all__ = ["ServerSettings"]
 
 
@@ -25,9 +27,31 @@ class ServerSettings(BaseSettings):
                             description="key a device needs to open a session; generated if unset")
     checkpoint_dir: Path | None = Field(default=None, description="default: SPLIT_DIR/checkpoints")
     checkpoint_every: int = Field(default=100, ge=1, description="save every N applied steps")
-    step_ttl_seconds: float = Field(default=300.0, gt=0, description="drop unfinished steps after this")
+    step_ttl_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False,
+                                    description="drop unfinished steps after this")
     max_batch: int = Field(default=256, ge=1, description="largest batch a request may carry")
-    max_sessions: int = Field(default=1024, ge=1)
+    max_sessions: int = Field(default=1024, ge=1, description="sessions held at once; a new one then "
+                              "replaces the least recently used idle one")
+    session_ttl_seconds: float = Field(default=3600.0, gt=0, allow_inf_nan=False,
+                                       description="close a session after this long without a request")
+    read_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                                        description="a request's head must arrive within this, and its "
+                                        "body without a longer pause (the connection is closed)")
+    # the guards (splitkeras.guard, docs/protocol.md "Guards")
+    guard: bool = Field(default=True, description="check every step and refuse what would poison the "
+                        "shared segment")
+    guard_factor: float = Field(default=1000.0, gt=1, allow_inf_nan=False,
+                                description="a tensor may be at most this times its running scale")
+    guard_warmup: int = Field(default=10, ge=0, description="accepted requests per tensor before the "
+                              "relative bound applies")
+    guard_max_abs: float = Field(default=1e10, gt=0, allow_inf_nan=False,
+                                 description="the largest |value| a tensor of a step may hold")
+    guard_max_weight: float = Field(default=1e6, gt=0, allow_inf_nan=False,
+                                    description="the largest |value| a trainable weight may take")
+    max_grad_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                        description="clip the gradients a device sends to this L2 norm")
+    max_refused_steps: int = Field(default=10, ge=1, description="close a session after this many "
+                                   "refused steps (out_of_bounds, update_refused)")
     jit_compile: bool | str = Field(default="auto")
     unsafe_deserialization: bool = False
     segment: str | None = Field(default=None, description="the server segment to serve; default: "
@@ -36,6 +60,13 @@ class ServerSettings(BaseSettings):
                                  "server segment")
     next_key: str | None = Field(default=None, description="the next server's key; default: this "
                                  "server's")
+
+    def guard_config(self) -> GuardConfig | None:
+        """The guards' bounds, or None when `guard` is off."""
+        if not self.guard:
+            return None
+        return GuardConfig(factor=self.guard_factor, warmup=self.guard_warmup, max_abs=self.guard_max_abs,
+                           max_weight=self.guard_max_weight, max_grad_norm=self.max_grad_norm)
 
     @property
     def resolved_checkpoint_dir(self) -> Path:

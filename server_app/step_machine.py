@@ -168,6 +168,18 @@ class StepMachine:
         session.next_step = session.pending_step
         session.pending_step, session.pending_blobs = None, None
 
+    def expire(self, session: Session) -> None:
+        """The executor no longer holds the session's pending step (a refusal consumed its
+        forward): its backward gets `step_expired`, and the forward may be sent again. Logged
+        like a TTL drop (if the log refuses, the next request checkpoints first)."""
+        if session.pending_step is None:
+            return
+        try:
+            self._log("drop", session.session_id, session.pending_step)
+        except RequestRefused:
+            pass
+        self._drop(session)
+
     # ---- refusals ----------------------------------------------------------------------------
     def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
         if route == "backward" and step == session.lost_step:

@@ -13,6 +13,14 @@ For a step *k*:
   y, sample_weight)` instead: loss, metrics, update and input gradients in one
   compiled function, exactly as Keras' `train_step` computes them.
 
+With a `guard` (`splitkeras.guard.UpdateGuard`, what a shared server runs), every step is
+computed, checked and only then committed: the tensors that come in are checked before
+anything runs; the outputs, input gradients and loss after; the new variables after the
+update, which is rolled back from a snapshot taken just before it when they break a rule
+(TensorFlow copies a variable's buffer before it updates one that is still read, so the
+snapshot costs one copy of what the update writes). The arithmetic of the step itself is
+the very same, so a guarded step that is accepted ends bitwise where an unguarded one does.
+
 The in-process `SplitTrainer`, the HTTP server and the JavaScript device all
 implement these semantics, so their results can be compared one to one.
 """
@@ -27,7 +35,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from splitkeras.errors import TrainingError
+from splitkeras.errors import TrainingError, UpdateRefused
+from splitkeras.guard import Measured, UpdateGuard
 
 if TYPE_CHECKING:  # a type only: segments -> training -> engine at run time
     from splitkeras.segments import Segment
@@ -75,6 +84,69 @@ class _Pending:
     regularization: tf.Tensor
 
 
+class _GuardedVariables:
+    """Variables a guarded step may change: read into a snapshot, checked, restored.
+
+    The check: every float variable's sum is finite (NaN or Inf anywhere makes it so; a
+    finite sum can only overflow for values far over any bound), and the largest |w| of the
+    `bounded` ones (the trainable weights). `snapshot_ops` and `check_ops` trace into the
+    caller's `tf.function` (an update reads, applies and checks in ONE call); a few small
+    variables (moving statistics, seed states) are read and checked in NumPy instead, which
+    costs less than a function call.
+    """
+
+    SMALL = 1 << 16  # elements
+
+    def __init__(self, variables: Sequence[Any], bounded: Sequence[Any]) -> None:
+        self.variables = list(variables)
+        self.floats = [v for v in self.variables if v.dtype.is_floating]
+        self.bounded = [v for v in bounded if v.dtype.is_floating and v.shape.num_elements() != 0]
+        self.small = sum(int(v.shape.num_elements() or 0) for v in self.variables) <= self.SMALL
+
+        def restore(saved: list[tf.Tensor]) -> None:
+            for variable, value in zip(self.variables, saved):
+                variable.assign(value)
+
+        self._read = tf.function(self.snapshot_ops)
+        self._check = tf.function(self.check_ops)
+        self._restore = tf.function(restore)
+
+    def snapshot_ops(self) -> list[tf.Tensor]:
+        """The values now (TensorFlow copies a variable's buffer before it updates one that is
+        still read, so they stay as they are)."""
+        return [v.read_value() for v in self.variables]
+
+    def check_ops(self) -> tuple[tf.Tensor, tf.Tensor]:
+        finite = tf.reduce_all(tf.stack([tf.math.is_finite(tf.reduce_sum(v)) for v in self.floats])) \
+            if self.floats else tf.constant(True)
+        biggest = tf.reduce_max(tf.stack(
+            [tf.cast(tf.maximum(tf.reduce_max(v), -tf.reduce_min(v)), tf.float32) for v in self.bounded])) \
+            if self.bounded else tf.zeros((), tf.float32)
+        return finite, biggest
+
+    def read(self) -> list[Any]:
+        if not self.variables:
+            return []
+        if self.small:
+            return [np.array(v.numpy(), copy=True) for v in self.variables]
+        return self._read()
+
+    def check(self, guard: UpdateGuard, step_kept: bool = False) -> None:
+        if not self.variables:
+            return
+        if self.small:
+            finite = all(np.isfinite(v.numpy()).all() for v in self.floats)
+            biggest = max((float(np.max(np.abs(v.numpy()))) for v in self.bounded), default=0.0)
+        else:
+            finite_t, biggest_t = self._check()
+            finite, biggest = bool(finite_t), float(biggest_t)
+        guard.bound_weight(biggest, finite, step_kept)
+
+    def restore(self, saved: Sequence[Any]) -> None:
+        if self.variables:
+            self._restore([tf.convert_to_tensor(value) for value in saved])
+
+
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -94,6 +166,8 @@ class SegmentRunner:
         jit_compile: `"auto"` (as Keras), True or False.
         loss, metrics, loss_weights: for the segment that holds the labels; the
             segment model is compiled with them and Keras computes loss and metrics.
+        guard: check every step and refuse (`UpdateRefused`, nothing changed) what breaks
+            its rules (`splitkeras.guard`); None (in process): no checks.
 
     Example:
         >>> runner = SegmentRunner(split["middle"], keras.optimizers.SGD(0.1))  # doctest: +SKIP
@@ -111,8 +185,11 @@ class SegmentRunner:
         loss: Any = None,
         metrics: Any = None,
         loss_weights: Any = None,
+        guard: UpdateGuard | None = None,
     ) -> None:
         self.segment = segment
+        self.guard = guard
+        self._guarded: dict[str, _GuardedVariables] = {}
         self.model = segment.model
         self.optimizer = optimizer
         self.input_names = [s.name for s in segment.inputs]
@@ -139,6 +216,9 @@ class SegmentRunner:
         self._apply_fn = tf.function(self._apply_impl, **options)
         self._predict_fn = tf.function(self._predict_impl, **options)
         self._train_fn = tf.function(self._train_impl, **options)
+        # with a guard: the same bodies between a snapshot and a check, in one call
+        self._guarded_apply_fn = tf.function(self._guarded_apply_impl, **options)
+        self._guarded_train_fn = tf.function(self._guarded_train_impl, **options)
         self._test_fn = tf.function(self._test_impl, **options)
 
     @classmethod
@@ -189,6 +269,18 @@ class SegmentRunner:
     def _apply_impl(self, grads: list[tf.Tensor]) -> None:
         self.optimizer.apply(grads, self.trainable)
 
+    def _guarded_apply_impl(self, grads: list[tf.Tensor]) -> Any:
+        state = self._variables("update")
+        saved = state.snapshot_ops()
+        self._apply_impl(grads)
+        return saved, *state.check_ops()
+
+    def _guarded_train_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any, other_losses: tf.Tensor) -> Any:
+        state = self._variables("train")
+        saved = state.snapshot_ops()
+        grads, logs, y_pred = self._train_impl(xs, y, sample_weight, other_losses)
+        return grads, logs, y_pred, saved, *state.check_ops()
+
     def _predict_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
         outputs = _as_list(self.model(self._call_inputs(xs), training=False))
         return outputs, self._regularization()
@@ -225,9 +317,61 @@ class SegmentRunner:
     # ---- the step protocol -------------------------------------------------------------------
     def forward(self, step: Any, inputs: Sequence[Any]) -> list[tf.Tensor]:
         """Training-mode forward for `step`; keeps the tape until `backward(step)`."""
+        if self.guard is not None:
+            return self._guarded_forward(self.guard, step, inputs)
         pending = self.taped_forward(self._inputs(inputs), self._forward_fn)
         self._pending[step] = pending
         return list(pending.outputs)
+
+    # ---- guarded steps: compute, check, commit ------------------------------------------------
+    def _variables(self, kind: str) -> _GuardedVariables:
+        """What a guarded step changes: a forward the non-trainable variables (moving
+        statistics, seed states), an update the weights and the optimizer's variables, a
+        label step all of them."""
+        found = self._guarded.get(kind)
+        if found is None:
+            model_vars = [v.value for v in self.model.variables]
+            trainable = set(id(v) for v in self._tf_variables)
+            optimizer_vars = [v.value for v in self.optimizer.variables]
+            if kind == "forward":
+                variables = [v for v in model_vars if id(v) not in trainable]
+            elif kind == "update":
+                variables = self._tf_variables + optimizer_vars
+            else:
+                variables = model_vars + [v for v in optimizer_vars if id(v) not in set(map(id, model_vars))]
+            bounded = [] if kind == "forward" else self._tf_variables
+            found = self._guarded[kind] = _GuardedVariables(variables, bounded)
+        return found
+
+    def _guarded_forward(self, guard: UpdateGuard, step: Any, inputs: Sequence[Any]) -> list[tf.Tensor]:
+        xs = self._inputs(inputs)
+        measured = guard.measure_all("input", self.input_names, xs)
+        state = self._variables("forward")
+        saved = state.read()
+        pending = self.taped_forward(xs, self._forward_fn)
+        try:
+            measured += guard.measure_all("output", self.output_names, pending.outputs)
+            measured += guard.measure_all("regularization", ["regularization"], [pending.regularization])
+            state.check(guard)
+        except UpdateRefused:
+            state.restore(saved)  # the moving statistics and seed states of before
+            raise
+        self._pending[step] = pending
+        guard.accept(measured)
+        return list(pending.outputs)
+
+    def _commit_or_roll_back(self, guard: UpdateGuard, kind: str, saved: Sequence[Any], finite: Any,
+                             biggest: Any, measure: Any = None) -> list[Measured]:
+        """After an update that returned its snapshot and check: `measure()` checks what it
+        computed; if that or the new state breaks a rule, the snapshot is put back."""
+        state = self._variables(kind)
+        try:
+            measured: list[Measured] = measure() if measure is not None else []
+            guard.bound_weight(float(biggest), bool(finite))
+        except UpdateRefused:
+            state.restore(saved)
+            raise
+        return measured
 
     def taped_forward(self, xs: list[tf.Tensor], forward: Any = None) -> _Pending:
         """The training-mode pass under a tape that watches the weights and the inputs
@@ -279,10 +423,22 @@ class SegmentRunner:
                 f"Segment '{self.segment.name}' has {len(pending.outputs)} outputs "
                 f"{self.output_names}, received {len(output_gradients)} gradients."
             )
+        guard = self.guard
+        measured: list[Measured] = []
+        if guard is not None:  # before the tape is used: a refusal keeps the step pending
+            measured = guard.measure_all("output_grad", self.output_names, output_gradients, step_kept=True)
+            output_gradients = guard.clip(output_gradients)
         del self._pending[step]
         weight_gradients, input_gradients = self.vjp(pending, output_gradients)
+        if guard is None:
+            if self.trainable:
+                self._apply_fn(weight_gradients)
+            return input_gradients
+        measured += guard.measure_all("input_grad", self.input_names, input_gradients)
         if self.trainable:
-            self._apply_fn(weight_gradients)
+            saved, finite, biggest = self._guarded_apply_fn(weight_gradients)
+            self._commit_or_roll_back(guard, "update", saved, finite, biggest)
+        guard.accept(measured)
         return input_gradients
 
     def train_step(self, step: Any, inputs: Sequence[Any], y: Any, sample_weight: Any = None,
@@ -294,8 +450,27 @@ class SegmentRunner:
         """
         if not self.holds_labels:
             raise TrainingError(f"Segment '{self.segment.name}' does not hold the labels.")
-        grads, logs, _ = self._train_fn(self._inputs(inputs), y, sample_weight,
-                                        tf.convert_to_tensor(other_losses, tf.float32))
+        xs = self._inputs(inputs)
+        other = tf.convert_to_tensor(other_losses, tf.float32)
+        guard = self.guard
+        if guard is None:
+            grads, logs, _ = self._train_fn(xs, y, sample_weight, other)
+            return self._per_input(grads), logs
+        measured = guard.measure_all("input", self.input_names, xs)
+        measured += guard.measure_all("label", self.output_names, _as_list(y))
+        if sample_weight is not None:
+            measured += guard.measure_all("sample_weight", ["sample_weight"], [sample_weight])
+
+        grads, logs, _, saved, finite, biggest = self._guarded_train_fn(xs, y, sample_weight, other)
+
+        def computed() -> list[Measured]:
+            found = guard.measure_all("input_grad", self.input_names, self._per_input(grads))
+            if "loss" in logs:
+                found += guard.measure_all("loss", ["loss"], [logs["loss"]])
+            return found
+
+        measured += self._commit_or_roll_back(guard, "train", saved, finite, biggest, computed)
+        guard.accept(measured)
         return self._per_input(grads), logs
 
     def test_step(self, inputs: Sequence[Any], y: Any, sample_weight: Any = None,

@@ -13,6 +13,7 @@ Every error a user can cause is a `SplitKerasError`, so one `except` clause
     ├── ExportError             a segment cannot be exported to TF.js (layer, setting, ...)
     └── ProtocolError           the server refused a request (session, step, token, ...)
         └── RequestRefused      raised BY the server: a stable `code` from `REFUSAL_CODES`
+            └── UpdateRefused   a guarded step refused (`splitkeras.guard`): nothing was changed
 
 Each message says what happened, what was expected, and how to fix it.
 
@@ -37,7 +38,9 @@ __all__ = [
     "ExportError",
     "ProtocolError",
     "RequestRefused",
+    "UpdateRefused",
     "REFUSAL_CODES",
+    "GUARD_CODES",
 ]
 
 
@@ -98,9 +101,15 @@ REFUSAL_CODES: dict[str, str] = {
     "wrong_mode": "forward/backward on a labels-on-server split, or train on a U-shaped one",
     "body_too_large": "the body is over the limit derived from the manifest (see limit)",
     "unsupported_media_type": "the body is not a safetensors body",
-    "too_many_sessions": "the server holds as many sessions as it may",
+    "too_many_sessions": "the server holds as many sessions as it may, none of them idle",
+    "out_of_bounds": "a tensor the device sent is beyond the server's bounds (magnitude, sign)",
+    "update_refused": "the step's result (outputs, input gradients, loss, new weights) is non-finite "
+                      "or out of bounds: nothing was applied",
     "not_durable": "the server cannot make the step durable (its log or checkpoint cannot be written)",
 }
+
+# The refusals of the guards (`splitkeras.guard`): a session that collects too many is closed.
+GUARD_CODES = frozenset({"out_of_bounds", "update_refused"})
 
 
 class RequestRefused(ProtocolError):
@@ -130,3 +139,18 @@ class RequestRefused(ProtocolError):
         """The step the session expects, for the step refusals (else None)."""
         value = self.details.get("expected_step")
         return value if isinstance(value, int) else None
+
+
+class UpdateRefused(RequestRefused):
+    """A guarded step was refused (`splitkeras.guard`); no weight, statistic or optimizer
+    state changed.
+
+    Attributes:
+        step_kept: whether the step's forward pass is still pending (its backward may be sent
+            again with other gradients); False when the refusal consumed it (send the forward
+            again).
+    """
+
+    def __init__(self, code: str, message: str, *, step_kept: bool = False, **details: Any) -> None:
+        super().__init__(code, message, **details)
+        self.step_kept = step_kept

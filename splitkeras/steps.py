@@ -111,11 +111,14 @@ class StepLoop:
     def backward(self, step: Any, grads: dict[str, Any]) -> dict[str, Any]:
         """Every forwarded runner's update, in reverse, from `grads` (gradients by tensor
         name; a missing one counts as zero). Returns the gradients left for the tensors
-        the loop did not produce: its inputs."""
+        the loop did not produce: its inputs. A failure drops the step, unless the first
+        runner refused it without using it (an error with `step_kept`, e.g. a guard's
+        `UpdateRefused`): then the step stays pending and its backward may come again."""
         runners = self._forwarded.pop(step, None)
         if runners is None:
             raise TrainingError(f"No forward of step {step!r} to differentiate: run forward first.")
         grads = dict(grads)
+        forwarded = len(runners)
         try:
             while runners:
                 runner = runners[-1]
@@ -123,10 +126,17 @@ class StepLoop:
                 input_grads = runner.backward(step, output_grads)
                 runners.pop()
                 accumulate_gradients(grads, runner, input_grads)
-        except BaseException:
+        except BaseException as error:
+            if getattr(error, "step_kept", False) and len(runners) == forwarded:
+                self._forwarded[step] = runners  # refused before anything ran: still pending
+                raise
             self.drop(step)
             raise
         return grads
+
+    def has_pending(self, step: Any) -> bool:
+        """Whether `step` was forwarded and waits for its backward."""
+        return step in self._forwarded
 
     def train(self, step: Any, store: dict[str, Any], y: Any, sample_weight: Any = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:

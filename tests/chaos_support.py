@@ -1,116 +1,316 @@
-"""Kill -9 chaos against a real `splitkeras serve`: a device trains while another thread
-kills the server at random moments and restarts it; the result is compared with an
-uninterrupted in-process run from the same weights and batches.
+"""The chaos battery, shared by `tests/test_chaos.py` (its short form, in the default suite)
+and `benchmarks/chaos.py` (the long form, which writes benchmarks/results/chaos_guards.md).
 
-Used by `tests/test_chaos_kill.py` (a short form, in the default suite) and
-`benchmarks/chaos_kill.py` (the long form, results in benchmarks/results/).
+* `poison_battery`: after honest traffic, each poison (activations x1e30 or x1e5, gradients
+  x1e30, -2e19 or x1e5, NaN and Inf, sample weights of -1e30 or 1e30) is sent by an attacker
+  session of its own; each must be refused (4xx) with the model as it was (`state()` before
+  and after: the predictions of a fixed probe batch, and with the server in this process
+  every variable), and the honest device trains on afterwards with finite results.
+* `abandoned_sessions`: many sessions each leave a pending forward and go silent; the idle
+  sweep must free them (the process's RSS back within 10 % of where it was).
+* `many_devices`: devices in threads train through `Transport` against a real socket while
+  a quarter of the answers are lost on the way back (so the step is retried); every step
+  must be applied exactly once and no answer be a 5xx.
 """
 
 from __future__ import annotations
 
-import random
-import shutil
-import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
-from client_support import make_split_folder
-from live_server import KEY, Server
 
-import splitkeras
+from splitkeras import wire
 
-__all__ = ["ChaosResult", "kill_chaos"]
+__all__ = ["Session", "poison_battery", "predictions", "abandoned_sessions", "process_rss", "many_devices",
+           "LossyTransport"]
+
+
+class Session:
+    """One device session, spoken to with raw protocol requests."""
+
+    def __init__(self, client: httpx.Client, key: str, rng: np.random.Generator) -> None:
+        self.client, self.rng = client, rng
+        response = client.post("/v1/sessions", json={"client": "chaos"}, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 201, response.text
+        data = response.json()
+        self.id, self.token, self.mode = data["session_id"], data["token"], data["mode"]
+        self.inputs, self.outputs = data["inputs"], data["outputs"]
+        self.step = 0
+
+    def post(self, route: str, tensors: dict[str, Any], step: int | None = None) -> httpx.Response:
+        path = f"/v1/sessions/{self.id}/" + (f"steps/{self.step if step is None else step}/{route}"
+                                              if route != "predict" else "predict")
+        return self.client.post(path, content=wire.encode(tensors),
+                                headers={"Authorization": f"Bearer {self.token}", "content-type": wire.MEDIA_TYPE})
+
+    def x(self, batch: int) -> dict[str, np.ndarray]:
+        return {s["name"]: self.rng.standard_normal((batch, *s["shape"][1:])).astype(np.float32)
+                for s in self.inputs}
+
+    def g(self, batch: int) -> dict[str, np.ndarray]:
+        return {s["name"]: (self.rng.standard_normal((batch, *s["shape"][1:])) / batch).astype(np.float32)
+                for s in self.outputs}
+
+    def labels(self, batch: int) -> dict[str, np.ndarray]:
+        return {"label:logits": self.rng.integers(0, 2, batch).astype(np.int32)}
+
+    def honest_step(self, batch: int = 8) -> list[httpx.Response]:
+        if self.mode == "labels_on_server":
+            responses = [self.post("train", {**self.x(batch), **self.labels(batch)})]
+        else:
+            responses = [self.post("forward", self.x(batch))]
+            if responses[0].status_code == 200:
+                responses.append(self.post("backward", self.g(batch)))
+        if all(r.status_code == 200 for r in responses):
+            self.step += 1
+        return responses
+
+
+def _scaled(tensors: dict[str, np.ndarray], factor: float) -> dict[str, np.ndarray]:
+    return {k: (v * factor).astype(v.dtype) for k, v in tensors.items()}
+
+
+def _filled(tensors: dict[str, np.ndarray], value: float) -> dict[str, np.ndarray]:
+    return {k: np.full_like(v, value) for k, v in tensors.items()}
+
+
+def _first(tensors: dict[str, np.ndarray], value: float) -> dict[str, np.ndarray]:
+    out = {k: np.array(v, copy=True) for k, v in tensors.items()}
+    next(iter(out.values())).flat[0] = value
+    return out
+
+
+# name -> (route, build(session, batch) -> tensors, expected status)
+U_POISON: dict[str, tuple[str, Callable[[Session, int], dict[str, np.ndarray]], int]] = {
+    "activations x1e30": ("forward", lambda s, b: _scaled(s.x(b), 1e30), 422),
+    "activations x1e5 (relative bound)": ("forward", lambda s, b: _scaled(s.x(b), 1e5), 422),
+    "activations NaN": ("forward", lambda s, b: _first(s.x(b), float("nan")), 400),
+    "activations Inf": ("forward", lambda s, b: _first(s.x(b), float("inf")), 400),
+    "gradients x1e30": ("backward", lambda s, b: _scaled(s.g(b), 1e30), 422),
+    "gradients -2e19 (finite, huge)": ("backward", lambda s, b: _filled(s.g(b), -2e19), 422),
+    "gradients x1e5 (relative bound)": ("backward", lambda s, b: _scaled(s.g(b), 1e5), 422),
+    "gradients NaN": ("backward", lambda s, b: _first(s.g(b), float("nan")), 400),
+}
+
+
+def _weights(batch: int, value: float) -> np.ndarray:
+    weights = np.ones(batch, np.float32)
+    weights[0] = value
+    return weights
+
+
+L_POISON: dict[str, tuple[str, Callable[[Session, int], dict[str, np.ndarray]], int]] = {
+    "sample_weight -1e30": ("train", lambda s, b: {**s.x(b), **s.labels(b), "sample_weight": _weights(b, -1e30)},
+                            422),
+    "sample_weight -1": ("train", lambda s, b: {**s.x(b), **s.labels(b), "sample_weight": _weights(b, -1.0)}, 422),
+    "sample_weight 1e30": ("train", lambda s, b: {**s.x(b), **s.labels(b), "sample_weight": _weights(b, 1e30)},
+                           422),
+    "activations x1e30 (train)": ("train", lambda s, b: {**_scaled(s.x(b), 1e30), **s.labels(b)}, 422),
+    "activations x1e5 (train, relative bound)": ("train", lambda s, b: {**_scaled(s.x(b), 1e5), **s.labels(b)},
+                                                 422),
+    "activations NaN (train)": ("train", lambda s, b: {**_first(s.x(b), float("nan")), **s.labels(b)}, 400),
+}
 
 
 @dataclass
-class ChaosResult:
-    kills: int
-    steps_sent: int
-    steps_acknowledged: int
-    steps_applied: int
-    lost: int
-    doubled: int
-    max_weight_diff: float
-    resumed_from: list[int]
-    replayed: list[int]
-    seconds: float
+class PoisonResult:
+    case: str
+    route: str
+    status: int
+    code: str
+    expected: int
+    unchanged: bool
+    step_kept: bool | None = None  # backward: still pending afterwards
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def ok(self) -> bool:
+        return self.status == self.expected and self.unchanged and self.step_kept in (None, True)
 
 
-def _weights(model: Any) -> dict[str, np.ndarray]:
-    return {w.path: np.asarray(w) for w in model.weights}
-
-
-def kill_chaos(root: Path, *, kills: int, epochs: int, checkpoint_every: int, seed: int = 0,
-               samples: int = 64, batch_size: int = 4) -> ChaosResult:
-    """Train `epochs` over `samples` (U-shaped split, batch `batch_size`) while the server is
-    killed `kills` times at random moments; compare with the same training in process."""
-    from splitkeras.client import DeviceClient, Transport
-
+def poison_battery(client: httpx.Client, key: str, state: Callable[[], Any], same: Callable[[Any, Any], bool],
+                   *, batch: int = 8, warmup_steps: int = 12, seed: int = 0) -> tuple[list[PoisonResult], bool]:
+    """Every poison of the server's mode, each refused and changing nothing. Returns the
+    results and whether the honest device trained on afterwards (3 steps, all 200, finite)."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((samples, 6)).astype("float32")
-    y = rng.integers(0, 3, samples).astype("int64")
-    template = make_split_folder(root / "template", "u_shaped")
-    folder = Path(shutil.copytree(template, root / "served"))
-    server = Server(folder, checkpoint_every, name="chaos").start()
-    resumed, replayed = [], []
-    stop = threading.Event()
-    done_kills = [0]
-    chooser = random.Random(seed)
+    honest = Session(client, key, rng)
+    for _ in range(warmup_steps):
+        assert all(r.status_code == 200 for r in honest.honest_step(batch))
+    cases = L_POISON if honest.mode == "labels_on_server" else U_POISON
+    results = []
+    for case, (route, build, expected) in cases.items():
+        attacker = Session(client, key, rng)
+        if route == "backward":  # an honest forward first: the poison is the gradient
+            assert attacker.post("forward", attacker.x(batch)).status_code == 200
+        before = state()
+        response = attacker.post(route, build(attacker, batch))
+        after = state()
+        code = response.json().get("error", {}).get("code", "") if response.status_code >= 400 else ""
+        kept = None
+        if route == "backward":
+            pending = client.get(f"/v1/sessions/{attacker.id}", headers={"Authorization": f"Bearer {attacker.token}"})
+            kept = pending.status_code == 200 and pending.json()["pending_step"] == 0
+        results.append(PoisonResult(case, route, response.status_code, code, expected, same(before, after), kept))
+    carried_on = True
+    for _ in range(3):
+        responses = honest.honest_step(batch)
+        carried_on &= all(r.status_code == 200 for r in responses)
+        carried_on &= all(np.isfinite(t).all() for r in responses for t in wire.decode(r.content)[0].values())
+    return results, carried_on
 
-    def killer() -> None:
-        server.wait_ready()
-        while done_kills[0] < kills and not stop.is_set():
-            # after 1-3 more acknowledged steps, at a random moment inside the next ones
-            target = client.stats.steps + chooser.randint(1, 3)
-            while client.stats.steps < target:
-                if stop.wait(0.005):
-                    return
-            if stop.wait(chooser.uniform(0.0, 0.03)):
-                return
-            server.stop(signal.SIGKILL)
-            done_kills[0] += 1
-            server.start()
-            state = server.wait_ready()
-            resumed.append(int(state.get("resumed_from") or 0))
-            replayed.append(int(state.get("replayed") or 0))
+
+def predictions(client: httpx.Client, key: str, seed: int = 99) -> Callable[[], bytes]:
+    """A `state()`: the server's predictions for a fixed batch (predict changes nothing)."""
+    probe = Session(client, key, np.random.default_rng(seed))
+    x = probe.x(4)
+
+    def state() -> bytes:
+        response = probe.post("predict", x)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    return state
+
+
+# ------------------------------------------------------------------------------ abandoned sessions
+
+
+def process_rss(pid: int) -> Callable[[], int]:
+    """A process's resident memory in bytes (Linux /proc/PID/statm)."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    return lambda: int(open(f"/proc/{pid}/statm").read().split()[1]) * page
+
+
+def abandoned_sessions(client: httpx.Client, key: str, rss: Callable[[], int], *, sessions: int, batch: int,
+                       timeout: float = 300.0) -> dict[str, float]:
+    """`sessions` sessions each leave a pending batch-`batch` forward and go silent; the
+    server's idle sweep (a short `--session-ttl`) must close them all and give the memory
+    back. RSS (MiB): before, its peak with them, after they were closed."""
+    rng = np.random.default_rng(1)
+
+    def ready() -> dict[str, Any]:
+        return dict(client.get("/readyz", headers={"Authorization": f"Bearer {key}"}).json())
+
+    for _ in range(3):  # traced functions, allocator pools: warm before the baseline
+        warm = Session(client, key, rng)
+        assert warm.post("forward", warm.x(batch)).status_code == 200
+        client.delete(f"/v1/sessions/{warm.id}", headers={"Authorization": f"Bearer {warm.token}"})
+    start = ready()["sessions"]
+    time.sleep(0.5)
+    before = peak = rss()
+    for _ in range(sessions):
+        session = Session(client, key, rng)
+        response = session.post("forward", session.x(batch))
+        assert response.status_code == 200, response.text
+        peak = max(peak, rss())
+    deadline = time.monotonic() + timeout
+    while ready()["sessions"] > start and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = ready()["sessions"] - start
+    time.sleep(0.5)
+    after = rss()
+    mib = 2 ** 20
+    return {"sessions": sessions, "batch": batch, "rss_before_mib": before / mib, "rss_with_sessions_mib": peak / mib,
+            "rss_after_mib": after / mib, "sessions_left": left}
+
+
+# ------------------------------------------------------------------------------------ many devices
+
+
+class LossyTransport(httpx.BaseTransport):
+    """Hands each request to the server, then loses the answer of a fraction of them (the
+    server did the work; the device sees a dropped connection and retries). Counts 5xx."""
+
+    def __init__(self, inner: httpx.BaseTransport, rate: float, seed: int) -> None:
+        self.inner, self.rate = inner, rate
+        self.rng = np.random.default_rng(seed)
+        self.lost = self.server_errors = self.requests = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        self.requests += 1
+        if response.status_code >= 500:
+            self.server_errors += 1
+        if "/steps/" in request.url.path and self.rng.random() < self.rate:
+            response.read()
+            response.close()
+            self.lost += 1
+            raise httpx.ReadError("answer lost on the way back", request=request)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class DevicesResult:
+    devices: int
+    steps: int
+    sent: int = 0
+    applied_by_sessions: int = 0
+    applied_by_server: int = 0
+    requests: int = 0
+    lost: int = 0
+    server_errors: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def many_devices(url: str, key: str, applied: Callable[[], int], *, devices: int, steps: int, retry_rate: float,
+                 batch: int = 4, timeout: float = 600.0) -> DevicesResult:
+    """`devices` threads, each a `Transport` session training `steps` steps, with a quarter
+    (`retry_rate`) of the answers lost. `applied()` reads the server's applied-step counter."""
+    from splitkeras.client import Transport
+
+    result = DevicesResult(devices, steps)
+    start_applied = applied()
+    lock = threading.Lock()
+    description = httpx.post(f"{url}/v1/sessions", headers={"Authorization": f"Bearer {key}"}).json()
+    inputs, outputs = description["inputs"], description["outputs"]
+
+    def device(index: int) -> None:
+        rng = np.random.default_rng(1000 + index)
+        lossy = LossyTransport(httpx.HTTPTransport(), retry_rate, seed=index)
+        transport = Transport(url, key=key, retries=8, backoff=0.01, max_backoff=0.2, http_transport=lossy)
+        done = 0
+        try:
+            transport.open_session()
+            for step in range(steps):
+                x = {s["name"]: rng.standard_normal((batch, *s["shape"][1:])).astype(np.float32) for s in inputs}
+                g = {s["name"]: (rng.standard_normal((batch, *s["shape"][1:])) / batch).astype(np.float32)
+                     for s in outputs}
+                out, _ = transport.forward(step, x)
+                grads = transport.backward(step, g)
+                assert all(np.isfinite(v).all() for v in [*out.values(), *grads.values()])
+                done += 1
+            state = transport.session_state()
+            with lock:
+                result.applied_by_sessions += int(state["applied_steps"])
+        except Exception as error:  # reported, not raised: every thread finishes
+            with lock:
+                result.failures.append(f"device {index}: {type(error).__name__}: {error}")
+        finally:
+            with lock:
+                result.sent += done
+                result.requests += lossy.requests
+                result.lost += lossy.lost
+                result.server_errors += lossy.server_errors
+            transport._client.close()
 
     started = time.perf_counter()
-    try:
-        transport = Transport(server.url, key=KEY, retries=400, backoff=0.05, max_backoff=0.5)
-        client = DeviceClient(folder, server.url, transport=transport)
-        client.compile()
-        server.wait_ready()
-        thread = threading.Thread(target=killer, daemon=True)
+    threads = [threading.Thread(target=device, args=(i,), daemon=True) for i in range(devices)]
+    for thread in threads:
         thread.start()
-        kwargs = dict(batch_size=batch_size, shuffle=False, verbose=0)
-        run = 0  # epochs trained: at least `epochs`, more while kills are still to come
-        while run < epochs or (done_kills[0] < kills and thread.is_alive()):
-            client.fit(x, y, epochs=1, **kwargs)
-            run += 1
-        stop.set()
-        thread.join(120)
-        sent = client.stats.steps
-        client.save()
-        client.close()
-        applied = int(server.wait_ready()["applied_steps"])
-        server.stop(signal.SIGTERM)  # writes the trained server segment back
-        reference = splitkeras.load_split(template)
-        for _ in range(run):
-            reference.fit(x, y, epochs=1, **kwargs)
-        joined = splitkeras.load_split(folder).join()
-        expected = _weights(reference.join())
-        diff = max(float(np.max(np.abs(expected[k] - v))) for k, v in _weights(joined).items())
-    finally:
-        stop.set()
-        server.stop(signal.SIGKILL)
-    return ChaosResult(kills=done_kills[0], steps_sent=sent, steps_acknowledged=sent,
-                       steps_applied=applied, lost=max(0, sent - applied), doubled=max(0, applied - sent),
-                       max_weight_diff=diff, resumed_from=resumed, replayed=replayed,
-                       seconds=time.perf_counter() - started)
+    for thread in threads:
+        thread.join(max(1.0, timeout - (time.perf_counter() - started)))
+    result.seconds = time.perf_counter() - started
+    if any(t.is_alive() for t in threads):
+        result.failures.append("some devices did not finish in time")
+    result.applied_by_server = applied() - start_applied
+    return result

@@ -59,7 +59,8 @@ class Server:
             if self.process.poll() is not None:
                 pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                response = httpx.get(f"{self.url}/readyz", timeout=2.0)
+                response = httpx.get(f"{self.url}/readyz", timeout=2.0,  # the key: the counters too
+                                     headers={"Authorization": f"Bearer {KEY}"})
                 if response.status_code == 200:
                     return dict(response.json())
             except httpx.HTTPError:

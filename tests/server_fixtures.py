@@ -29,8 +29,8 @@ import splitkeras
 from server_app import ServerSettings, create_app
 from splitkeras import wire
 
-__all__ = ["KEY", "MAX_BATCH", "make_split", "copy_split", "settings_for", "LiveApp", "snapshot",
-           "assert_same_state", "bearer", "tensor_headers"]
+__all__ = ["KEY", "MAX_BATCH", "make_split", "copy_split", "settings_for", "LiveApp", "ThreadedServer",
+           "snapshot", "assert_same_state", "bearer", "tensor_headers", "wide_model", "rss_bytes"]
 
 T = TypeVar("T")
 KEY = "test-key"
@@ -66,13 +66,38 @@ def label_model(seed: int = 7) -> keras.Model:
     return model
 
 
-def make_split(folder: Path, mode: str) -> Path:
-    """Save a tiny split: `u_shaped` (cuts h, m) or `labels_on_server` (cut h)."""
-    if mode == "u_shaped":
+def wide_model(width: int, seed: int = 7) -> keras.Model:
+    """features(8) -> h(width) | bn -> m (ReLU) | logits(2): a server segment whose pending
+    forwards are large (the tape keeps several [batch, width] tensors) and cheap to run."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8,), name="features")
+    x = keras.layers.Dense(width, name="h")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="m")(x)
+    outputs = keras.layers.Dense(2, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="wide_model")
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def make_split(folder: Path, mode: str, width: int | None = None) -> Path:
+    """Save a tiny split: `u_shaped` (cuts h, m) or `labels_on_server` (cut h); with `width`,
+    the U-shaped `wide_model`."""
+    if width is not None:
+        splitkeras.split(wide_model(width), at=["h", "m"]).save(folder)
+    elif mode == "u_shaped":
         splitkeras.split(u_model(), at=["h", "m"]).save(folder)
     else:
         splitkeras.split(label_model(), at=["h"]).save(folder)
     return folder
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc/self/statm)."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def copy_split(source: Path, target: Path) -> Path:
@@ -172,6 +197,52 @@ class LiveApp:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> LiveApp:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+class ThreadedServer:
+    """The app under a real uvicorn (the configuration `splitkeras serve` uses) on a free port
+    of 127.0.0.1, in a thread of this process: real sockets, TLS, read timeouts, and the
+    service at hand for snapshots (`on_writer`)."""
+
+    def __init__(self, settings: ServerSettings, *, tls_cert: str | None = None, tls_key: str | None = None,
+                 timeout: float = 120.0) -> None:
+        import time
+
+        import uvicorn
+
+        from server_app.launch import uvicorn_config
+        from splitkeras.client import free_port
+
+        self.port = free_port()
+        self.url = f"{'https' if tls_cert else 'http'}://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        config = uvicorn_config(self.app, "127.0.0.1", self.port, read_timeout=settings.read_timeout_seconds,
+                                tls_cert=tls_cert, tls_key=tls_key, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the threaded server did not start")
+            time.sleep(0.02)
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+    def on_writer(self, function: Callable[..., T], *args: Any) -> T:
+        return self.service._writer.submit(function, *args).result()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    def __enter__(self) -> ThreadedServer:
         return self
 
     def __exit__(self, *_: Any) -> None:

@@ -169,6 +169,7 @@ def fake() -> FakeServer:
 
 
 def make_transport(fake: FakeServer, **options: Any) -> tuple[Transport, list[float]]:
+    options = {"backoff": 0.2, "jitter": 0.0, **options}  # exact waits (the defaults are tested apart)
     transport = Transport(URL, key=KEY, http_transport=httpx.MockTransport(fake.handler), **options)
     sleeps: list[float] = []
     transport._sleep = sleeps.append  # record the backoff instead of sleeping
@@ -233,6 +234,29 @@ def test_backoff_is_capped_and_retry_after_is_honoured(fake: FakeServer) -> None
     one_step(transport, 0)
     assert sleeps == [0.5, 2.5, 2.0, 3.0, 3.0]  # 0.5 * 2**k, Retry-After 2.5, capped at 3
     assert fake.applied == 1
+
+
+def test_the_default_retry_budget_outlasts_a_restart_of_a_minute(fake: FakeServer) -> None:
+    """12 retries, 0.5 s doubling to 10 s, each wait x [0.75, 1.25]: 64 to 107 s of waiting
+    before a request is given up, so a device carries on through a redeploy."""
+    from splitkeras.client.transport import retry_budget
+
+    least, most = retry_budget()
+    assert 60 < least < 65 and most < 110
+    transport = Transport(URL, key=KEY, http_transport=httpx.MockTransport(fake.handler))
+    assert (transport.retries, transport.backoff, transport.max_backoff, transport.jitter) == (12, 0.5, 10.0, 0.25)
+    sleeps: list[float] = []
+    transport._sleep = sleeps.append
+    transport._random.seed(1)
+    transport.open_session()
+    fake.before = [lambda r: httpx.ConnectError("connection refused", request=r)] * 12
+    one_step(transport, 0)  # the 13th attempt gets through
+    assert len(sleeps) == 12 and least <= sum(sleeps) <= most
+    nominal = [min(0.5 * 2 ** k, 10.0) for k in range(12)]
+    assert all(0.75 * n <= s <= 1.25 * n for s, n in zip(sleeps, nominal))
+    assert len({round(s / n, 6) for s, n in zip(sleeps, nominal)}) > 1  # jittered, not in lockstep
+    with pytest.raises(ValueError, match="jitter"):
+        Transport(URL, jitter=1.0)
 
 
 def test_a_lost_backward_answer_is_not_applied_twice(fake: FakeServer) -> None:
@@ -455,7 +479,8 @@ def test_http_training_matches_in_process_training(templates: dict[str, Path], t
         history = client.fit(*DATA, batch_size=16, epochs=2, shuffle=False, verbose=0)
         assert client.transport.stats.retries >= 8  # every forward/backward/train answer lost once
         assert_same_training(client, history, reference, expected)
-        assert server.get("/readyz").json()["applied_steps"] == 8  # 2 epochs x 4 batches, once each
+        ready = server.get("/readyz", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert ready["applied_steps"] == 8  # 2 epochs x 4 batches, once each
         client.close()
 
 

@@ -392,7 +392,7 @@ def test_session_state_and_predict_change_nothing(u_app: LiveApp) -> None:
     sid, token = u_app.open_session()
     data = u_app.get(f"/v1/sessions/{sid}", token=token).json()
     assert data == {"session_id": sid, "wire_dtype": "float32", "next_step": 0, "pending_step": None,
-                    "applied_steps": 0}
+                    "applied_steps": 0, "refused_steps": 0}
     before = state(u_app)
     first_ = u_app.post(f"/v1/sessions/{sid}/predict", tensors={"h": act(3)}, token=token)
     assert first_.status_code == 200 and wire.decode(first_.content)[0]["m"].shape == (3, 3)
@@ -611,7 +611,7 @@ def test_graceful_restart_resumes(fresh_split: Callable[[str], Path]) -> None:
         for key in ("model", "optimizer"):
             assert all(np.array_equal(a, b) for a, b in zip(before[key], after[key]))
         assert after["iterations"] == before["iterations"] == 1
-        ready = again.get("/readyz")
+        ready = again.get("/readyz", token=KEY)
         assert ready.status_code == 200 and ready.json()["resumed_from"] == 1
         data = again.get(f"/v1/sessions/{sid}", token=token).json()  # the same token works
         # the pending forward was logged again after the shutdown checkpoint: its tape is back
@@ -657,7 +657,7 @@ def test_crash_resumes_from_the_last_checkpoint(fresh_split: Callable[[str], Pat
         for key in ("model", "optimizer"):
             assert all(np.array_equal(a, b) for a, b in zip(before[key], after[key]))
         assert after["applied_steps"] == 3 and after["iterations"] == 3
-        assert again.get("/readyz").json()["resumed_from"] == 3
+        assert again.get("/readyz", token=KEY).json()["resumed_from"] == 3
         assert again.get(f"/v1/sessions/{sid}", token=token).json()["next_step"] == 3
 
 
@@ -762,9 +762,12 @@ def test_openapi_documents_every_route(u_app: LiveApp) -> None:
 
 def test_healthz_and_readyz(u_app: LiveApp) -> None:
     assert u_app.get("/healthz").json() == {"status": "ok"}
-    ready = u_app.get("/readyz")
-    assert ready.status_code == 200
-    assert ready.json()["status"] == "ready" and ready.json()["mode"] == "u_shaped"
+    ready = u_app.get("/readyz")  # without the key: ready or not, nothing more
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert u_app.get("/readyz", token="wrong").json() == {"status": "ready"}
+    detailed = u_app.get("/readyz", token=KEY).json()
+    assert detailed["status"] == "ready" and detailed["mode"] == "u_shaped" and detailed["segment"] == "middle"
+    assert {"applied_steps", "sessions", "resumed_from", "refused_steps", "guard"} <= set(detailed)
 
 
 def test_readyz_503_when_checkpoint_dir_not_writable(fresh_split: Callable[[str], Path]) -> None:
@@ -774,8 +777,10 @@ def test_readyz_503_when_checkpoint_dir_not_writable(fresh_split: Callable[[str]
     (folder / "a_file").write_text("not a folder")
     live = LiveApp(settings_for(folder, checkpoint_dir=folder / "a_file" / "ck"))
     try:
-        ready = live.get("/readyz")
+        ready = live.get("/readyz", token=KEY)
         assert ready.status_code == 503 and ready.json()["status"] == "checkpoint_dir_not_writable"
+        anonymous = live.get("/readyz")
+        assert anonymous.status_code == 503 and anonymous.json() == {"status": "not_ready"}
         assert live.get("/healthz").status_code == 200
         # nothing that cannot be made durable is acknowledged: the session is refused, loudly
         refused = live.request("POST", "/v1/sessions", json={}, headers=bearer(KEY))

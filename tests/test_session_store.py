@@ -86,14 +86,16 @@ def test_persisted_round_trip(store: SessionStore) -> None:
     """What a checkpoint writes (JSON) gives the same session back, with the applied step's
     answer (a retry after a restart must get it) and without the pending forward's."""
     original = session("c3", next_step=7, pending_step=7, pending_since=12.5, lost_step=None, expired_step=6,
-                       applied_steps=5, pending_batch=2, last_forward=(7, b"fwd"), last_backward=(6, b"bwd"))
+                       applied_steps=5, pending_batch=2, last_forward=(7, b"fwd"), last_backward=(6, b"bwd"),
+                       refused_steps=2, last_seen=123.5)
     data = json.loads(json.dumps(original.persisted()))
     assert "last_forward" not in data and data["last_backward"] == [6, "Yndk"]
+    assert "last_seen" not in data and data["refused_steps"] == 2  # a monotonic time means nothing later
     restored = Session(**data)
     store.add(restored)
     found = store.get("c3")
     assert found is restored
     assert found.persisted() == original.persisted()
-    assert found.last_forward is None and found.last_backward == (6, b"bwd")
+    assert found.last_forward is None and found.last_backward == (6, b"bwd") and found.last_seen is None
     assert found.public() == {"session_id": "c3", "wire_dtype": "float32", "next_step": 7, "pending_step": 7,
-                              "applied_steps": 5}
+                              "applied_steps": 5, "refused_steps": 2}

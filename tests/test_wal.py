@@ -109,7 +109,7 @@ def test_a_crash_replays_every_acknowledged_change_bitwise(templates: dict[str, 
             assert after[key] == before[key], key
         for key in ("model", "optimizer"):
             assert all(np.array_equal(x, y) for x, y in zip(before[key], after[key])), key
-        assert again.get("/readyz").json()["replayed"] == 17
+        assert again.get("/readyz", token=KEY).json()["replayed"] == 17
         (a, token_a), (b, token_b) = story["a"], story["b"]
         step, answer = story["answers"][b]
         retry = again.post(path(b, step, "backward"), tensors={"m": act()}, token=token_b)
@@ -176,7 +176,8 @@ def test_a_failed_log_write_is_refused_loudly_and_recovers(templates: dict[str, 
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_durable"
         assert refused.headers["retry-after"] == "2"
         assert "No space left on device" in refused.json()["error"]["message"]
-        assert live.get("/readyz").status_code == 503 and live.get("/readyz").json()["status"] == "not_durable"
+        assert live.get("/readyz").status_code == 503
+        assert live.get("/readyz", token=KEY).json()["status"] == "not_durable"
         # while the disk refuses, nothing is acknowledged, not even the cached answer
         assert live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token).status_code == 503
         restore()

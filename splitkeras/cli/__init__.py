@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        before = getattr(args, "before_tensorflow", None)  # a command's environment for TensorFlow
+        if before is not None:
+            before()
         quiet_tensorflow()
         return int(args.func(args) or 0)
     except CliError as error:

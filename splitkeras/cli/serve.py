@@ -3,46 +3,143 @@
 The one command module that imports the server (`server_app`, uvicorn), and only inside
 `cmd_serve`: the core and the other commands run without them (tests/test_layering.py).
 
+Every mistake is one line before the server listens: flag values, the folder and segment,
+the TLS files, plain HTTP beyond loopback without `--insecure`, another server of the same
+segment, the segment's `.keras` file and the checkpoint (loaded before uvicorn starts).
+
 Example:
     $ splitkeras serve out --port 8000
     $ splitkeras serve out4 --segment middle_2 --port 8001              # a chain's second server
     $ splitkeras serve out4 --segment middle_1 --port 8000 --next http://127.0.0.1:8001
+    $ splitkeras serve out --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from splitkeras.cli._common import add_unsafe
+from splitkeras.cli._common import CliError, add_unsafe
 
 __all__ = ["register", "cmd_serve"]
+
+# settings field -> the flag that sets it (for one-line messages about a bad value)
+FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-ttl", "max_batch": "--max-batch",
+         "max_sessions": "--max-sessions", "session_ttl_seconds": "--session-ttl",
+         "read_timeout_seconds": "--read-timeout", "guard_factor": "--guard-factor",
+         "guard_warmup": "--guard-warmup", "guard_max_abs": "--guard-max-abs",
+         "guard_max_weight": "--guard-max-weight", "max_grad_norm": "--max-grad-norm",
+         "max_refused_steps": "--max-refused-steps"}
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from server_app import ServerSettings
+
+    overrides = {k: v for k, v in {
+        "key": args.key, "checkpoint_every": args.checkpoint_every,
+        "step_ttl_seconds": args.step_ttl, "max_batch": args.max_batch, "max_sessions": args.max_sessions,
+        "session_ttl_seconds": args.session_ttl, "read_timeout_seconds": args.read_timeout,
+        "guard_factor": args.guard_factor, "guard_warmup": args.guard_warmup,
+        "guard_max_abs": args.guard_max_abs, "guard_max_weight": args.guard_max_weight,
+        "max_grad_norm": args.max_grad_norm, "max_refused_steps": args.max_refused_steps,
+        "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
+    }.items() if v is not None}
+    if args.no_guard:
+        overrides["guard"] = False
+    try:
+        return ServerSettings(split_dir=Path(args.split_dir), unsafe_deserialization=args.unsafe_deserialization,
+                              **overrides)
+    except ValidationError as error:  # a value from a SPLITKERAS_* variable (flags are checked by argparse)
+        problem = error.errors()[0]
+        field = ".".join(str(p) for p in problem.get("loc", ()))
+        where = FLAGS.get(field, field)
+        raise CliError(f"serve: {where} (or SPLITKERAS_{field.upper()}): {problem.get('msg')}, got "
+                       f"{problem.get('input')!r}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server_app import ServerSettings, create_app  # the server is optional for the core
-
-    overrides = {k: v for k, v in {
-        "key": args.key, "checkpoint_every": args.checkpoint_every,
-        "step_ttl_seconds": args.step_ttl, "max_batch": args.max_batch,
-        "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
-    }.items() if v is not None}
-    settings = ServerSettings(split_dir=Path(args.split_dir),
-                              unsafe_deserialization=args.unsafe_deserialization, **overrides)
+    from server_app import create_app  # the server is optional for the core
+    from server_app.launch import ServerLock, check_bind, check_port, check_tls, load_service, uvicorn_config
     from server_app.segment_choice import choose_segment
     from splitkeras.manifest import Manifest
 
+    _log_to_stderr(args.log_level)
+    settings = _settings(args)
+    check_tls(args.tls_cert, args.tls_key)
+    check_bind(args.host, tls=args.tls_cert is not None, insecure=args.insecure)
+    check_port(args.host, args.port)
     manifest = Manifest.read(settings.split_dir)  # a wrong folder fails here, in one line
     served = choose_segment(manifest, settings.segment, settings.next_url)  # likewise a wrong --segment
-    where = "SPLITKERAS_SERVER_KEY" if settings.key else settings.key_file
-    chain = f", then {served.next} at {settings.next_url}" if served.next else ""
-    print(f"splitkeras server for segment '{served.segment}'{chain} of {settings.split_dir} on "
-          f"http://{args.host}:{args.port} (docs: /docs; key: {where})", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    with ServerLock(settings.split_dir, served.segment):
+        service = load_service(settings)  # a bad .keras or checkpoint: one line, before uvicorn
+        where = "SPLITKERAS_SERVER_KEY" if settings.key else settings.key_file
+        chain = f", then {served.next} at {settings.next_url}" if served.next else ""
+        scheme = "https" if args.tls_cert else "http"
+        print(f"splitkeras server for segment '{served.segment}'{chain} of {settings.split_dir} on "
+              f"{scheme}://{args.host}:{args.port} (docs: /docs; key: {where})", flush=True)
+        config = uvicorn_config(create_app(settings, service), args.host, args.port,
+                                read_timeout=settings.read_timeout_seconds, tls_cert=args.tls_cert,
+                                tls_key=args.tls_key, log_level=args.log_level)
+        uvicorn.Server(config).run()
     return 0
+
+
+def _number(kind: Callable[[str], Any], low: float, inclusive: bool = True,
+            high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a finite number >= low (or > low), <= high."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole' if kind is int else 'a'} number, got "
+                                             f"{text!r}") from None
+        if not math.isfinite(value) or (value < low if inclusive else value <= low) or value > high:
+            sign = ">=" if inclusive else ">"
+            top = f" and <= {high:g}" if math.isfinite(high) else ""
+            raise argparse.ArgumentTypeError(f"expected a finite number {sign} {low:g}{top}, got {text!r}")
+        return value
+    return parse
+
+
+def server_environment() -> None:
+    """Before TensorFlow loads: oneDNN's own allocator keeps every buffer it ever held in a
+    pool (the RSS of a server never comes down after a burst of abandoned sessions); the
+    system allocator gives them back (malloc_trim after an idle sweep). Same arithmetic,
+    bitwise; `TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0` in the environment keeps the pool.
+
+    glibc is told to serve buffers up to 32 MiB from its heap and to trim the heap only past
+    256 MiB free (or when the idle sweep asks): otherwise every large tensor is a fresh
+    mmap whose pages fault in anew, which doubles the cost of a guarded update's snapshot."""
+    import ctypes
+    import os
+    import sys
+
+    os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
+    if sys.platform.startswith("linux") and os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def _log_to_stderr(level: str) -> None:
+    import logging
+
+    logger = logging.getLogger("splitkeras")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 def register(sub: Any) -> None:
@@ -54,14 +151,39 @@ def register(sub: Any) -> None:
     p.add_argument("--next", metavar="URL", help="in a chain of server segments: the server of the "
                    "next one, which this server calls (e.g. http://127.0.0.1:8001)")
     p.add_argument("--next-key", metavar="KEY", help="the next server's key (default: this server's)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1); another "
+                   "than loopback needs --tls-cert/--tls-key, or --insecure")
+    p.add_argument("--port", type=_number(int, 0, high=65535), default=8000)
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--insecure", action="store_true", help="allow plain HTTP on a non-loopback --host (e.g. "
+                   "behind a proxy that terminates TLS)")
     p.add_argument("--key", help="session key (default: $SPLITKERAS_SERVER_KEY, else generated "
                    "into SPLIT_DIR/.splitkeras/server.key)")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N applied steps (100)")
-    p.add_argument("--step-ttl", type=float, help="seconds an unfinished step is kept (300)")
-    p.add_argument("--max-batch", type=int, help="largest batch per request (256)")
+    p.add_argument("--checkpoint-every", type=_number(int, 1), help="checkpoint every N applied steps (100)")
+    p.add_argument("--step-ttl", type=_number(float, 0, inclusive=False),
+                   help="seconds an unfinished step is kept (300)")
+    p.add_argument("--max-batch", type=_number(int, 1), help="largest batch per request (256)")
+    p.add_argument("--max-sessions", type=_number(int, 1), help="sessions held at once (1024); then a new "
+                   "one replaces the least recently used idle one")
+    p.add_argument("--session-ttl", type=_number(float, 0, inclusive=False),
+                   help="seconds without a request before a session is closed (3600)")
+    p.add_argument("--read-timeout", type=_number(float, 0, inclusive=False),
+                   help="seconds a request's head may take, and a pause in its body (30)")
+    p.add_argument("--guard-factor", type=_number(float, 1, inclusive=False),
+                   help="refuse a tensor over this times its running scale (1000; docs/protocol.md, Guards)")
+    p.add_argument("--guard-warmup", type=_number(int, 0), help="accepted requests per tensor before "
+                   "--guard-factor applies (10)")
+    p.add_argument("--guard-max-abs", type=_number(float, 0, inclusive=False),
+                   help="the largest |value| a tensor of a step may hold (1e10)")
+    p.add_argument("--guard-max-weight", type=_number(float, 0, inclusive=False),
+                   help="the largest |value| a trainable weight may take (1e6)")
+    p.add_argument("--max-grad-norm", type=_number(float, 0, inclusive=False),
+                   help="clip the gradients a device sends to this global L2 norm (default: no clip)")
+    p.add_argument("--max-refused-steps", type=_number(int, 1),
+                   help="close a session after this many refused steps (10)")
+    p.add_argument("--no-guard", action="store_true", help="turn the guards off (not for a shared server)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
     add_unsafe(p)
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, before_tensorflow=server_environment)

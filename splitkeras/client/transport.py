@@ -6,10 +6,13 @@ server session's, and recovers from what a flaky network and a restarting
 server do, in one place:
 
 * A connection error, a timeout, or 502/503/504: the same request again after
-  `backoff * 2**attempt` seconds (at most `retries` times; a `Retry-After`
-  header is honoured up to `max_backoff`). Safe because the server's steps are
-  idempotent per (session, step): a repeated forward or backward returns the
-  same bytes and applies nothing.
+  `min(backoff * 2**attempt, max_backoff)` seconds, times a random factor in
+  `[1 - jitter, 1 + jitter]` so that many devices do not retry in step (at most
+  `retries` times; a `Retry-After` header is honoured up to `max_backoff`). The
+  defaults (12 retries, 0.5 s doubling to 10 s, jitter 0.25) wait 64 to 107 s in
+  all (`retry_budget()`): a device rides out a server restart or redeploy of up
+  to a minute. Safe because the server's steps are idempotent per (session,
+  step): a repeated forward or backward returns the same bytes and applies nothing.
 * 404 `unknown_session` (the server restarted without its session state): a new
   session, continuing at its `next_step`; a pending backward resends its forward first.
 * 409 `forward_lost` / `step_expired` / `step_out_of_order` on a backward (the
@@ -39,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -52,9 +56,12 @@ from splitkeras import __version__, wire
 from splitkeras.client.network import NetworkConditions
 from splitkeras.errors import ProtocolError, WireFormatError
 
-__all__ = ["Transport", "TransportStats", "DEFAULT_TIMEOUT", "RETRY_STATUSES"]
+__all__ = ["Transport", "TransportStats", "DEFAULT_TIMEOUT", "RETRY_STATUSES", "DEFAULT_RETRIES",
+           "DEFAULT_BACKOFF", "DEFAULT_MAX_BACKOFF", "DEFAULT_JITTER", "retry_budget"]
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# The retry budget outlasts a server restart of up to a minute (see `retry_budget`).
+DEFAULT_RETRIES, DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_JITTER = 12, 0.5, 10.0, 0.25
 RETRY_STATUSES = frozenset({502, 503, 504})
 _TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _LOST_FORWARD = frozenset({"forward_lost", "step_expired", "step_out_of_order"})
@@ -121,7 +128,12 @@ class Transport:
         timeout: an `httpx.Timeout`; default 30 s per request, 5 s to connect.
         retries: how many times a request is repeated after a transient failure.
         backoff: seconds before the first retry; doubles with each retry.
-        max_backoff: the longest wait between two attempts.
+        max_backoff: the longest wait between two attempts (before jitter).
+        jitter: each wait is multiplied by a random factor in [1 - jitter, 1 + jitter]
+            (0: exactly the doubling backoff).
+        verify: TLS verification for `https://` servers, as httpx takes it: True (the
+            system's CAs) or an `ssl.SSLContext`, e.g. `ssl.create_default_context(cafile=
+            "ca.pem")` for a private CA or a self-signed certificate.
         network: emulate a slower link (`NetworkConditions`); `None` adds nothing.
         http_transport: an `httpx.BaseTransport` to send through (tests:
             `httpx.MockTransport`, or the in-process app's).
@@ -136,19 +148,25 @@ class Transport:
         *,
         key: str | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retries: int = 5,
-        backoff: float = 0.2,
-        max_backoff: float = 10.0,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
+        jitter: float = DEFAULT_JITTER,
+        verify: Any = True,
         network: NetworkConditions | None = None,
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
         if retries < 0 or backoff < 0 or max_backoff < 0:
             raise ValueError("retries, backoff and max_backoff must be >= 0.")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}.")
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.jitter = jitter
+        self._random = random.Random()
         self.network = network
         self.wire_dtype = "float32"
         self.session: dict[str, Any] | None = None
@@ -157,7 +175,7 @@ class Transport:
         self._forward_bodies: dict[int, bytes] = {}  # the step awaiting its backward
         self._sleep: Callable[[float], None] = time.sleep
         self._client = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=http_transport,
+            base_url=self.base_url, timeout=timeout, transport=http_transport, verify=verify,
             headers={"User-Agent": f"splitkeras-python/{__version__}",
                      "Accept": f"{wire.MEDIA_TYPE}, application/json"},
         )
@@ -375,6 +393,8 @@ class Transport:
                     retry_after = _retry_after(response)
                 if attempt < self.retries:
                     delay = min(self.backoff * 2 ** attempt, self.max_backoff)
+                    if self.jitter:
+                        delay *= 1 + self.jitter * (2 * self._random.random() - 1)
                     if retry_after is not None:
                         delay = max(delay, min(retry_after, self.max_backoff))
                     self._sleep(delay)
@@ -396,6 +416,14 @@ class Transport:
         except WireFormatError as error:
             raise ProtocolError(f"The server's {route} response is not a valid tensor body: {error}") \
                 from None
+
+
+def retry_budget(retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
+                 max_backoff: float = DEFAULT_MAX_BACKOFF, jitter: float = DEFAULT_JITTER) -> tuple[float, float]:
+    """(least, most) seconds a `Transport` waits between attempts before it gives up on a
+    request (time spent in the attempts themselves comes on top)."""
+    total = sum(min(backoff * 2 ** attempt, max_backoff) for attempt in range(retries))
+    return total * (1 - jitter), total * (1 + jitter)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
