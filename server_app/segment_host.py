@@ -66,6 +66,19 @@ class SegmentHost:
             metrics=restore_compile_value(training.get("metrics")),
             loss_weights=training.get("loss_weights"))
         self.checkpoint_dir = settings.resolved_checkpoint_dir
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """A process killed inside an atomic write leaves its temporary file behind (the target
+        itself is intact): remove them at start."""
+        stale = list(self.checkpoint_dir.glob(".*.tmp")) if self.checkpoint_dir.is_dir() else []
+        target = self.split_dir / self.entry.keras_file
+        stale += [p for p in [target.with_name(f".{target.stem}.saving.keras")] if p.exists()]
+        for path in stale:
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
     def _variables(self) -> tuple[list[Any], list[Any]]:
         return list(self.segment.model.variables), list(self.runner.optimizer.variables)

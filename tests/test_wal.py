@@ -202,3 +202,15 @@ def test_a_forward_that_cannot_be_logged_leaves_nothing_pending(templates: dict[
         assert live.get(f"/v1/sessions/{sid}", token=token).json()["pending_step"] is None
         restore()
         assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_start(templates: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    folder = copy_split(templates["u_shaped"], tmp_path / "u")
+    with LiveApp(settings_for(folder)) as live:
+        checkpoints = live.service.checkpoint_dir
+    (checkpoints / ".arrays.npz.k3j2.tmp").write_bytes(b"half a checkpoint")
+    (folder / ".middle.saving.keras").write_bytes(b"half a segment")
+    with LiveApp(settings_for(folder)):
+        assert not list(checkpoints.glob(".*.tmp")) and not (folder / ".middle.saving.keras").exists()
+        assert (checkpoints / "arrays.npz").exists() or list(checkpoints.iterdir())

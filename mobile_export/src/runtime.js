@@ -85,7 +85,7 @@ export class SplitDevice {
    */
   static async create({
     tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
-    fetch, retries = 5, backoff = 200, maxBackoff = 10000, timeoutMs = 30000,
+    fetch, retries = 12, backoff = 500, maxBackoff = 10000, jitter = 0.25, timeoutMs = 30000,
     seed, sleep, kernels = true,
   }) {
     if (!tf || typeof tf.tensor !== 'function') {
@@ -95,7 +95,7 @@ export class SplitDevice {
     if (kernels) registerTrainingKernels(tf);
     const topology = checkTopology(manifest);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
-      serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, timeoutMs, sleep,
+      serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, jitter, timeoutMs, sleep,
     });
     const loaded = {};
     for (const entry of manifest.segments.filter((s) => s.placement === 'device')) {

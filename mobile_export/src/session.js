@@ -153,9 +153,9 @@ export class SplitSession {
    *   (default: in a browser, see browserBlobBodies).
    */
   constructor({
-    serverUrl, key, wireDtype = 'float32', fetch = globalFetch, retries = 5, backoff = 200,
-    maxBackoff = 10000, timeoutMs = 30000, sleep = defaultSleep, client = 'splitkeras-device/0.1.0',
-    blobBodies = browserBlobBodies(),
+    serverUrl, key, wireDtype = 'float32', fetch = globalFetch, retries = 12, backoff = 500,
+    maxBackoff = 10000, jitter = 0.25, timeoutMs = 30000, sleep = defaultSleep,
+    client = 'splitkeras-device/0.1.0', blobBodies = browserBlobBodies(),
   }) {
     if (!serverUrl) throw new TypeError('serverUrl is required, e.g. "http://10.0.2.2:8000"');
     if (typeof fetch !== 'function' || (fetch === globalFetch && typeof globalThis.fetch !== 'function')) {
@@ -164,10 +164,12 @@ export class SplitSession {
     if (!WIRE_DTYPES.includes(wireDtype)) {
       throw new TypeError(`wireDtype must be one of ${WIRE_DTYPES.join(', ')}, got ${wireDtype}`);
     }
-    if (!(retries >= 0 && backoff >= 0 && maxBackoff >= 0)) {
-      throw new TypeError('retries, backoff and maxBackoff must be >= 0');
+    if (!(retries >= 0 && backoff >= 0 && maxBackoff >= 0 && jitter >= 0 && jitter < 1)) {
+      throw new TypeError('retries, backoff and maxBackoff must be >= 0, jitter in [0, 1)');
     }
-    Object.assign(this, { key, wireDtype, retries, backoff, maxBackoff, timeoutMs, sleep, client, blobBodies });
+    Object.assign(this, {
+      key, wireDtype, retries, backoff, maxBackoff, jitter, timeoutMs, sleep, client, blobBodies,
+    });
     this.baseUrl = serverUrl.replace(/\/+$/, '');
     // Called as a plain function, never as a method of this session: a browser's fetch
     // throws "Illegal invocation" when `this` is not the global object.
@@ -382,7 +384,10 @@ export class SplitSession {
         if (timer) clearTimeout(timer);
       }
       if (attempt < this.retries) {
-        let delay = Math.min(this.backoff * 2 ** attempt, this.maxBackoff);
+        // the default budget (12 retries, 0.5 s doubling to 10 s, +-25 % jitter: 64-107 s)
+        // outlasts a server restart, as the Python client's does
+        let delay = Math.min(this.backoff * 2 ** attempt, this.maxBackoff)
+          * (1 - this.jitter + 2 * this.jitter * Math.random());
         if (retryAfter !== null) delay = Math.max(delay, Math.min(retryAfter, this.maxBackoff));
         await this.sleep(delay);
       }

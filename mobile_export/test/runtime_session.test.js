@@ -41,9 +41,21 @@ const opened = (id = 's1', nextStep = 0) => () => json(201, {
 function session(fetch, extra = {}) {
   const sleeps = [];
   const s = new SplitSession({ serverUrl: `${URL_BASE}/`, key: 'k', fetch, backoff: 200,
-    maxBackoff: 5000, sleep: async (ms) => { sleeps.push(ms); }, ...extra });
+    maxBackoff: 5000, jitter: 0, sleep: async (ms) => { sleeps.push(ms); }, ...extra });
   return { s, sleeps };
 }
+
+test('the default retry budget outlasts a server restart of a minute (64-107 s, jittered)', async () => {
+  const sleeps = [];
+  const down = async () => { throw new TypeError('Network request failed'); };
+  const s = new SplitSession({ serverUrl: URL_BASE, key: 'k', fetch: down,
+    sleep: async (ms) => { sleeps.push(ms); } });
+  await assert.rejects(s.open(), ProtocolError);
+  const total = sleeps.reduce((a, b) => a + b, 0);
+  assert.equal(sleeps.length, 12);
+  assert.ok(total >= 64000 && total <= 107000, `waited ${total} ms in all`);
+  assert.ok(new Set(sleeps.map((ms) => Math.round(ms))).size > 6, 'the waits are jittered');
+});
 
 test('a transient failure is retried with exponential backoff and the same bytes', async () => {
   const { fetch, calls } = scripted([
