@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 
+CORS_MAX_AGE = 7200  # seconds a browser may cache a preflight answer (Chromium's cap)
+
+
 def create_app(settings: ServerSettings | None = None, service: SegmentService | None = None) -> FastAPI:
     """Build the app for `settings` (default: from `SPLITKERAS_*` environment variables).
 
@@ -58,6 +61,13 @@ def create_app(settings: ServerSettings | None = None, service: SegmentService |
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimits)
+    configured = settings or (service.settings if service is not None else None)
+    origins = list(configured.cors_origins) if configured is not None else []
+    if origins:  # pages of these origins may call the server (off by default)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type"], max_age=CORS_MAX_AGE)
     app.include_router(health.router)
     app.include_router(routes.router)
     return app

@@ -54,6 +54,8 @@ class ServerSettings(BaseSettings):
                                    "refused steps (out_of_bounds, update_refused)")
     jit_compile: bool | str = Field(default="auto")
     unsafe_deserialization: bool = False
+    cors_origins: list[str] = Field(default_factory=list, description="origins whose pages may call "
+                                    "the server (CORS); none by default")
     segment: str | None = Field(default=None, description="the server segment to serve; default: "
                                 "the split's only one")
     next_url: str | None = Field(default=None, description="in a chain: the server of the next "

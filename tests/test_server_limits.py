@@ -439,3 +439,24 @@ def test_wire_bodies_still_fit(u_app: LiveApp) -> None:
     response = u_app.request("POST", path(sid, 0, "forward"), headers=tensor_headers(token),
                              content=wire.encode({"h": x}))
     assert response.status_code == 200
+
+
+def test_cors_is_off_by_default_and_on_for_the_named_origins(fresh: Callable[..., Path]) -> None:
+    """`--cors-origin ORIGIN`: a page of ORIGIN may call the server (its preflight is answered
+    and may be cached for 2 h); any other origin, and every origin without the flag, gets no
+    CORS headers, so the browser keeps the answer from the page."""
+    preflight = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with LiveApp(settings_for(fresh(name="plain"))) as live:
+        answer = live.request("OPTIONS", "/v1/sessions", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+    with LiveApp(settings_for(fresh(name="cors"), cors_origins=["https://app.example.org"])) as live:
+        answer = live.request("OPTIONS", "/v1/sessions/abc/steps/3/forward", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://app.example.org"
+        assert answer.headers["access-control-max-age"] == "7200"
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        other = live.request("OPTIONS", "/v1/sessions", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        ready = live.request("GET", "/readyz", headers={"Origin": "https://app.example.org"})
+        assert ready.headers["access-control-allow-origin"] == "https://app.example.org"

@@ -48,6 +48,7 @@ def _settings(args: argparse.Namespace) -> Any:
         "guard_max_abs": args.guard_max_abs, "guard_max_weight": args.guard_max_weight,
         "max_grad_norm": args.max_grad_norm, "max_refused_steps": args.max_refused_steps,
         "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
+        "cors_origins": args.cors_origin,
     }.items() if v is not None}
     if args.no_guard:
         overrides["guard"] = False
@@ -178,6 +179,9 @@ def register(sub: Any) -> None:
                    help="the largest |value| a tensor of a step may hold (1e10)")
     p.add_argument("--guard-max-weight", type=_number(float, 0, inclusive=False),
                    help="the largest |value| a trainable weight may take (1e6)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let pages of ORIGIN (e.g. https://app.example.org) call the server from a "
+                   "browser (CORS); repeatable; off by default")
     p.add_argument("--max-grad-norm", type=_number(float, 0, inclusive=False),
                    help="clip the gradients a device sends to this global L2 norm (default: no clip)")
     p.add_argument("--max-refused-steps", type=_number(int, 1),
