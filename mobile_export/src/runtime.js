@@ -38,6 +38,7 @@
 // Several server stages: servers: {middle_1: 'https://edge.example.org',
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
+import './layers/register.js'; // the layers TF.js lacks (src/layers/), before any bundle loads
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
 import { DeviceSegment } from './segment.js';
