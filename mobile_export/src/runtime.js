@@ -38,7 +38,7 @@
 // Several server stages: servers: {middle_1: 'https://edge.example.org',
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
-import './layers/register.js'; // the layers TF.js lacks (src/layers/), before any bundle loads
+import { registerLayers } from './layers/index.js'; // the layers TF.js lacks (src/layers/)
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
 import { DeviceSegment } from './segment.js';
@@ -88,6 +88,7 @@ export class SplitDevice {
       throw new SplitDeviceError('pass the @tensorflow/tfjs module as tf (import * as tf from '
         + "'@tensorflow/tfjs')");
     }
+    registerLayers(tf); // before a bundle loads; once per TF.js instance
     const topology = checkTopology(manifest);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
       serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, timeoutMs, sleep,

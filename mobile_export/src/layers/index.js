@@ -6,8 +6,9 @@
 // `table.json` lists them, with the Keras layers the exporter (converters/) writes as each.
 //
 // `registerLayers(tf)` registers every class with `tf.serialization.registerClass`, so a plain
-// `tf.loadLayersModel` loads bundles that use them; `./register.js` calls it on the app's
-// `@tensorflow/tfjs` when imported (runtime.js imports it). Registering twice is harmless.
+// `tf.loadLayersModel` loads bundles that use them; `SplitDevice.create` (runtime.js) calls it
+// on the `tf` it is given, and `./register.js` on the `@tensorflow/tfjs` the importer resolves.
+// Registering twice is harmless.
 //
 // Example:
 //   import * as tf from '@tensorflow/tfjs';
