@@ -28,7 +28,7 @@ import numpy as np
 
 from splitkeras.errors import ExportError
 
-from .tfjs_config import tfjs_model_topology, tfjs_named_weights
+from .tfjs_config import flatten_model, tfjs_model_topology, tfjs_named_weights
 
 __all__ = ["export_tfjs", "load_tfjs_weights", "read_bundle_weights", "QUANTIZATIONS"]
 
@@ -246,3 +246,6 @@ def load_tfjs_weights(model: keras.Model, bundle_dir: str | Path) -> None:
                           + "; ".join(problems) + "); load it into a model with the exported architecture")
     for name, variable in expected:
         variable.assign(stored[name].astype(variable.dtype))
+    for item in flatten_model(model).layers:  # Normalization computes its constants from its weights
+        if isinstance(item.op, keras.layers.Normalization):
+            item.op.finalize_state()

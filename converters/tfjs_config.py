@@ -4,8 +4,20 @@ TF.js reads Keras 2 style configs and silently ignores keys it does not know, so
 argument is a wrong number on the device, not a load error. Hence an allow-list: every config
 key of every supported layer is translated, checked against the only value TF.js honours, or
 dropped because it cannot change a result (initializers: the bundle carries the weights).
-Anything else, and anything TF.js computes or trains differently (each found by a numeric
-test in real TF.js), stops the export with an `ExportError` naming layer, setting and fix.
+
+Where TF.js 4.22 lacks a layer or a setting, or computes or trains it differently from Keras
+(each found by a numeric test in real TF.js), the layer is written as a class of the device
+runtime (`mobile_export/src/layers/`, registered with `tf.serialization.registerClass`), with
+its settings as they are. What becomes what is listed in `mobile_export/src/layers/table.json`,
+shared with the runtime (`converters.tfjs_table`). Anything else stops the export with an
+`ExportError` naming every blocking layer, its setting and a fix.
+
+Nested models (a `keras.applications` base inside a transfer-learning model, ConvNeXt's
+Sequential stem) are flattened into the exported graph: their layers are named
+`<nested model>/<layer>` (weights `<nested model>/<layer>/<weight>`).
+
+Keras 3 records `keras.ops` calls (`x + 3.0`, `ops.multiply(a, b)`) in functional models as
+operations; they are written as `SplitkerasOperation` layers, constants in their config.
 
 Example::
 
@@ -22,32 +34,47 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import keras
+import numpy as np
+from keras.src.models.functional import Functional
 
 from splitkeras.errors import ExportError
 
-__all__ = ["SUPPORTED_LAYERS", "check_tfjs_supported", "tfjs_model_topology", "tfjs_named_weights"]
+from .tfjs_table import TABLE
+
+__all__ = ["SUPPORTED_LAYERS", "check_tfjs_supported", "tfjs_model_topology", "tfjs_named_weights",
+           "flatten_model"]
 
 _TFJS_NAME = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9._/]*$")  # tfjs-layers common.ts isValidTensorName
-# Keras 3 activation name -> TF.js 4.22 activation name (both compute the same function).
-_ACTIVATIONS = {name: name for name in ("linear", "relu", "relu6", "elu", "selu", "sigmoid", "tanh",
-                                        "softmax", "log_softmax", "softplus", "softsign", "swish",
-                                        "mish", "gelu")} | {"silu": "swish"}
-_ACTIVATION_TRAPS = {"hard_sigmoid": "TF.js computes 0.2*x+0.5 where Keras 3 computes relu6(x+3)/6"}
+# Keras 3 activation name -> the name written for TF.js 4.22 (both compute the same function).
+_ACTIVATIONS: dict[str, str] = {name: entry["tfjs"] for name, entry in TABLE["activations"].items()}
+_REFUSED: dict[str, str] = dict(TABLE["refused_layers"])
+_OPERATIONS: dict[str, dict[str, Any]] = dict(TABLE["operations"])
+_LAYERS: dict[str, dict[str, Any]] = dict(TABLE["layers"])
 
 
 @dataclass(frozen=True)
 class _Need:
-    """The only value(s) of a setting TF.js honours; `why` explains, `fix` replaces the advice."""
+    """The only value(s) of a setting TF.js honours; `why` explains, `fix` replaces the advice.
+
+    With `custom=True` another value is no refusal: the layer is written as the runtime's own
+    class (`table.json` "custom"), which takes the setting as it is."""
 
     value: Any
     why: str = ""
     fix: str = ""
     any_of: bool = False  # value is a tuple of accepted values
+    custom: bool = False
+
+
+# check(where, layer, config) -> True when the runtime's own class is needed (raises to refuse)
+_Check = Callable[[str, Any, dict[str, Any]], bool]
+# extra(layer, config, out, custom) -> the config written (out, changed or completed)
+_Extra = Callable[[Any, dict[str, Any], dict[str, Any], bool], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class _Rule:
-    """How one Keras layer class maps onto its TF.js twin."""
+    """How one Keras layer class maps onto its TF.js twin (or the runtime's class)."""
 
     keep: tuple[str, ...] = ()  # passed through unchanged (TF.js camel-cases the key)
     rename: dict[str, str] = field(default_factory=dict)  # Keras key -> TF.js key
@@ -56,7 +83,8 @@ class _Rule:
     regularizers: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()  # keys that cannot change a result in TF.js
     weights: dict[str, str] = field(default_factory=dict)  # Keras weight name -> TF.js name
-    check: Callable[[str, keras.layers.Layer, dict[str, Any]], None] | None = None
+    check: _Check | None = None
+    extra: _Extra | None = None
 
 
 def _w(*names: str, **renamed: str) -> dict[str, str]:
@@ -64,17 +92,17 @@ def _w(*names: str, **renamed: str) -> dict[str, str]:
 
 
 _LAST = {"data_format": "channels_last"}
-_NO_DILATION = "TF.js 4.22 cannot compute gradients through dilated convolutions"
 _NO_QUANTIZED = {"quantization_config": _Need(None, fix="export the float model, use quantization=")}
 
 
 def _conv(*keep: str, rank: int = 2, regs: tuple[str, ...] = ("kernel_regularizer", "bias_regularizer"),
-          weights: dict[str, str] | None = None, **require: Any) -> _Rule:
+          weights: dict[str, str] | None = None, causal: bool = False, **require: Any) -> _Rule:
+    padding = ("valid", "same", "causal") if causal else ("valid", "same")
     return _Rule(keep=("filters", "kernel_size", "strides", "use_bias", *keep), activations=("activation",),
-                 require={**_LAST, "groups": _Need(1, "TF.js has no grouped convolution"),
-                          "dilation_rate": _Need([1] * rank, _NO_DILATION),
-                          "padding": _Need(("valid", "same"), any_of=True,
-                                           fix="use padding='valid' or 'same'"),
+                 require={**_LAST, "groups": _Need(1, custom=True),
+                          "dilation_rate": _Need([1] * rank, custom=True),
+                          "padding": _Need(("valid", "same"), any_of=True, custom=causal,
+                                           fix=f"use padding={' or '.join(map(repr, padding))}"),
                           **require},
                  regularizers=regs, weights=weights or _w("kernel", "bias"))
 
@@ -89,73 +117,117 @@ def _rnn(*keep: str, **require: Any) -> _Rule:
 
 
 def _pool(*padding: str) -> _Rule:
-    why = "" if "same" in padding else "TF.js 4.22 counts the padding in the gradient of average pooling"
-    padding_need = _Need(padding, why, "use padding='valid'", any_of=True)
+    # average pooling 'same': TF.js counts the padding in the gradient; the runtime's class does not
+    padding_need = _Need(padding, any_of=True, custom=True, fix="use padding='valid' or 'same'")
     return _Rule(keep=("pool_size", "strides"), require={**_LAST, "padding": padding_need})
 
 
-def _check_last_axis(where: str, layer: keras.layers.Layer, config: dict[str, Any]) -> None:
+def _input_rank(layer: Any) -> int | None:
     try:  # every call of a shared layer has the same rank
-        last = len(layer.input.shape) - 1
+        return len(layer.input.shape)
     except (AttributeError, ValueError):
-        last = -1
-    if config.get("axis") not in (-1, last):
+        return None
+
+
+def _is_last_axis(layer: Any, axis: Any) -> bool:
+    rank = _input_rank(layer)
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _check_last_axis(where: str, layer: Any, config: dict[str, Any]) -> bool:
+    if not _is_last_axis(layer, config.get("axis")):
         raise ExportError(f"{where}: axis={config.get('axis')!r} is not supported: TF.js 4.22 only "
                           "handles the last axis here; use axis=-1")
+    return False
 
 
-def _check_batchnorm(where: str, layer: keras.layers.Layer, config: dict[str, Any]) -> None:
-    if not layer.trainable:
-        raise ExportError(
-            f"{where}: trainable=False is not supported: Keras 3 runs a frozen BatchNormalization in "
-            "inference mode, TF.js runs it with batch statistics and updates its moving statistics "
-            "whenever the device trains (model.apply(x, {training: true})); keep the layer trainable, "
-            "or keep it out of the segments that train on the device")
-    _check_last_axis(where, layer, config)
+def _check_batchnorm(where: str, layer: Any, config: dict[str, Any]) -> bool:
+    # Keras 3 runs a frozen BatchNormalization in inference mode; TF.js' own layer uses batch
+    # statistics whenever the device trains, and computes a wrong result on another axis.
+    return not config.get("trainable", True) or not _is_last_axis(layer, config.get("axis"))
 
 
-def _check_rescaling(where: str, layer: keras.layers.Layer, config: dict[str, Any]) -> None:
+def _check_rescaling(where: str, layer: Any, config: dict[str, Any]) -> bool:
+    custom = False
     for key in ("scale", "offset"):
-        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)):
-            raise ExportError(f"{where}: {key}={config[key]!r} is not supported by TensorFlow.js, which "
-                              f"takes one number; rebuild the layer with a scalar {key}")
+        value = config[key]
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in value):
+            custom = True  # one value per channel (the last axis)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ExportError(f"{where}: {key}={value!r} is not supported: the device takes one number or "
+                              f"a flat list with one number per channel; rebuild the layer with such a {key}")
+    return custom
 
 
-# Layers TF.js 4.22 lacks or gets wrong, with the reason and a way out.
-_REFUSED = {
-    "Lambda": "Lambda layers run Python code that TensorFlow.js cannot run; replace it with built-in layers",
-    "Subtract": "TensorFlow.js 4.22 has no Subtract layer; compute a - b as Add()([a, Rescaling(-1.0)(b)])",
-    "UpSampling2D": "TF.js 4.22 computes its gradient wrongly for batches of more than one sample "
-                    "(ResizeNearestNeighborGrad mixes the samples), so device training would be wrong; "
-                    "use Conv2DTranspose(strides=size)",
-    "Masking": "masks are not exported; remove the Masking layer (pad with values the model can ignore)",
-}
+def _normalization_extra(layer: Any, config: dict[str, Any], out: dict[str, Any], custom: bool) -> dict[str, Any]:
+    """Axes kept (positive), the broadcast shape, and Keras' constants already broadcast."""
+    rank = _input_rank(layer)
+    if rank is None or getattr(layer, "mean", None) is None:
+        raise ExportError(f"layer '{layer.name}' (Normalization) is not built; call it on an input or adapt() it")
+    axis = config["axis"] if isinstance(config["axis"], list) else [config["axis"]]
+    keep = sorted(a % rank for a in axis)
+    shape = [int(s) for s in np.shape(keras.ops.convert_to_numpy(layer.mean))]
+    out.update(axis=keep, invert=bool(config["invert"]), broadcast_shape=shape)
+    if config.get("mean") is None:  # adapted: the weights mean/variance, reshaped on the device
+        stale = [name for name, constant, weight in (("mean", layer.mean, layer.adapt_mean),
+                                                     ("variance", layer.variance, layer.adapt_variance))
+                 if not np.array_equal(np.ravel(keras.ops.convert_to_numpy(constant)),
+                                       np.ravel(keras.ops.convert_to_numpy(weight)))]
+        if stale:
+            raise ExportError(f"layer '{layer.name}' (Normalization): its {' and '.join(stale)} weights were "
+                              "changed after the layer computed its constants, so Keras still normalizes with "
+                              "the old values; call layer.finalize_state() (Keras does it after adapt() and "
+                              "when loading a model)")
+        out.update(mean=None, variance=None)
+    else:
+        out.update(mean=keras.ops.convert_to_numpy(layer.mean).astype(float).tolist(),
+                   variance=keras.ops.convert_to_numpy(layer.variance).astype(float).tolist())
+    return out
+
+
+def _stochastic_depth_extra(layer: Any, config: dict[str, Any], out: dict[str, Any],
+                            custom: bool) -> dict[str, Any]:
+    rank = _input_rank(layer)
+    if rank is None:
+        raise ExportError(f"layer '{layer.name}' (StochasticDepth) is not built")
+    return {**out, "rate": float(config["drop_path_rate"]), "noise_shape": [None] + [1] * (rank - 1)}
+
+
+def _set(**values: Any) -> _Extra:
+    return lambda layer, config, out, custom: {**out, **values}
+
+
 _NORM_REGS = ("beta_regularizer", "gamma_regularizer")
 _NO_NOISE_SHAPE = {"noise_shape": None}
 _MERGE = _Rule()
 _RULES: dict[str, _Rule] = {
     "Dense": _Rule(keep=("units", "use_bias"), activations=("activation",), require=_NO_QUANTIZED,
                    regularizers=("kernel_regularizer", "bias_regularizer"), weights=_w("kernel", "bias")),
-    "Conv1D": _conv(rank=1), "Conv2D": _conv(), "Conv2DTranspose": _conv(output_padding=None),
+    "Conv1D": _conv(rank=1, causal=True), "Conv2D": _conv(),
+    "Conv2DTranspose": _Rule(keep=("filters", "kernel_size", "strides", "use_bias"), activations=("activation",),
+                             require={**_LAST, "output_padding": None, "padding": _Need(
+                                 ("valid", "same"), any_of=True, fix="use padding='valid' or 'same'"),
+                                      "dilation_rate": _Need([1, 1], "TF.js 4.22 cannot compute gradients "
+                                                                     "through dilated transposed convolutions")},
+                             regularizers=("kernel_regularizer", "bias_regularizer"), weights=_w("kernel", "bias")),
     "SeparableConv2D": _conv("depth_multiplier", regs=("depthwise_regularizer", "pointwise_regularizer",
                                                        "bias_regularizer"),
                              weights=_w("depthwise_kernel", "pointwise_kernel", "bias")),
     "DepthwiseConv2D": _Rule(keep=("kernel_size", "strides", "padding", "use_bias", "depth_multiplier"),
-                             require={**_LAST, "dilation_rate": _Need([1, 1], _NO_DILATION)},
+                             require={**_LAST, "dilation_rate": _Need([1, 1], custom=True)},
                              activations=("activation",), weights=_w("bias", kernel="depthwise_kernel"),
                              regularizers=("depthwise_regularizer", "bias_regularizer")),
     "Cropping2D": _Rule(keep=("cropping",), require=_LAST),
     "ZeroPadding2D": _Rule(keep=("padding",), require=_LAST),
     "MaxPooling1D": _pool("valid", "same"), "MaxPooling2D": _pool("valid", "same"),
     "AveragePooling1D": _pool("valid"), "AveragePooling2D": _pool("valid"),
-    **{name: _Rule(require={**_LAST, "keepdims": _Need(False, fix="rebuild the layer with keepdims=False "
-                                                                  "and add a Reshape after it")})
+    **{name: _Rule(require={**_LAST, "keepdims": _Need(False, custom=True)})
        for name in ("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
                     "GlobalMaxPooling2D")},
     "BatchNormalization": _Rule(
         keep=("axis", "momentum", "epsilon"), regularizers=_NORM_REGS, check=_check_batchnorm,
-        require={"center": _Need(True, "TF.js cannot train without beta"),
-                 "scale": _Need(True, "TF.js cannot train without gamma"), "synchronized": False,
+        require={"center": _Need(True, custom=True), "scale": _Need(True, custom=True), "synchronized": False,
                  "renorm": False},
         drop=("renorm_clipping", "renorm_momentum"),  # unused while renorm=False
         weights=_w("gamma", "beta", "moving_mean", "moving_variance")),
@@ -163,38 +235,47 @@ _RULES: dict[str, _Rule] = {
         keep=("axis", "epsilon"), regularizers=_NORM_REGS, weights=_w("gamma", "beta"),
         require={"rms_scaling": False, "center": _Need(True, "TF.js 4.22 fails to train it without beta"),
                  "scale": _Need(True, "TF.js 4.22 fails to train it without gamma")}),
+    "Normalization": _Rule(keep=("axis", "invert", "mean", "variance"), extra=_normalization_extra,
+                           weights=_w("mean", "variance", "count")),
     "ReLU": _Rule(keep=("max_value",), require={
         "negative_slope": _Need(0.0, fix="use LeakyReLU, or ReLU with negative_slope=0"), "threshold": 0.0}),
     "LeakyReLU": _Rule(rename={"negative_slope": "alpha"}),
     "PReLU": _Rule(keep=("shared_axes",), regularizers=("alpha_regularizer",), weights=_w("alpha")),
-    "ELU": _Rule(require={"alpha": _Need(1.0, "TF.js 4.22 throws 'Non-default alpha value is not "
-                                              "supported by the ELU layer yet'")}),
+    "ELU": _Rule(require={"alpha": _Need(1.0, custom=True)}),
     "Softmax": _Rule(keep=("axis",), check=_check_last_axis),
     "Activation": _Rule(activations=("activation",)),
-    "Dropout": _Rule(keep=("rate",), drop=("seed",), require=_NO_NOISE_SHAPE),
+    "Identity": _Rule(extra=_set(activation="linear")),
+    "Dropout": _Rule(keep=("rate", "noise_shape"), drop=("seed",)),
     "SpatialDropout1D": _Rule(keep=("rate",), drop=("seed",)),
     "GaussianNoise": _Rule(keep=("stddev",), drop=("seed",)),
     "GaussianDropout": _Rule(keep=("rate",), drop=("seed",)),
     "AlphaDropout": _Rule(keep=("rate",), drop=("seed",), require=_NO_NOISE_SHAPE),
+    "StochasticDepth": _Rule(drop=("drop_path_rate",), extra=_stochastic_depth_extra),
     "Flatten": _Rule(require=_LAST),
     "Reshape": _Rule(keep=("target_shape",)),
     "Permute": _Rule(keep=("dims",)),
     "RepeatVector": _Rule(keep=("n",)),
+    "UpSampling2D": _Rule(keep=("size",), require={**_LAST, "interpolation": _Need(
+        ("nearest", "bilinear"), any_of=True, fix="use interpolation='nearest' or 'bilinear'")}),
     "Add": _MERGE, "Multiply": _MERGE, "Average": _MERGE, "Maximum": _MERGE, "Minimum": _MERGE,
+    "Subtract": _Rule(extra=_set(op="subtract", operands=[None, None])),
     "Concatenate": _Rule(keep=("axis",)),  # Keras takes one integer axis
     "Dot": _Rule(keep=("axes", "normalize")),
     "Embedding": _Rule(keep=("input_dim", "output_dim"), regularizers=("embeddings_regularizer",),
                        require={"mask_zero": _Need(False, "masks are not exported"), **_NO_QUANTIZED},
                        weights=_w("embeddings")),
-    "LSTM": _rnn("unit_forget_bias"), "GRU": _rnn(reset_after=False), "SimpleRNN": _rnn(),
+    "LSTM": _rnn("unit_forget_bias"), "GRU": _rnn(reset_after=_Need(False, custom=True)), "SimpleRNN": _rnn(),
     "Rescaling": _Rule(keep=("scale", "offset"), check=_check_rescaling),
+    "LayerScale": _Rule(keep=("init_values", "projection_dim"), weights=_w("gamma", variable="gamma")),
+    "CustomScaleLayer": _Rule(keep=("scale",)),
 }
-SUPPORTED_LAYERS: frozenset[str] = frozenset(_RULES) | {"InputLayer"}
-"""Keras layer class names the TF.js exporter accepts (each has a numeric test in real TF.js)."""
+SUPPORTED_LAYERS: frozenset[str] = frozenset(_LAYERS) | {"InputLayer"}
+"""Keras layer class names the TF.js exporter accepts (each has a numeric test in real TF.js),
+read from `mobile_export/src/layers/table.json`."""
 
 
-def _where(layer: keras.layers.Layer) -> str:
-    return f"layer '{layer.name}' ({type(layer).__name__})"
+def _where(name: str, op: Any) -> str:
+    return f"layer '{name}' ({type(op).__name__})"
 
 
 def _plain(value: Any) -> Any:
@@ -204,33 +285,41 @@ def _plain(value: Any) -> Any:
     return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
-def _rule_for(layer: keras.layers.Layer) -> _Rule:
-    name, where = type(layer).__name__, _where(layer)
-    if isinstance(layer, keras.Model):
-        raise ExportError(f"{where}: nested models are not supported by the TF.js exporter; "
-                          "build the segment from the nested model's layers instead")
-    if name in _REFUSED:
+def _is_operation(op: Any) -> bool:
+    return not isinstance(op, keras.layers.Layer)
+
+
+def _table_entry(op: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """(Keras class name, table entry) of a layer, or ExportError."""
+    name = type(op).__name__
+    if name in _REFUSED and getattr(keras.layers, name, None) is type(op):
         raise ExportError(f"{where}: {_REFUSED[name]}")
-    if name not in _RULES or getattr(keras.layers, name, None) is not type(layer):
+    entry = _LAYERS.get(name)
+    module = entry.get("module", "keras.layers") if entry else None
+    known = entry is not None and (getattr(keras.layers, name, None) is type(op) if module == "keras.layers"
+                                   else type(op).__module__ == module)
+    if entry is None or not known or name not in _RULES:
         raise ExportError(f"{where}: this layer type is not supported by the TF.js exporter "
                           "(custom layers and layers TF.js 4.22 lacks are refused); use layers from "
                           "converters.SUPPORTED_LAYERS")
-    return _RULES[name]
+    return name, entry
 
 
-def _activation(where: str, key: str, value: Any) -> str:
+def _rule_for(op: Any, where: str) -> _Rule:
+    return _RULES[_table_entry(op, where)[0]]
+
+
+def _activation(key: str, value: Any) -> str:
     if isinstance(value, str) and value in _ACTIVATIONS:
         return _ACTIVATIONS[value]
     if not isinstance(value, str):
         setting, reason = f"{key}=<custom function>", "TF.js cannot run Python functions"
     else:
-        setting = f"{key}={value!r}"
-        reason = _ACTIVATION_TRAPS.get(value, "TensorFlow.js 4.22 has no such activation")
-    raise ExportError(f"{where}: {setting} is not supported: {reason}; use one of "
-                      f"{sorted(_ACTIVATIONS)}")
+        setting, reason = f"{key}={value!r}", "the device runtime has no such activation"
+    raise ExportError(f"{setting} is not supported: {reason}; use one of {sorted(_ACTIVATIONS)}")
 
 
-def _regularizer(where: str, key: str, value: Any) -> dict[str, Any] | None:
+def _regularizer(key: str, value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     name = value.get("class_name") if isinstance(value, dict) else None
@@ -238,55 +327,149 @@ def _regularizer(where: str, key: str, value: Any) -> dict[str, Any] | None:
     if name in ("L1", "L2", "L1L2") and value.get("module") == "keras.regularizers":
         l1, l2 = float(settings.get("l1", 0.0)), float(settings.get("l2", 0.0))
         return {"class_name": "L1L2", "config": {"l1": l1, "l2": l2}}
-    raise ExportError(f"{where}: {key}={name or value!r} is not supported by TensorFlow.js; "
+    raise ExportError(f"{key}={name or value!r} is not supported by TensorFlow.js; "
                       "use keras.regularizers.L1, L2 or L1L2, or no regularizer")
 
 
-def _translate_config(layer: keras.layers.Layer, config: dict[str, Any]) -> dict[str, Any]:
-    rule, where = _rule_for(layer), _where(layer)
+def _translate_layer(op: Any, where: str, config: dict[str, Any],
+                     trainable: bool) -> tuple[str, dict[str, Any]]:
+    """(TF.js class name, TF.js config) of one layer; ExportError naming every setting that blocks it."""
+    name, entry = _table_entry(op, where)
+    rule = _RULES[name]
     config = _plain(config)
+    config["trainable"] = trainable
     out: dict[str, Any] = {}
+    problems: list[str] = []
+    custom = False
     for key, value in config.items():
-        if key in ("name", "trainable"):
-            out[key] = value
-        elif key == "dtype":
-            policy = value.get("config", {}).get("name") if isinstance(value, dict) else value
-            if policy != "float32":
-                raise ExportError(f"{where}: dtype policy {policy!r} is not supported: TF.js layers "
-                                  "compute in float32; rebuild the layer with dtype='float32'")
-        elif key.endswith("_initializer"):
-            pass  # only used to create weights; the bundle carries the weights
-        elif key.endswith("_constraint") or key == "activity_regularizer":
-            if value is not None:
-                raise ExportError(f"{where}: {key} is set; TF.js 4.22 skips weight constraints in "
-                                  "optimizer updates and throws on activity regularizers, so device "
-                                  f"training would differ; rebuild the layer with {key}=None")
-        elif key in rule.keep:
-            out[key] = value
-        elif key in rule.rename:
-            out[rule.rename[key]] = value
-        elif key in rule.activations:
-            out[key] = _activation(where, key, value)
-        elif key in rule.regularizers:
-            out[key] = _regularizer(where, key, value)
-        elif key in rule.require:
-            need = rule.require[key] if isinstance(rule.require[key], _Need) else _Need(rule.require[key])
-            if not (value in need.value if need.any_of else value == need.value):
-                fix = need.fix or f"rebuild the layer with {key}={need.value!r}"
-                raise ExportError(f"{where}: {key}={value!r} is not supported by TensorFlow.js; {fix}"
-                                  + (f" ({need.why})" if need.why else ""))
-            out[key] = value
-        elif key not in rule.drop:
-            raise ExportError(f"{where}: setting {key}={value!r} is unknown to the TF.js exporter "
-                              "(new in this Keras version?); TF.js would ignore it silently, so the "
-                              "export stops; please report it")
-    if rule.check is not None:
-        rule.check(where, layer, config)
+        try:
+            if key in ("name", "trainable"):
+                out[key] = value
+            elif key == "dtype":
+                policy = value.get("config", {}).get("name") if isinstance(value, dict) else value
+                if policy != "float32":
+                    raise ExportError(f"dtype policy {policy!r} is not supported: TF.js layers compute in "
+                                      "float32; rebuild the layer with dtype='float32'")
+            elif key.endswith("_initializer"):
+                pass  # only used to create weights; the bundle carries the weights
+            elif key.endswith("_constraint") or key == "activity_regularizer":
+                if value is not None:
+                    raise ExportError(f"{key} is set; TF.js 4.22 skips weight constraints in optimizer updates "
+                                      "and throws on activity regularizers, so device training would differ; "
+                                      f"rebuild the layer with {key}=None")
+            elif key in rule.keep:
+                out[key] = value
+            elif key in rule.rename:
+                out[rule.rename[key]] = value
+            elif key in rule.activations:
+                out[key] = _activation(key, value)
+            elif key in rule.regularizers:
+                out[key] = _regularizer(key, value)
+            elif key in rule.require:
+                need = rule.require[key] if isinstance(rule.require[key], _Need) else _Need(rule.require[key])
+                if not (value in need.value if need.any_of else value == need.value):
+                    if not (need.custom and entry.get("custom")):
+                        fix = need.fix or f"rebuild the layer with {key}={need.value!r}"
+                        raise ExportError(f"{key}={value!r} is not supported by TensorFlow.js; {fix}"
+                                          + (f" ({need.why})" if need.why else ""))
+                    custom = True
+                out[key] = value
+            elif key not in rule.drop:
+                raise ExportError(f"setting {key}={value!r} is unknown to the TF.js exporter (new in this "
+                                  "Keras version?); TF.js would ignore it silently, so the export stops; "
+                                  "please report it")
+        except ExportError as error:
+            problems.append(str(error))
+    if not problems and rule.check is not None:
+        try:
+            custom = rule.check(where, op, config) or custom
+        except ExportError as error:
+            problems.append(str(error).removeprefix(f"{where}: "))
+    if problems:
+        raise ExportError(f"{where}: " + "; also ".join(problems))
+    custom = custom or "tfjs" not in entry
+    if rule.extra is not None:
+        out = rule.extra(op, config, out, custom)
+    return (entry["custom"] if custom else entry["tfjs"]), out
+
+
+def _constant(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_constant(item) for item in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tensor_ref(arg: Any) -> tuple[str, int, int] | None:
+    if isinstance(arg, dict) and arg.get("class_name") == "__keras_tensor__":
+        name, node, index = arg["config"]["keras_history"]
+        return name, int(node), int(index)
+    return None
+
+
+def _node_refs(where: str, node: dict[str, Any], operation: bool) -> tuple[list[tuple[str, int, int]], list[Any]]:
+    """The tensors a node reads and, for an operation, its operands (None where a tensor goes)."""
+    # Keras 3 records mask=None and training=<bool>; Keras overrides a recorded training flag with
+    # the model-level one (fit/predict/model(x, training=...)), as TF.js does: both are dropped.
+    kwargs = {key: value for key, value in (node.get("kwargs") or {}).items()
+              if value is not None and key != "training"}
+    if kwargs:
+        raise ExportError(f"{where}: the layer is called with {', '.join(sorted(kwargs))}=...; TF.js "
+                          "cannot replay call arguments other than the input tensors; call the layer "
+                          "on tensors only")
+    args = _plain(node["args"])
+    if operation:
+        refs: list[tuple[str, int, int]] = []
+        operands: list[Any] = []
+        for arg in args:
+            ref = _tensor_ref(arg)
+            if ref is not None:
+                refs.append(ref)
+                operands.append(None)
+            elif _constant(arg):
+                operands.append(arg)
+            elif (isinstance(arg, dict) and arg.get("class_name") in ("__numpy__", "__tensor__")
+                  and str(arg["config"].get("dtype", "")).startswith(("float", "int", "uint"))
+                  and _constant(arg["config"].get("value"))):
+                operands.append(arg["config"]["value"])  # an array constant (np.array, a tensor)
+            else:
+                raise ExportError(f"{where}: an argument of this operation is neither a tensor nor a number "
+                                  f"({str(arg)[:80]}); the device runtime replays tensors and numbers only")
+        if not refs:
+            raise ExportError(f"{where}: the operation reads no tensor; compute the constant in Python")
+        return refs, operands
+    tensors = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+    found = [_tensor_ref(t) for t in tensors]
+    if len(args) != 1 or any(ref is None for ref in found):
+        raise ExportError(f"{where}: the layer is called with arguments other than input tensors; "
+                          "TF.js cannot replay them; call the layer on tensors only")
+    return [ref for ref in found if ref is not None], []
+
+
+def _translate_operation(op: Any, where: str, config: dict[str, Any], operands: list[Any]) -> dict[str, Any]:
+    name = type(op).__name__
+    entry = _OPERATIONS.get(name)
+    if entry is None or type(op).__module__ != entry["module"]:
+        raise ExportError(f"{where}: the operation keras.ops.{_snake(name)} is not supported by the device "
+                          f"runtime; supported: {', '.join(sorted(_snake(n) for n in _OPERATIONS))}")
+    allowed = ("name", *entry.get("keys", ()))
+    unknown = {key: value for key, value in _plain(config).items() if key not in allowed}
+    if unknown:
+        raise ExportError(f"{where}: setting(s) {unknown} of this operation are unknown to the TF.js exporter")
+    if config.get("initial") is not None:
+        raise ExportError(f"{where}: initial={config['initial']!r} is not supported; use initial=None")
+    if len(operands) != entry["arity"]:
+        raise ExportError(f"{where}: the operation takes {len(operands)} arguments, the device runtime "
+                          f"replays it with {entry['arity']}")
+    out = {"name": config["name"], "trainable": True, "op": entry["op"], "operands": operands}
+    out.update({key: _plain(config[key]) for key in entry.get("keys", ()) if key != "initial" and key in config})
     return out
 
 
-def _translate_input(layer: keras.layers.Layer, config: dict[str, Any]) -> dict[str, Any]:
-    where = _where(layer)
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _translate_input(where: str, config: dict[str, Any], name: str) -> dict[str, Any]:
     for flag in ("sparse", "ragged", "optional"):
         if config.get(flag):
             raise ExportError(f"{where}: {flag}=True inputs are not supported by TensorFlow.js; "
@@ -297,26 +480,8 @@ def _translate_input(layer: keras.layers.Layer, config: dict[str, Any]) -> dict[
                           "use a float or integer input")
     if "batch_shape" not in config:
         raise ExportError(f"{where}: the input has no batch_shape; build the model from keras.Input")
-    return {"batch_input_shape": _plain(config["batch_shape"]), "sparse": False, "name": config["name"],
+    return {"batch_input_shape": _plain(config["batch_shape"]), "sparse": False, "name": name,
             "dtype": "int32" if dtype.startswith(("int", "uint")) else "float32"}
-
-
-def _translate_node(where: str, node: dict[str, Any]) -> list[list[Any]]:
-    # Keras 3 records mask=None and training=<bool>; Keras overrides a recorded training flag with
-    # the model-level one (fit/predict/model(x, training=...)), as TF.js does: both are dropped.
-    kwargs = {key: value for key, value in (node.get("kwargs") or {}).items()
-              if value is not None and key != "training"}
-    if kwargs:
-        raise ExportError(f"{where}: the layer is called with {', '.join(sorted(kwargs))}=...; TF.js "
-                          "cannot replay call arguments other than the input tensors; call the layer "
-                          "on tensors only")
-    args = node["args"]
-    tensors = args[0] if len(args) == 1 and isinstance(args[0], list) else args
-    if len(args) != 1 or not all(isinstance(t, dict) and t.get("class_name") == "__keras_tensor__"
-                                 for t in tensors):
-        raise ExportError(f"{where}: the layer is called with arguments other than input tensors; "
-                          "TF.js cannot replay them; call the layer on tensors only")
-    return [[*t["config"]["keras_history"], {}] for t in tensors]
 
 
 def _endpoints(value: Any) -> list[list[Any]]:
@@ -338,61 +503,202 @@ def _functional(model: keras.Model) -> keras.Model:
     return model
 
 
-def tfjs_model_topology(model: keras.Model) -> dict[str, Any]:
-    """The TF.js `modelTopology.model_config` of `model` (`{"class_name": "Model", ...}`), or ExportError."""
-    model, config = _functional(model), None
+def _model_config(model: keras.Model) -> dict[str, Any]:
+    config = None
     with contextlib.suppress(Exception):  # a subclassed model has no layer graph config
         config = _plain(model.get_config())
     if not isinstance(config, dict) or "layers" not in config:
         raise ExportError(f"model '{model.name}' is not a functional model; build it with "
                           "keras.Model(inputs, outputs)")
-    by_name = {layer.name: layer for layer in model.layers}
-    layers = []
+    return config
+
+
+Ref = tuple[str, int, int]  # (TF.js layer name, node index, tensor index)
+
+
+@dataclass
+class FlatLayer:
+    """One layer of the exported (flattened) graph."""
+
+    name: str  # TF.js layer name: `<nested model>/.../<layer>` inside nested models
+    op: Any  # the Keras layer or operation (an InputLayer for the model's inputs)
+    config: dict[str, Any]  # its Keras 3 config
+    nodes: list[list[Ref]]  # the tensors each call reads, in TF.js names
+    operands: list[Any]  # operations: the operand template (None where a tensor goes)
+    trainable: bool  # effective: the layer's flag and those of the models around it
+    problem: str | None = None  # why this layer's node cannot be replayed
+
+
+@dataclass
+class FlatModel:
+    name: str
+    layers: list[FlatLayer]
+    inputs: list[Ref]
+    outputs: list[Ref]
+
+
+def _expand(model: keras.Model, prefix: str, calls: list[list[Ref]] | None, trainable: bool,
+            out: list[FlatLayer]) -> list[list[Ref]]:
+    """Append `model`'s layers, flattened, to `out`; returns each call's output tensors.
+
+    `calls` holds, per call of a nested model, the tensors bound to its inputs (None at the
+    top level, whose inputs stay InputLayers). Node `i` of an inner layer in call `j` of its
+    model becomes node `j * n + i` of the flattened layer (`n`: its node count in the model)."""
+    model = _functional(model)
+    config = _model_config(model)
+    ops = {op.name: op for op in model.operations}
+    input_names = [item[0] for item in _endpoints(config["input_layers"])]
+    count = 1 if calls is None else len(calls)
+    kinds: dict[str, tuple[str, Any]] = {}
+
+    def resolve(ref: tuple[str, int, int], call: int) -> Ref:
+        name, node, index = ref
+        kind, data = kinds[name]
+        if kind == "input":
+            return (prefix + name, 0, 0) if calls is None else calls[call][data]
+        if kind == "model":
+            return data[(call, node)][index]
+        return prefix + name, call * data + node, index
+
     for entry in config["layers"]:
-        layer = by_name[entry["name"]]
-        if not _TFJS_NAME.match(layer.name):
-            raise ExportError(f"{_where(layer)}: TF.js refuses the name {layer.name!r} (it takes letters, "
-                              "digits and - _ . / only, starting with a letter or digit); rename the layer")
-        if isinstance(layer, keras.layers.InputLayer):
-            layers.append({"class_name": "InputLayer", "name": layer.name, "inbound_nodes": [],
-                           "config": _translate_input(layer, entry["config"])})
+        name = entry["name"]
+        op = ops[name]
+        where = _where(prefix + name, op)
+        if isinstance(op, keras.layers.InputLayer):
+            kinds[name] = ("input", input_names.index(name))
+            if calls is None:
+                out.append(FlatLayer(prefix + name, op, entry["config"], [], [], True))
             continue
-        translated = _translate_config(layer, entry["config"])
-        nodes = [_translate_node(_where(layer), node) for node in entry.get("inbound_nodes", [])]
-        layers.append({"class_name": type(layer).__name__, "name": layer.name,
-                       "config": translated, "inbound_nodes": nodes})
+        problem = None
+        try:
+            parsed = [_node_refs(where, node, _is_operation(op)) for node in entry.get("inbound_nodes", [])]
+        except ExportError as error:
+            parsed, problem = [], str(error)
+        if isinstance(op, keras.Model) and problem is None:
+            inner = [[resolve(ref, call) for ref in refs] for call in range(count) for refs, _ in parsed]
+            results = _expand(op, f"{prefix}{name}/", inner, trainable and op.trainable, out)
+            kinds[name] = ("model", {(call, node): results[call * len(parsed) + node]
+                                     for call in range(count) for node in range(len(parsed))})
+            continue
+        operands = parsed[0][1] if parsed else []
+        if any(other[1] != operands for other in parsed[1:]):
+            problem = f"{where}: the operation is called with different constants; the device replays one"
+        nodes = [[resolve(ref, call) for ref in refs] for call in range(count) for refs, _ in parsed]
+        layer_trainable = trainable and bool(getattr(op, "trainable", True))
+        out.append(FlatLayer(prefix + name, op, entry.get("config", {}), nodes, operands, layer_trainable,
+                             problem))
+        kinds[name] = ("layer", len(parsed))
+    # Keras numbers a nested Functional's calls from 1 in input_layers/output_layers (its node 0
+    # links its own inputs to its outputs), from 0 in the inbound nodes of the layers it feeds.
+    outputs = [(name, node - 1 if isinstance(ops[name], Functional) else node, index)
+               for name, node, index in _endpoints(config["output_layers"])]
+    return [[resolve(ref, call) for ref in outputs] for call in range(count)]
+
+
+def flatten_model(model: keras.Model) -> FlatModel:
+    """`model` as one graph: nested models' layers inlined, named `<nested model>/<layer>`."""
+    model = _functional(model)
+    config = _model_config(model)
+    layers: list[FlatLayer] = []
+    outputs = _expand(model, "", None, bool(model.trainable), layers)[0]
+    inputs = [(item[0], 0, 0) for item in _endpoints(config["input_layers"])]
+    names: dict[str, int] = {}
+    seen: dict[int, str] = {}
+    for layer in layers:
+        names[layer.name] = names.get(layer.name, 0) + 1
+        if isinstance(layer.op, keras.layers.Layer) and not isinstance(layer.op, keras.layers.InputLayer):
+            if id(layer.op) in seen and seen[id(layer.op)] != layer.name:
+                raise ExportError(f"layer '{layer.op.name}' is used both as '{seen[id(layer.op)]}' and as "
+                                  f"'{layer.name}' (inside and outside a nested model); TF.js would train two "
+                                  "copies; call it at one nesting level only")
+            seen[id(layer.op)] = layer.name
+    twice = sorted(name for name, n in names.items() if n > 1)
+    if twice:
+        raise ExportError(f"the flattened model has several layers named {twice}; rename them")
+    return FlatModel(config.get("name", model.name), layers, inputs, outputs)
+
+
+def _raise_all(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ExportError(problems[0])
+    if problems:
+        raise ExportError(f"{len(problems)} layers cannot be exported to TensorFlow.js:\n"
+                          + "\n".join(f"  - {problem}" for problem in problems))
+
+
+def tfjs_model_topology(model: keras.Model) -> dict[str, Any]:
+    """The TF.js `modelTopology.model_config` of `model` (`{"class_name": "Model", ...}`), or an
+    ExportError listing every layer that blocks the export."""
+    flat = flatten_model(model)
+    layers: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for item in flat.layers:
+        where = _where(item.name, item.op)
+        try:
+            if not _TFJS_NAME.match(item.name):
+                raise ExportError(f"{where}: TF.js refuses the name {item.name!r} (it takes letters, digits "
+                                  "and - _ . / only, starting with a letter or digit); rename the layer")
+            if item.problem:
+                raise ExportError(item.problem)
+            if isinstance(item.op, keras.layers.InputLayer):
+                layers.append({"class_name": "InputLayer", "name": item.name, "inbound_nodes": [],
+                               "config": _translate_input(where, item.config, item.name)})
+                continue
+            if _is_operation(item.op):
+                class_name = "SplitkerasOperation"
+                translated = _translate_operation(item.op, where, item.config, item.operands)
+            else:
+                class_name, translated = _translate_layer(item.op, where, item.config, item.trainable)
+            translated["name"] = item.name
+            nodes = [[[*ref, {}] for ref in node] for node in item.nodes]
+            layers.append({"class_name": class_name, "name": item.name, "config": translated,
+                           "inbound_nodes": nodes})
+        except ExportError as error:
+            problems.append(str(error))
+    _raise_all(problems)
     return {
         "class_name": "Model",
-        "config": {"name": config.get("name", model.name), "layers": layers,
-                   "input_layers": _endpoints(config["input_layers"]),
-                   "output_layers": _endpoints(config["output_layers"])},
+        "config": {"name": flat.name, "layers": layers, "input_layers": [list(ref) for ref in flat.inputs],
+                   "output_layers": [list(ref) for ref in flat.outputs]},
     }
 
 
 def tfjs_named_weights(model: keras.Model) -> list[tuple[str, Any]]:
-    """`(TF.js weight name, Keras variable)` per weight, in `layer.weights` order: `("dense/kernel", v)`."""
+    """`(TF.js weight name, Keras variable)` per weight, in `layer.weights` order: `("dense/kernel", v)`;
+    inside a nested model `("base/conv1/kernel", v)`."""
     named: list[tuple[str, Any]] = []
-    for layer in _functional(model).layers:
-        if isinstance(layer, keras.layers.InputLayer):
+    problems = []
+    for item in flatten_model(model).layers:
+        if _is_operation(item.op) or isinstance(item.op, keras.layers.InputLayer):
             continue
-        rule = _rule_for(layer)
-        for variable in layer.weights:
-            if variable.name not in rule.weights:
-                raise ExportError(f"{_where(layer)}: weight '{variable.name}' is unknown to the TF.js "
-                                  f"exporter (expected {sorted(rule.weights)}); please report it")
-            named.append((f"{layer.name}/{rule.weights[variable.name]}", variable))
+        where = _where(item.name, item.op)
+        try:
+            rule = _rule_for(item.op, where)
+        except ExportError as error:
+            problems.append(str(error))
+            continue
+        for variable in item.op.weights:
+            # Keras names an unnamed weight 'variable', 'variable_1', ... (ConvNeXt's LayerScale)
+            key = re.sub(r"^variable_\d+$", "variable", variable.name)
+            if key not in rule.weights:
+                problems.append(f"{where}: weight '{variable.name}' is unknown to the TF.js exporter "
+                                f"(expected {sorted(rule.weights)}); please report it")
+                continue
+            named.append((f"{item.name}/{rule.weights[key]}", variable))
+    _raise_all(problems)
     return named
 
 
 def check_tfjs_supported(model: keras.Model) -> None:
-    """Raise ExportError if TF.js 4.22 cannot run `model` exactly as Keras does.
+    """Raise ExportError if the device runtime cannot run `model` exactly as Keras does.
 
-    Checks every layer type, setting and weight; writes nothing.
+    Checks every layer type, setting and weight, and lists every layer that blocks the
+    export in one message; writes nothing.
 
     Example::
 
         >>> check_tfjs_supported(model)  # None, or
-        ExportError: layer 'gru_1' (GRU): reset_after=True is not supported by TensorFlow.js; ...
+        ExportError: layer 'masking' (Masking): masks are not exported; ...
     """
     tfjs_model_topology(model)
     tfjs_named_weights(model)

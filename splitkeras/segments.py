@@ -84,6 +84,11 @@ def copy_layer_state(source: keras.layers.Layer, target: keras.layers.Layer) -> 
         )
     for a, b in zip(src, dst):
         b.assign(a)
+    # Preprocessing layers (Normalization) compute constants from their weights: recompute them,
+    # or the copy keeps normalizing with its initial mean and variance.
+    for layer in [target, *target._flatten_layers(include_self=False)]:
+        if callable(getattr(layer, "finalize_state", None)):
+            layer.finalize_state()
 
 
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -189,19 +194,22 @@ class Split:
         (`<name>_tfjs/model.json`), named in the manifest.
         """
         folder = Path(folder)
-        if tfjs:  # refuse before writing anything
+        if tfjs:  # refuse before writing anything, naming every layer of every device segment
             from converters import check_tfjs_supported
             from splitkeras.errors import ExportError
 
+            problems = []
             for segment in self.segments:
                 if segment.placement == "device":
                     try:
                         check_tfjs_supported(segment.model)
                     except ExportError as error:
-                        raise ExportError(
-                            f"Device segment '{segment.name}' cannot run in TF.js: {error} "
-                            "(to keep only the Keras segments, pass tfjs=False / --no-tfjs)."
-                        ) from None
+                        problems.append(f"Device segment '{segment.name}' cannot run in TF.js: {error}")
+            if problems:
+                raise ExportError(
+                    "\n".join(problems) + "\nNothing was written. To get the Keras segments without TF.js "
+                    "bundles, run again with --no-tfjs (Python: save(folder, tfjs=False))."
+                )
         folder.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest
         for segment, entry in zip(self.segments, manifest.segments):

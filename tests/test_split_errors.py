@@ -306,22 +306,30 @@ def test_load_model_errors(tmp_path: Path) -> None:
 
 
 def test_save_with_tfjs_refuses_an_unexportable_device_segment_before_writing(tmp_path):
-    """A device segment TF.js cannot train (UpSampling2D: wrong gradient in TF.js 4.22) is
-    refused at save time, naming the segment and the way out, and nothing is written."""
+    """Device segments TF.js cannot run (a dilated Conv2DTranspose, whose gradient TF.js 4.22
+    lacks; a Lambda) are refused at save time, naming every segment and layer and, in one
+    line, the way out; nothing is written."""
     import keras
     from keras import layers
 
     import splitkeras
 
     inputs = keras.Input((4, 4, 2), name="image")
-    x = layers.UpSampling2D(name="up")(inputs)
+    x = layers.Conv2DTranspose(2, 3, dilation_rate=2, name="up")(inputs)
     x = layers.Conv2D(2, 3, name="conv")(x)
     x = layers.Flatten(name="flat")(x)
-    outputs = layers.Dense(3, name="out")(x)
+    x = layers.Dense(3, name="out")(x)
+    outputs = layers.Lambda(lambda t: t * 2.0, name="twice")(x)
     s = splitkeras.split(keras.Model(inputs, outputs), at=["up", "flat"])
     folder = tmp_path / "out"
-    with pytest.raises(splitkeras.ExportError, match=r"Device segment 'head' cannot run in TF\.js: .*up.*--no-tfjs"):
+    with pytest.raises(splitkeras.ExportError) as refused:
         s.save(folder, tfjs=True)
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith("Device segment 'head' cannot run in TF.js: layer 'up' (Conv2DTranspose): "
+                               "dilation_rate=[2, 2]")
+    assert lines[1].startswith("Device segment 'tail' cannot run in TF.js: layer 'twice' (Lambda)")
+    assert lines[-1] == ("Nothing was written. To get the Keras segments without TF.js bundles, run again "
+                         "with --no-tfjs (Python: save(folder, tfjs=False)).")
     assert not folder.exists()
     s.save(folder, tfjs=False)
     assert (folder / "split.json").exists()

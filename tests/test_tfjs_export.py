@@ -39,7 +39,8 @@ from keras import layers as L  # noqa: E402
 
 from converters import SUPPORTED_LAYERS, check_tfjs_supported, export_tfjs, load_tfjs_weights  # noqa: E402
 from converters.tfjs_bundle import read_bundle_weights  # noqa: E402
-from converters.tfjs_config import tfjs_named_weights  # noqa: E402
+from converters.tfjs_config import _RULES, flatten_model, tfjs_model_topology, tfjs_named_weights  # noqa: E402
+from converters.tfjs_table import TABLE  # noqa: E402
 from splitkeras.errors import ExportError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +212,17 @@ def _random_layers() -> keras.Model:
     return _model(x, L.AlphaDropout(0.1)(L.Dense(3)(y)), "random_layers")
 
 
+def _dropout_shapes() -> keras.Model:
+    """Dropout with noise_shape (EfficientNet's stochastic depth) and ConvNeXt's StochasticDepth;
+    run in training mode by TF.js, see test_dropout_noise_shapes_in_training."""
+    from keras.src.applications.convnext import StochasticDepth
+
+    x = keras.Input((4, 5, 3))
+    outs = [L.Dropout(0.5, noise_shape=(None, 1, 1, 3))(x), L.Dropout(0.5, noise_shape=(None, 4, 1, 1))(x),
+            L.Dropout(0.5, noise_shape=(None, 1, 1, 1), seed=3)(x), StochasticDepth(0.5)(x)]
+    return _model(x, outs, "dropout_shapes")
+
+
 def _segment() -> keras.Model:
     """A head-like segment: named inputs, a shared layer, merges, BN, two outputs."""
     image = keras.Input((8, 8, 2), name="image")
@@ -235,6 +247,140 @@ def _no_weights() -> keras.Model:
     return _model(x, L.Activation("tanh")(L.GlobalAveragePooling2D()(x)), "no_weights")
 
 
+# ----------------------------------------------------------------------------- the runtime's layers
+# Layers and settings TF.js 4.22 lacks or trains wrongly, written as the classes of
+# mobile_export/src/layers/ (table.json says which): each checked like the built-in ones.
+def _conv_dilated_grouped() -> keras.Model:
+    x = keras.Input((9, 8, 4))
+    s = keras.Input((12, 4))
+    outs = [L.Conv2D(3, 3, dilation_rate=2, activation="relu")(x),
+            L.Conv2D(2, (2, 3), dilation_rate=(2, 1), padding="same", use_bias=False)(x),
+            L.Conv2D(6, 3, groups=2, padding="same", kernel_regularizer=keras.regularizers.L2(0.01))(x),
+            L.Conv2D(8, 3, groups=4, strides=2, padding="same", activation="tanh")(x),  # one channel per group
+            L.Conv2D(4, 2, groups=4, dilation_rate=2)(x),
+            L.Conv1D(3, 3, dilation_rate=2, padding="same")(s),
+            L.Conv1D(2, 3, padding="causal", activation="sigmoid")(s),
+            L.Conv1D(2, 2, padding="causal", dilation_rate=3)(s),
+            L.Conv1D(4, 3, groups=2, strides=2)(s)]
+    return _model([x, s], outs, "conv_dilated_grouped")
+
+
+def _depthwise_separable_dilated() -> keras.Model:
+    x = keras.Input((9, 9, 3))
+    outs = [L.DepthwiseConv2D(3, dilation_rate=2, depth_multiplier=2, activation="relu")(x),
+            L.DepthwiseConv2D((2, 3), dilation_rate=(2, 2), padding="same", use_bias=False)(x),
+            L.SeparableConv2D(4, 3, dilation_rate=2, padding="same", depth_multiplier=2)(x),
+            L.SeparableConv2D(2, (3, 2), dilation_rate=(1, 2), use_bias=False, activation="elu")(x)]
+    return _model(x, outs, "depthwise_separable_dilated")
+
+
+def _pooling_settings() -> keras.Model:
+    x = keras.Input((7, 9, 3))
+    s = keras.Input((9, 4))
+    outs = [L.AveragePooling2D(3, strides=2, padding="same")(x),
+            L.AveragePooling2D((2, 3), strides=1, padding="same")(x),
+            L.AveragePooling1D(3, strides=2, padding="same")(s), L.AveragePooling1D(2, padding="same")(s),
+            L.GlobalAveragePooling2D(keepdims=True)(x), L.GlobalMaxPooling2D(keepdims=True)(x),
+            L.GlobalAveragePooling1D(keepdims=True)(s), L.GlobalMaxPooling1D(keepdims=True)(s)]
+    return _model([x, s], outs, "pooling_settings")
+
+
+def _batchnorm_settings() -> keras.Model:
+    x = keras.Input((6, 5, 4))
+    frozen = L.BatchNormalization(momentum=0.7, name="frozen_bn")
+    frozen.trainable = False
+    outs = [L.BatchNormalization(axis=1, momentum=0.8)(x), L.BatchNormalization(axis=-2, epsilon=0.01)(x),
+            L.BatchNormalization(scale=False)(x), L.BatchNormalization(center=False, momentum=0.5)(x),
+            L.BatchNormalization(center=False, scale=False, axis=2)(x), frozen(x),
+            L.BatchNormalization(axis=1, gamma_regularizer=keras.regularizers.L1(0.01))(L.Flatten()(x))]
+    return _model(x, outs, "batchnorm_settings")
+
+
+def _normalization() -> keras.Model:
+    x = keras.Input((4, 5, 3))
+    adapted = L.Normalization()
+    adapted.adapt(np.random.default_rng(3).normal(2.0, 3.0, (20, 4, 5, 3)).astype(np.float32))
+    outs = [adapted(x), L.Normalization(mean=[0.5, -1.0, 2.0], variance=[4.0, 0.25, 1.0])(x),
+            L.Normalization(axis=(1, 3), mean=1.5, variance=2.0)(x),
+            L.Normalization(axis=None, mean=0.2, variance=0.5, invert=True)(x),
+            L.Normalization(axis=(2,), mean=[1.0, 2.0, 3.0, 4.0, 5.0], variance=[1.0, 2.0, 3.0, 4.0, 1e-20])(x)]
+    return _model(x, outs, "normalization")
+
+
+def _activations_new() -> keras.Model:
+    x = keras.Input((6,), name="x")
+    names = ["hard_sigmoid", "hard_silu", "hard_swish", "leaky_relu", "exponential"]
+    outs = [L.Dense(4, activation=a, name=f"dense_{a}")(x) for a in names]
+    outs += [L.Activation("hard_silu")(x), L.ELU(alpha=0.7)(x), L.ELU(alpha=2.5)(L.Dense(3)(x))]
+    return _model(x, outs, "activations_new")
+
+
+def _upsampling() -> keras.Model:
+    x = keras.Input((3, 4, 2))
+    outs = [L.UpSampling2D()(x), L.UpSampling2D((2, 3))(x), L.UpSampling2D(2, interpolation="bilinear")(x),
+            L.UpSampling2D((3, 2), interpolation="bilinear")(x)]
+    return _model(x, [L.Conv2D(2, 2)(o) for o in outs], "upsampling")
+
+
+def _gru_reset_after() -> keras.Model:
+    x = keras.Input((6, 3))
+    g = L.GRU(4, return_sequences=True, kernel_regularizer=keras.regularizers.L2(0.01))(x)
+    g = L.GRU(3, activation="relu", go_backwards=True)(g)
+    seq, state = L.GRU(2, return_sequences=True, return_state=True, use_bias=False)(x)
+    return _model(x, [g, seq, state], "gru_reset_after")
+
+
+def _operations() -> keras.Model:
+    from keras import ops
+
+    x, y = keras.Input((4, 5), name="x"), keras.Input((4, 5), name="y")
+    positive = ops.abs(x) + 0.5
+    outs = [x + 3.0, 2.0 * x, x - y, x / 2.0, 1.0 - x, y / positive, ops.maximum(x, 0.5), ops.minimum(y, x),
+            ops.power(x, 2), ops.power(positive, 0.5), -x, ops.square(x), ops.sqrt(positive), ops.exp(x),
+            ops.log(positive), ops.tanh(x), ops.sigmoid(x), ops.relu(x), ops.relu6(3.0 * x), ops.silu(x),
+            ops.hard_sigmoid(x), ops.hard_silu(x), ops.softplus(x), ops.gelu(x), ops.gelu(x, approximate=True),
+            ops.softmax(x, axis=1), ops.softmax(y), ops.mean(x, axis=1, keepdims=True), ops.sum(x, axis=-1),
+            ops.max(x, axis=(1, 2)), ops.min(y, axis=1), ops.mean(x), ops.transpose(x, (0, 2, 1)),
+            ops.matmul(x, ops.transpose(y, (0, 2, 1))), ops.multiply(x, y), ops.add(x, y),
+            x * np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32), ops.add(np.ones((4, 1), np.float32), y),
+            L.Subtract()([x, y])]
+    return _model([x, y], outs, "operations")
+
+
+def _application_layers() -> keras.Model:
+    from keras.src.applications.convnext import LayerScale
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    x = keras.Input((3, 4, 5))
+    outs = [LayerScale(0.3, 5)(x), CustomScaleLayer(0.17)([x, L.Conv2D(5, 1)(x)]),
+            L.Rescaling([0.5, 1.0, 2.0, -1.0, 3.0], offset=[0.1, 0.2, 0.3, 0.4, 0.5])(x),
+            L.Rescaling([1.0, 2.0, 3.0, 4.0, 5.0], offset=-1.0)(x), L.Identity()(x)]
+    return _model(x, outs, "application_layers")
+
+
+def _nested_models() -> keras.Model:
+    """A transfer-learning model: a functional base (partly frozen) with a nested Sequential,
+    called once; a second small model called twice (shared weights); a frozen base."""
+    image = keras.Input((8, 8, 3), name="image")
+    stem = keras.Sequential([L.Conv2D(4, 3, padding="same", name="conv"), L.BatchNormalization(name="bn"),
+                             L.ReLU(name="relu")], name="stem")
+    inner_in = keras.Input((8, 8, 3))
+    t = stem(inner_in)
+    t = L.Conv2D(4, 3, strides=2, name="conv")(t)
+    t = L.BatchNormalization(name="bn")(t)
+    base = keras.Model(inner_in, [L.GlobalAveragePooling2D(name="pool")(t), t], name="base")
+    base.get_layer("conv").trainable = False
+    frozen_in = keras.Input((8, 8, 3))
+    frozen = keras.Model(frozen_in, L.BatchNormalization(name="bn")(L.Conv2D(2, 3, name="conv")(frozen_in)),
+                         name="frozen_base")
+    frozen.trainable = False
+    head_in = keras.Input((4,))
+    shared = keras.Model(head_in, L.Dense(3, activation="tanh", name="dense")(head_in), name="shared")
+    pooled, features = base(image)
+    out = L.Concatenate(name="concat")([shared(pooled), shared(L.Dense(4, name="proj")(pooled))])
+    return _model(image, [out, L.Flatten(name="flat")(features), frozen(image)], "nested_models")
+
+
 CASES = [
     Case("dense_activations", _dense_activations), Case("conv2d", _conv2d), Case("conv1d", _conv1d),
     Case("conv_transpose", _conv_transpose), Case("depthwise_separable", _depthwise_separable),
@@ -247,6 +393,14 @@ CASES = [
     Case("gru_rnn", _gru_rnn), Case("rescaling", _rescaling),
     Case("random_layers", _random_layers, deterministic=False), Case("segment", _segment, sgd_round_trip=True),
     Case("sequential", _sequential), Case("no_weights", _no_weights),
+    Case("conv_dilated_grouped", _conv_dilated_grouped),
+    Case("depthwise_separable_dilated", _depthwise_separable_dilated),
+    Case("pooling_settings", _pooling_settings), Case("batchnorm_settings", _batchnorm_settings, sgd_round_trip=True),
+    Case("normalization", _normalization), Case("activations_new", _activations_new),
+    Case("upsampling", _upsampling), Case("gru_reset_after", _gru_reset_after, sgd_round_trip=True),
+    Case("operations", _operations), Case("application_layers", _application_layers),
+    Case("nested_models", _nested_models, sgd_round_trip=True),
+    Case("dropout_shapes", _dropout_shapes, deterministic=False),
 ]
 QUANTIZED = ["segment", "conv2d", "lstm"]  # exported again with each quantization
 
@@ -287,13 +441,18 @@ def _randomize(model: keras.Model, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for variable in model.weights:
         shape = tuple(variable.shape)
-        if variable.name == "moving_variance":
+        if "int" in str(variable.dtype):
+            continue  # Normalization's count
+        if variable.name in ("moving_variance", "variance"):
             value = rng.uniform(0.3, 2.0, shape)
         elif variable.name == "gamma":
             value = rng.uniform(0.5, 1.5, shape)
         else:
             value = rng.normal(0.0, 0.5, shape)
         variable.assign(value.astype(variable.dtype))
+    for item in flatten_model(model).layers:  # Normalization computes its constants from its weights
+        if isinstance(item.op, L.Normalization):
+            item.op.finalize_state()
 
 
 def _inputs(model: keras.Model, case: Case, rng: np.random.Generator, batch: int = 3) -> list[np.ndarray]:
@@ -343,7 +502,8 @@ def run_tfjs(jobs: list[dict[str, Any]], work: Path) -> dict[str, dict[str, Any]
     done = subprocess.run(["node", str(TOOL), str(job_file), str(out_file)], cwd=MOBILE,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"tfjs_predict.mjs failed:\n{done.stderr[-3000:]}"
-    return {r["id"]: r for r in json.loads(out_file.read_text())["results"]}
+    output = json.loads(out_file.read_text())
+    return {"registered": output["registered"], **{r["id"]: r for r in output["results"]}}
 
 
 # ----------------------------------------------------------------------------- one node run
@@ -360,10 +520,11 @@ class Built:
     input_gradients: list[np.ndarray | None] | None = None
     weights_after: dict[str, np.ndarray] | None = None  # after one training pass (+ SGD step)
     save_dir: Path | None = None
+    training_inputs: list[np.ndarray] | None = None  # dropout_shapes: the inputs of its training job
 
 
-def _names(model: keras.Model) -> dict[str, str]:
-    return {variable.path: name for name, variable in tfjs_named_weights(model)}
+def _names(model: keras.Model) -> dict[int, str]:
+    return {id(variable): name for name, variable in tfjs_named_weights(model)}
 
 
 def _training_reference(built: Built, rng: np.random.Generator) -> dict[str, Any]:
@@ -380,11 +541,11 @@ def _training_reference(built: Built, rng: np.random.Generator) -> dict[str, Any
     float_feeds = [f for f in feeds if isinstance(f, tf.Variable)]
     grads = tape.gradient(loss, sources + float_feeds)
     built.training = [np.asarray(o) for o in outputs]
-    built.gradients = {names[v.path]: np.asarray(tf.convert_to_tensor(g))
+    built.gradients = {names[id(v)]: np.asarray(tf.convert_to_tensor(g))
                        for v, g in zip(model.trainable_weights, grads)}
     it = iter(grads[len(sources):])
     built.input_gradients = [np.asarray(next(it)) if isinstance(f, tf.Variable) else None for f in feeds]
-    built.weights_after = {names[v.path]: np.asarray(v) for v in model.weights}
+    built.weights_after = {names[id(v)]: np.asarray(v) for v in model.weights}
     job: dict[str, Any] = {"upstream": [_encode(g) for g in upstream], "return_weights": True}
     if case.sgd_round_trip:
         for name, grad in built.gradients.items():
@@ -436,6 +597,10 @@ def _build_case(index: int, case: Case, work: Path) -> tuple[Built, list[dict[st
     if case.deterministic:
         job.update(_training_reference(item, rng))
     jobs.append(job)
+    if case.id == "dropout_shapes":  # the masks of a training pass (see test_dropout_noise_shapes_in_training)
+        item.training_inputs = [np.abs(a) + 1.0 for a in _inputs(model, case, rng, batch=16)]
+        jobs.append({**job, "id": "dropout_shapes_training", "training": True,
+                     "inputs": [_encode(a) for a in item.training_inputs]})
     return item, jobs
 
 
@@ -510,12 +675,58 @@ def test_training_pass_matches_keras(world: World, case: Case) -> None:
         assert _max_diff([_decode(result["weights"][name])], [reference]) <= 1e-5, name
 
 
+def test_dropout_noise_shapes_in_training(world: World) -> None:
+    """TF.js draws one mask value per noise_shape cell (batch-wise for StochasticDepth) and scales
+    the kept values by 1 / (1 - rate), as Keras; which values it keeps is its own draw."""
+    built, result = world.case("dropout_shapes"), _result(world, "dropout_shapes_training")
+    [x] = built.training_inputs
+    outputs = [_decode(t) for t in result["outputs"]]
+    for output, shared in zip(outputs, [(1, 2), (2, 3), (1, 2, 3), (1, 2, 3)]):
+        ratio = output / x
+        assert np.all(np.isclose(ratio, 0.0) | np.isclose(ratio, 2.0)), "kept values are scaled by 1/(1 - 0.5)"
+        kept = np.isclose(ratio, 2.0)
+        assert kept.any() and (~kept).any(), "a mask of rate 0.5 keeps some values and drops others"
+        for axis in shared:  # one decision along each broadcast axis of noise_shape
+            assert np.array_equal(kept, np.repeat(np.take(kept, [0], axis=axis), kept.shape[axis], axis=axis))
+
+
 def test_every_supported_layer_is_in_the_numeric_matrix() -> None:
     """Counted over the cases that run on every CPU (no op probe), so a CPU that skips a
     probed case still checks every layer type."""
     everywhere = [case.build() for case in CASES if case.requires is None]
     tested = {type(layer).__name__ for model in everywhere for layer in model.layers}
     assert SUPPORTED_LAYERS <= tested, f"supported but never checked in TF.js: {SUPPORTED_LAYERS - tested}"
+
+
+def test_the_runtime_registers_what_the_table_lists(world: World) -> None:
+    """mobile_export/src/layers/ registers exactly the classes and activations of table.json,
+    the table converters reads SUPPORTED_LAYERS, the refusals and the activations from."""
+    registered = world.results["registered"]
+    assert sorted(registered["classes"]) == sorted(TABLE["classes"])
+    assert sorted(registered["activations"]) == sorted({a["registered"] for a in TABLE["activations"].values()
+                                                        if "registered" in a})
+    assert SUPPORTED_LAYERS == frozenset(TABLE["layers"]) | {"InputLayer"}
+    assert set(_RULES) == set(TABLE["layers"]), "a layer of the table without translation rules, or back"
+    for name, entry in TABLE["layers"].items():
+        assert entry.get("tfjs") or entry.get("custom"), name
+        assert entry.get("custom") in (None, *TABLE["classes"]), name
+    assert set(TABLE["refused_layers"]).isdisjoint(TABLE["layers"])
+
+
+def test_every_runtime_class_operation_and_activation_is_in_the_numeric_matrix() -> None:
+    """Each class of src/layers/, each keras.ops operation and each activation of the table is
+    written by at least one case that runs on every CPU (and so is checked against Keras)."""
+    classes, ops, activations = set(), set(), set()
+    for case in CASES:
+        if case.requires is not None:
+            continue
+        for layer in tfjs_model_topology(case.build())["config"]["layers"]:
+            classes.add(layer["class_name"])
+            ops.add(layer["config"].get("op"))
+            activations.add(layer["config"].get("activation"))
+    assert set(TABLE["classes"]) <= classes, set(TABLE["classes"]) - classes
+    assert {entry["op"] for entry in TABLE["operations"].values()} <= ops
+    assert {entry["tfjs"] for entry in TABLE["activations"].values()} <= activations
 
 
 def test_a_case_that_fails_to_build_fails_alone(world: World) -> None:
@@ -645,49 +856,48 @@ def _initial_state() -> keras.Model:
     return keras.Model([x, h, c], L.LSTM(2, name="lstm_state")(x, initial_state=[h, c]))
 
 
+def _stale_normalization() -> keras.Model:
+    x = keras.Input((3,))
+    norm = L.Normalization(name="norm")
+    norm.adapt(np.arange(12, dtype=np.float32).reshape(4, 3))
+    norm.adapt_mean.assign(np.ones(3, np.float32))  # without finalize_state(): Keras keeps the old mean
+    norm.adapt_variance.assign(np.ones(3, np.float32))
+    return keras.Model(x, norm(x))
+
+
+def _several_blockers() -> keras.Model:
+    x = keras.Input((4, 3))
+    y = L.Dense(3, activation="hard_tanh", kernel_constraint=keras.constraints.NonNeg(), name="d")(x)
+    y = L.Softmax(axis=1, name="s")(L.Dense(3, name="fine")(y))
+    return keras.Model(x, L.Lambda(lambda t: t * 2.0, name="twice")(y))
+
+
+def _shared_across_nesting() -> keras.Model:
+    dense = L.Dense(3, name="dense")
+    inner_in = keras.Input((3,))
+    inner = keras.Model(inner_in, dense(inner_in), name="inner")
+    x = keras.Input((3,))
+    return keras.Model(x, dense(inner(x)))
+
+
 REFUSED = [
-    ("gru_reset_after", _single(lambda: L.GRU(3, name="gru_1"), (5, 2)),
-     "layer 'gru_1' (GRU): reset_after=True is not supported by TensorFlow.js; rebuild the layer "
-     "with reset_after=False"),
     ("lambda", _single(lambda: L.Lambda(lambda t: t + 1.0, name="plus_one")),
      "layer 'plus_one' (Lambda): Lambda layers run Python code"),
     ("custom_layer", _single(lambda: _Custom(name="twice")), "layer 'twice' (_Custom): this layer type "
      "is not supported"),
     ("subclassed_builtin", _single(lambda: _MyDense(2, name="mine")), "layer 'mine' (_MyDense)"),
-    ("subtract", _subtract, "layer 'sub' (Subtract): TensorFlow.js 4.22 has no Subtract layer"),
-    ("upsampling", _single(lambda: L.UpSampling2D(name="up")), "layer 'up' (UpSampling2D): TF.js 4.22 "
-     "computes its gradient wrongly"),
     ("relu_negative_slope", _single(lambda: L.ReLU(max_value=6.0, negative_slope=0.1, name="r")),
      "layer 'r' (ReLU): negative_slope=0.1 is not supported by TensorFlow.js"),
     ("relu_threshold", _single(lambda: L.ReLU(threshold=0.5, name="r")), "threshold=0.5"),
-    ("elu_alpha", _single(lambda: L.ELU(alpha=0.7, name="e")), "layer 'e' (ELU): alpha=0.7"),
-    ("hard_sigmoid", _single(lambda: L.Dense(2, activation="hard_sigmoid", name="d"), (3,)),
-     "layer 'd' (Dense): activation='hard_sigmoid' is not supported: TF.js computes 0.2*x+0.5"),
-    ("exponential", _single(lambda: L.Activation("exponential", name="a"), (3,)),
-     "activation='exponential' is not supported: TensorFlow.js 4.22 has no such activation"),
     ("custom_activation", _single(lambda: L.Dense(2, activation=lambda t: t * 2.0, name="d"), (3,)),
      "layer 'd' (Dense): activation=<custom function> is not supported: TF.js cannot run Python"),
-    ("groups", _single(lambda: L.Conv2D(6, 3, groups=3, name="c"), (6, 6, 6)), "groups=3"),
     ("channels_first", _single(lambda: L.Conv2D(2, 3, data_format="channels_first", name="c")),
      "data_format='channels_first' is not supported by TensorFlow.js; rebuild the layer with "
      "data_format='channels_last'"),
-    ("dilation", _single(lambda: L.Conv2D(2, 3, dilation_rate=2, name="c")),
-     "dilation_rate=[2, 2] is not supported by TensorFlow.js; rebuild the layer with dilation_rate=[1, 1] "
-     "(TF.js 4.22 cannot compute gradients through dilated convolutions)"),
-    ("depthwise_dilation", _single(lambda: L.DepthwiseConv2D(3, dilation_rate=2, name="c")),
-     "layer 'c' (DepthwiseConv2D): dilation_rate=[2, 2]"),
-    ("causal", _single(lambda: L.Conv1D(2, 3, padding="causal", name="c"), (8, 2)), "padding='causal'"),
     ("output_padding", _single(lambda: L.Conv2DTranspose(2, 3, strides=2, output_padding=1, name="t")),
      "output_padding=[1, 1]"),
-    ("avg_pool_same", _single(lambda: L.AveragePooling2D(2, padding="same", name="p")), "padding='same'"),
-    ("keepdims", _single(lambda: L.GlobalAveragePooling2D(keepdims=True, name="g")), "keepdims=True"),
     ("softmax_axis", _single(lambda: L.Softmax(axis=1, name="s"), (3, 4)),
      "layer 's' (Softmax): axis=1 is not supported"),
-    ("batchnorm_axis", _single(lambda: L.BatchNormalization(axis=1, name="bn")), "layer 'bn' "
-     "(BatchNormalization): axis=1 is not supported: TF.js 4.22 only handles the last axis"),
-    ("batchnorm_frozen", _frozen_batchnorm, "layer 'frozen_bn' (BatchNormalization): trainable=False "
-     "is not supported"),
-    ("batchnorm_center", _single(lambda: L.BatchNormalization(center=False, name="bn")), "center=False"),
     ("layernorm_scale", _single(lambda: L.LayerNormalization(scale=False, name="ln")), "scale=False"),
     ("rms_scaling", _single(lambda: L.LayerNormalization(rms_scaling=True, name="ln")), "rms_scaling=True"),
     ("constraint", _single(lambda: L.Dense(2, kernel_constraint=keras.constraints.MaxNorm(1.0),
@@ -702,17 +912,32 @@ REFUSED = [
     ("mask_zero", _single(lambda: L.Embedding(5, 2, mask_zero=True, name="emb"), (4,), "int32"),
      "mask_zero=True"),
     ("masking", _single(lambda: L.Masking(name="m"), (4, 2)), "layer 'm' (Masking): masks are not exported"),
-    ("dropout_noise_shape", _single(lambda: L.Dropout(0.5, noise_shape=(None, 1, 1, 3), name="d")),
-     "noise_shape=[None, 1, 1, 3]"),
     ("stateful", lambda: keras.Model(x := keras.Input(batch_shape=(2, 4, 3)),
                                      L.LSTM(2, stateful=True, name="s")(x)), "stateful=True"),
-    ("rescaling_vector", _single(lambda: L.Rescaling([0.5, 1.0, 2.0], name="r")), "scale=[0.5, 1.0, 2.0]"),
-    ("nested_model", _nested, "layer 'inner' (Sequential): nested models are not supported"),
     ("dict_inputs", _dict_inputs, "the model's inputs or outputs are a dict"),
     ("initial_state", _initial_state, "layer 'lstm_state' (LSTM): the layer is called with initial_state"),
     ("bad_name", _single(lambda: L.Dense(2, name="shared:1:0"), (3,)), "layer 'shared:1:0' (Dense): TF.js "
      "refuses the name 'shared:1:0'"),
     ("string_input", _single(lambda: L.Identity(), (2,), "string"), "input dtype 'string'"),
+    ("upsampling_bicubic", _single(lambda: L.UpSampling2D(interpolation="bicubic", name="up")),
+     "layer 'up' (UpSampling2D): interpolation='bicubic' is not supported by TensorFlow.js; use "
+     "interpolation='nearest' or 'bilinear'"),
+    ("conv_transpose_dilation", _single(lambda: L.Conv2DTranspose(2, 3, dilation_rate=2, name="t")),
+     "layer 't' (Conv2DTranspose): dilation_rate=[2, 2] is not supported"),
+    ("alpha_dropout_noise_shape", _single(lambda: L.AlphaDropout(0.2, noise_shape=(None, 1, 1, 3), name="d")),
+     "noise_shape=[None, 1, 1, 3]"),
+    ("unknown_activation", _single(lambda: L.Activation("hard_tanh", name="a"), (3,)),
+     "layer 'a' (Activation): activation='hard_tanh' is not supported: the device runtime has no such activation"),
+    ("unsupported_operation", lambda: keras.Model(x := keras.Input((3,)), keras.ops.cos(x)),
+     "(Cos): the operation keras.ops.cos is not supported by the device runtime; supported: absolute, add,"),
+    ("rescaling_nested", _single(lambda: L.Rescaling([[0.5, 1.0, 2.0]], name="r")),
+     "layer 'r' (Rescaling): scale=[[0.5, 1.0, 2.0]] is not supported"),
+    ("normalization_stale", _stale_normalization, "layer 'norm' (Normalization): its mean and variance weights "
+     "were changed after the layer computed its constants"),
+    ("several_layers", _several_blockers, "3 layers cannot be exported to TensorFlow.js:\n"
+     "  - layer 'd' (Dense): activation='hard_tanh' is not supported: the device runtime has no such activation; "
+     "use one of ['elu', "),
+    ("shared_across_nesting", _shared_across_nesting, "layer 'dense' is used both as 'inner/dense' and as 'dense'"),
 ]
 
 
@@ -725,6 +950,19 @@ def test_refused_with_a_clear_message(build: Callable[[], keras.Model], message:
     with pytest.raises(ExportError):
         export_tfjs(model, tmp_path / "bundle")
     assert not (tmp_path / "bundle" / "model.json").exists()
+
+
+def test_every_blocking_layer_is_listed_with_its_settings() -> None:
+    """One error names every layer that blocks the export, each with every setting that does."""
+    with pytest.raises(ExportError) as refused:
+        check_tfjs_supported(_several_blockers())
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "3 layers cannot be exported to TensorFlow.js:"
+    assert lines[1].startswith("  - layer 'd' (Dense): activation='hard_tanh' is not supported")
+    assert "; also kernel_constraint is set" in lines[1]
+    assert lines[2].startswith("  - layer 's' (Softmax): axis=1 is not supported")
+    assert lines[3].startswith("  - layer 'twice' (Lambda): Lambda layers run Python code")
+    assert len(lines) == 4 and "fine" not in str(refused.value)
 
 
 # ----------------------------------------------------------------------------- bundle files
@@ -817,8 +1055,8 @@ def test_load_is_strict_and_names_the_weights(tmp_path: Path) -> None:
     assert all(np.array_equal(before[n], v) for n, v in _weights(other).items()), "nothing is assigned"
     y = keras.Input((3,), name="x")
     bigger = keras.Model(y, L.Dense(2, name="extra")(_small_model()(y)))
-    with pytest.raises(ExportError, match="nested models are not supported"):
-        load_tfjs_weights(bigger, tmp_path)
+    with pytest.raises(ExportError, match=r"missing from the bundle: \['small/dense/kernel'"):
+        load_tfjs_weights(bigger, tmp_path)  # the nested model's weights are named small/<layer>/<weight>
     renamed = _small_model()
     renamed.get_layer("out").name = "head_out"
     with pytest.raises(ExportError, match=r"missing from the bundle: \['head_out/kernel', 'head_out/bias'\]"):
@@ -862,3 +1100,32 @@ def test_missing_node_modules_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(sys.modules[__name__], "MOBILE", tmp_path)
     with pytest.raises(pytest.fail.Exception, match=r"run `npm ci --prefix mobile_export`"):
         _require_node()
+
+
+def test_split_cli_names_every_blocking_layer_and_writes_nothing(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`splitkeras split` (TF.js bundles by default) lists every layer of every device segment
+    that cannot be exported, writes nothing, and says in one line how to get the Keras segments."""
+    from splitkeras.cli import main
+
+    x = keras.Input((6, 6, 2), name="image")
+    y = L.Conv2DTranspose(2, 3, dilation_rate=2, name="up")(x)
+    y = L.Softmax(axis=1, name="soft")(y)
+    y = L.Flatten(name="flat")(L.Conv2D(2, 3, name="mid")(y))
+    y = L.LayerNormalization(rms_scaling=True, name="ln")(y)
+    path = tmp_path / "model.keras"
+    keras.Model(x, L.Dense(3, name="out")(y)).save(path)
+    out = tmp_path / "out"
+    assert main(["split", str(path), "--at", "soft", "--at", "flat", "-o", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not out.exists()
+    assert lines[0] == ("error: Device segment 'head' cannot run in TF.js: 2 layers cannot be exported to "
+                        "TensorFlow.js:")
+    assert lines[1].startswith("  - layer 'up' (Conv2DTranspose): dilation_rate=[2, 2] is not supported")
+    assert lines[2].startswith("  - layer 'soft' (Softmax): axis=1 is not supported")
+    assert lines[3].startswith("Device segment 'tail' cannot run in TF.js: layer 'ln' (LayerNormalization): "
+                               "rms_scaling=True is not supported")
+    assert lines[4:] == ["Nothing was written. To get the Keras segments without TF.js bundles, run again "
+                         "with --no-tfjs (Python: save(folder, tfjs=False))."]
+    assert main(["split", str(path), "--at", "soft", "--at", "flat", "-o", str(out), "--no-tfjs"]) == 0
+    assert (out / "split.json").exists() and not list(out.glob("*_tfjs"))

@@ -39,6 +39,7 @@
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
 import { registerTrainingKernels } from './kernels.js';
+import { registerLayers } from './layers/index.js'; // the layers TF.js lacks (src/layers/)
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
 import { DeviceSegment } from './segment.js';
@@ -93,6 +94,7 @@ export class SplitDevice {
         + "'@tensorflow/tfjs')");
     }
     if (kernels) registerTrainingKernels(tf);
+    registerLayers(tf); // before a bundle loads; once per TF.js instance
     const topology = checkTopology(manifest);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
       serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, jitter, timeoutMs, sleep,

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Run TF.js bundles in the real @tensorflow/tfjs (pure-JS CPU backend), for tests.
+// Run TF.js bundles in the real @tensorflow/tfjs (pure-JS CPU backend), for tests, with the
+// runtime's layers (src/layers/) registered.
 //
 // Usage: node tools/tfjs_predict.mjs JOB.json [OUT.json]     (OUT defaults to stdout)
 //
@@ -11,15 +12,20 @@
 //                                    //   the VJP of sum(output * upstream) for the weights and inputs
 //    "sgd_learning_rate": 0.1,       // optional with upstream: apply one SGD step
 //    "save_dir": "path",             // optional: save the model (after the step) as a bundle
-//    "return_weights": false}        // optional: every weight after the job, by Keras name
-// Result: {"id", "outputs": [tensor], "regularization_loss": number,
+//    "return_weights": false,        // optional: every weight after the job, by Keras name
+//                                    //   ("non_trainable": only those, e.g. BatchNorm statistics)
+//    "result_file": "path"}          // optional: write this job's result there (big models), and
+//                                    //   list {"id", "result_file"} in the batch result
+// Result: {"id", "seconds", "outputs": [tensor], "regularization_loss": number,
 //          "training_outputs"?, "gradients"?: {"<layer>/<weight>": tensor}, "input_gradients"?,
-//          "weights"?} or {"id", "error": "message"}. A batch gives {"results": [...]}.
+//          "weights"?} or {"id", "error": "message"}. A batch gives {"results": [...],
+//          "registered": {"classes", "activations"}} (what src/layers/ registered).
 
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { loadLayersModelFromDir } from '../src/node_io.js';
+import { registered } from '../src/layers/register.js';
 
 const decode = ({ shape, dtype = 'float32', data }) => {
   const bytes = Buffer.from(data, 'base64');
@@ -87,6 +93,7 @@ function trainingPass(model, job, inputs, result) {
 }
 
 async function runJob(job) {
+  const started = Date.now();
   const model = await loadLayersModelFromDir(tf, job.bundle_dir);
   const result = { id: job.id };
   const inputs = job.inputs.map(decode);
@@ -107,10 +114,12 @@ async function runJob(job) {
   if (job.save_dir && !result.training_error) await saveBundle(model, job.save_dir);
   if (job.return_weights) {
     result.weights = {};
-    model.weights.forEach((w) => { result.weights[w.originalName] = encode(w.read()); });
+    const weights = job.return_weights === 'non_trainable' ? model.nonTrainableWeights : model.weights;
+    weights.forEach((w) => { result.weights[w.originalName] = encode(w.read()); });
   }
   inputs.forEach((t) => t.dispose());
   model.dispose();
+  result.seconds = (Date.now() - started) / 1000;
   return result;
 }
 
@@ -124,12 +133,18 @@ const spec = JSON.parse(await readFile(jobPath, 'utf8'));
 const jobs = Array.isArray(spec.jobs) ? spec.jobs : [spec];
 const results = [];
 for (const job of jobs) {
+  let result;
   try {
-    results.push(await runJob(job));
+    result = await runJob(job);
   } catch (error) {
-    results.push({ id: job.id, error: `${error.name}: ${error.message}` });
+    result = { id: job.id, error: `${error.name}: ${error.message}` };
   }
+  if (job.result_file) {
+    await writeFile(job.result_file, JSON.stringify(result));
+    result = { id: job.id, result_file: job.result_file };
+  }
+  results.push(result);
 }
-const text = JSON.stringify(Array.isArray(spec.jobs) ? { results } : results[0]);
+const text = JSON.stringify(Array.isArray(spec.jobs) ? { results, registered } : results[0]);
 if (outPath) await writeFile(outPath, text);
 else process.stdout.write(text + '\n');

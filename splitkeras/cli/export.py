@@ -108,6 +108,13 @@ def _copy_runtime(target: Path) -> list[str]:
             continue
         _copy_file(source, target / "src" / source.name)
         copied.append(source.name)
+    layers = src / "layers"  # the layer classes TF.js lacks, and their table (src/layers/table.json)
+    if layers.is_dir():
+        (target / "src" / "layers").mkdir()
+        for source in sorted((p for p in layers.iterdir() if p.name.endswith((".js", ".json")) and p.is_file()),
+                             key=lambda p: p.name):
+            _copy_file(source, target / "src" / "layers" / source.name)
+            copied.append(f"layers/{source.name}")
     readme = runtime / "README.md"
     if readme.is_file():
         _copy_file(readme, target / "README.md")
