@@ -214,3 +214,66 @@ def test_temporary_files_of_a_killed_write_are_removed_at_start(templates: dict[
     with LiveApp(settings_for(folder)):
         assert not list(checkpoints.glob(".*.tmp")) and not (folder / ".middle.saving.keras").exists()
         assert (checkpoints / "arrays.npz").exists() or list(checkpoints.iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A real 512 KiB tmpfs (needs root and a kernel that lets the sandbox mount one)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or done.returncode}): the "
+                    "disk-full case is covered by the simulated ENOSPC tests above")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_refused_loudly_and_training_carries_on_when_space_is_back(
+        templates: dict[str, Path], tmp_path: Path, small_disk: Path) -> None:
+    folder = copy_split(templates["u_shaped"], tmp_path / "u")
+    with LiveApp(settings_for(folder, checkpoint_dir=small_disk / "ck", checkpoint_every=3)) as live:
+        sid, token = live.open_session()
+        for k in range(2):
+            assert live.post(path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
+            assert live.post(path(sid, k, "backward"), tensors={"m": act()}, token=token).status_code == 200
+        filler = small_disk / "filler"
+        with open(filler, "wb", buffering=0) as handle:  # fill the disk to the last byte
+            try:
+                while True:
+                    handle.write(b"\0" * 4096)
+            except OSError:
+                pass
+            try:
+                while True:
+                    handle.write(b"\0")
+            except OSError:
+                pass
+        step, refused = 2, None
+        while step < 200:  # the log's last page may still hold a few records: go on until it is full
+            x, grads = act(), act()
+            answer = live.post(path(sid, step, "forward"), tensors={"h": x}, token=token)
+            if answer.status_code == 200:
+                answer = live.post(path(sid, step, "backward"), tensors={"m": grads}, token=token)
+            if answer.status_code != 200:
+                refused = answer
+                break
+            step += 1
+        assert refused is not None and refused.status_code == 503, "the full disk was never noticed"
+        assert refused.json()["error"]["code"] == "not_durable" and refused.headers["retry-after"] == "2"
+        assert live.get("/readyz").status_code == 503
+        applied = live.service.applied_steps
+        filler.unlink()  # space is back: the next request makes everything durable again
+        route = "backward" if live.get(f"/v1/sessions/{sid}", token=token).json()["pending_step"] == step \
+            else "forward"
+        if route == "forward":
+            assert live.post(path(sid, step, "forward"), tensors={"h": x}, token=token).status_code == 200
+        assert live.post(path(sid, step, "backward"), tensors={"m": grads}, token=token).status_code == 200
+        assert live.get("/readyz").status_code == 200
+        assert live.service.applied_steps in (applied, applied + 1) and live.service.applied_steps == step + 1
+        assert not list((small_disk / "ck").glob(".*.tmp")), "no temporary file is left behind"

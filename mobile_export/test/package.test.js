@@ -53,8 +53,10 @@ test('npm pack ships the runtime, its declarations and README, and no tests, fix
     }
     const unwanted = files.filter((f) => /^(test|tools|examples|node_modules)\/|\.py$|fixtures|\.bin$/.test(f));
     assert.deepEqual(unwanted, []);
-    assert.ok(files.every((f) => f === 'package.json' || f === 'README.md' || /^src\/[^/]+\.(js|d\.ts)$/.test(f)),
-      files.join(', '));
+    assert.ok(files.every((f) => f === 'package.json' || f === 'README.md'
+      || /^src\/[^/]+\.(js|d\.ts)$/.test(f) || /^src\/layers\/[^/]+\.(js|json)$/.test(f)), files.join(', '));
+    assert.ok(files.includes('src/layers/index.js') && files.includes('src/layers/table.json'),
+      'the layers TF.js lacks ship with the runtime');
   });
 
 test('installed from the tarball offline, the package imports by name in Node, with ./node '
