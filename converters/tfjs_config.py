@@ -107,9 +107,15 @@ def _conv(*keep: str, rank: int = 2, regs: tuple[str, ...] = ("kernel_regularize
                  regularizers=regs, weights=weights or _w("kernel", "bias"))
 
 
+def _check_rnn(where: str, layer: Any, config: dict[str, Any]) -> bool:
+    # TF.js' RNN layers leave their cell's regularizers out of calculateLosses(); the runtime's count them
+    return any(config.get(key) is not None for key in ("kernel_regularizer", "recurrent_regularizer",
+                                                       "bias_regularizer"))
+
+
 def _rnn(*keep: str, **require: Any) -> _Rule:
     return _Rule(keep=("units", "use_bias", "return_sequences", "return_state", "go_backwards", "unroll",
-                       "dropout", "recurrent_dropout", *keep),
+                       "dropout", "recurrent_dropout", *keep), check=_check_rnn,
                  require={"stateful": False, **require}, activations=("activation", "recurrent_activation"),
                  regularizers=("kernel_regularizer", "recurrent_regularizer", "bias_regularizer"),
                  drop=("seed", "zero_output_for_mask", "use_cudnn"),  # no masks: see Embedding
@@ -264,7 +270,8 @@ _RULES: dict[str, _Rule] = {
     "Embedding": _Rule(keep=("input_dim", "output_dim"), regularizers=("embeddings_regularizer",),
                        require={"mask_zero": _Need(False, "masks are not exported"), **_NO_QUANTIZED},
                        weights=_w("embeddings")),
-    "LSTM": _rnn("unit_forget_bias"), "GRU": _rnn(reset_after=_Need(False, custom=True)), "SimpleRNN": _rnn(),
+    "LSTM": _rnn("unit_forget_bias"), "SimpleRNN": _rnn(),
+    "GRU": _rnn(reset_after=_Need(False, custom=True)),  # the runtime's class takes reset_after as it is
     "Rescaling": _Rule(keep=("scale", "offset"), check=_check_rescaling),
     "LayerScale": _Rule(keep=("init_values", "projection_dim"), weights=_w("gamma", variable="gamma")),
     "CustomScaleLayer": _Rule(keep=("scale",)),

@@ -7,6 +7,11 @@ pass, the VJP (weight and input gradients of sum(output * g)) and the moving
 statistics after that pass. All bundles of this module run in ONE node process
 (node + tfjs start costs ~1 s). `pytest -s` prints the measured differences.
 
+The layers TF.js lacks or trains wrongly are written as classes of the device runtime
+(mobile_export/src/layers/, listed in its table.json); they are checked the same way, one case
+per new setting (conv_dilated_grouped, pooling_settings, batchnorm_settings, normalization,
+operations, nested_models, ...), and the table is checked against what the runtime registers.
+
 Measured (TF 2.21, Keras 3.15.1, tfjs 4.22.0, outputs of order 1-30):
 - predict max|TF.js - Keras| <= 1.9e-6 (merges; most layers 1e-7..1e-6);
   training outputs <= 1.9e-6; gradients <= 2.3e-6 relative to max(1, max|grad|).
@@ -184,7 +189,7 @@ def _embedding() -> keras.Model:
 
 def _lstm() -> keras.Model:
     x = keras.Input((6, 3))
-    y = L.LSTM(5, return_sequences=True, activation="relu")(x)
+    y = L.LSTM(5, return_sequences=True, activation="relu", kernel_regularizer=keras.regularizers.L2(0.01))(x)
     y = L.LSTM(3, go_backwards=True, unit_forget_bias=False, recurrent_dropout=0.0)(y)
     seq, h, c = L.LSTM(2, return_sequences=True, return_state=True)(x)
     return _model(x, [y, seq, h, c], "lstm")
@@ -193,8 +198,10 @@ def _lstm() -> keras.Model:
 def _gru_rnn() -> keras.Model:
     x = keras.Input((6, 3))
     g = L.GRU(4, reset_after=False, return_sequences=True)(x)
-    g = L.GRU(3, reset_after=False, activation="relu", go_backwards=True)(g)
-    r = L.SimpleRNN(4, activation="tanh", return_sequences=True, go_backwards=True)(x)
+    g = L.GRU(3, reset_after=False, activation="relu", go_backwards=True,
+              kernel_regularizer=keras.regularizers.L2(0.02), bias_regularizer="l1")(g)  # the runtime's class
+    r = L.SimpleRNN(4, activation="tanh", return_sequences=True, go_backwards=True,
+                    recurrent_regularizer=keras.regularizers.L1L2(0.01, 0.02))(x)
     return _model(x, [g, L.SimpleRNN(2, use_bias=False)(r)], "gru_rnn")
 
 

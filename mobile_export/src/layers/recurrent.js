@@ -3,10 +3,14 @@
 //   x W + b_in = [x_z, x_r, x_h],   h W_rec + b_rec = [r_z, r_r, r_h]   (bias: [2, 3 * units])
 //   z = rec_act(x_z + r_z),  r = rec_act(x_r + r_r),  hh = act(x_h + r * r_h)
 //   h = z * h_prev + (1 - z) * hh
+// (reset_after=False, bias [3 * units]: hh = act(x_h + (r * h_prev) W_rec_h), as TF.js' GRU.)
 // The recurrence, return_sequences/return_state and go_backwards are TF.js' RNN layer's.
 // Dropout masks are drawn once per call and reused at every step, as TF.js' GRU does.
-// The cell's weight regularizers are counted in the layer's losses (TF.js' RNN layer keeps
-// the cell's losses to the cell, so `model.calculateLosses()` would miss them).
+//
+// Regularizers: TF.js' RNN layers keep their cell's weight regularizers to the cell, so
+// `model.calculateLosses()` misses them (measured: 0 where Keras counts 0.17). SplitkerasGRU
+// counts them, and SplitkerasLSTM / SplitkerasSimpleRNN are TF.js' LSTM / SimpleRNN doing the
+// same (the exporter writes them for recurrent layers with a regularizer).
 
 import { activationOf, regularizerOf } from './common.js';
 
@@ -15,6 +19,7 @@ export function defineRecurrent(tf) {
     constructor(config) {
       super(config);
       this.units = config.units;
+      this.resetAfter = config.resetAfter ?? true;
       this.activation = activationOf(tf, config.activation ?? 'tanh');
       this.recurrentActivation = activationOf(tf, config.recurrentActivation ?? 'sigmoid');
       this.useBias = config.useBias ?? true;
@@ -40,7 +45,8 @@ export function defineRecurrent(tf) {
       this.recurrentKernel = this.addWeight('recurrent_kernel', [this.units, 3 * this.units], 'float32', zeros,
         regularizerOf(tf, regs.recurrent), true);
       if (this.useBias) {
-        this.bias = this.addWeight('bias', [2, 3 * this.units], 'float32', zeros, regularizerOf(tf, regs.bias), true);
+        this.bias = this.addWeight('bias', this.resetAfter ? [2, 3 * this.units] : [3 * this.units], 'float32',
+          zeros, regularizerOf(tf, regs.bias), true);
       }
       this.built = true;
     }
@@ -65,6 +71,17 @@ export function defineRecurrent(tf) {
           hRec = tf.mul(hPrev, this.recurrentDropoutMask);
         }
         let matrixX = tf.matMul(x, this.kernel.read());
+        if (!this.resetAfter) {
+          if (this.useBias) matrixX = tf.add(matrixX, this.bias.read());
+          const [kernelZR, kernelH] = tf.split(this.recurrentKernel.read(), [2 * this.units, this.units], 1);
+          const [xZ, xR, xH] = tf.split(matrixX, 3, -1);
+          const [rZ, rR] = tf.split(tf.matMul(hRec, kernelZR), 2, -1);
+          const z = this.recurrentActivation.apply(tf.add(xZ, rZ));
+          const r = this.recurrentActivation.apply(tf.add(xR, rR));
+          const hh = this.activation.apply(tf.add(xH, tf.matMul(tf.mul(r, hRec), kernelH)));
+          const h = tf.add(tf.mul(z, hPrev), tf.mul(tf.sub(1, z), hh));
+          return [h, h];
+        }
         let matrixInner = tf.matMul(hRec, this.recurrentKernel.read());
         if (this.useBias) {
           const [inputBias, recurrentBias] = tf.unstack(this.bias.read());
@@ -93,7 +110,7 @@ export function defineRecurrent(tf) {
         kernelRegularizer: this.regularizerConfigs.kernel,
         recurrentRegularizer: this.regularizerConfigs.recurrent,
         biasRegularizer: this.regularizerConfigs.bias,
-        resetAfter: true,
+        resetAfter: this.resetAfter,
       };
     }
   }
@@ -127,5 +144,18 @@ export function defineRecurrent(tf) {
   }
   SplitkerasGRU.className = 'SplitkerasGRU';
 
-  return [SplitkerasGRU];
+  const countingCellLosses = (Base, className) => {
+    const cls = class extends Base {
+      get losses() {
+        return [...super.losses, ...this.cell.losses];
+      }
+    };
+    cls.className = className;
+    return cls;
+  };
+  const SplitkerasLSTM = countingCellLosses(tf.layers.lstm({ units: 1 }).constructor, 'SplitkerasLSTM');
+  const SplitkerasSimpleRNN = countingCellLosses(tf.layers.simpleRNN({ units: 1 }).constructor,
+    'SplitkerasSimpleRNN');
+
+  return [SplitkerasGRU, SplitkerasLSTM, SplitkerasSimpleRNN];
 }
