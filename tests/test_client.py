@@ -172,7 +172,7 @@ def make_transport(fake: FakeServer, **options: Any) -> tuple[Transport, list[fl
     options = {"backoff": 0.2, "jitter": 0.0, **options}  # exact waits (the defaults are tested apart)
     transport = Transport(URL, key=KEY, http_transport=httpx.MockTransport(fake.handler), **options)
     sleeps: list[float] = []
-    transport._sleep = sleeps.append  # record the backoff instead of sleeping
+    transport._http.sleep = sleeps.append  # record the backoff instead of sleeping
     return transport, sleeps
 
 
@@ -246,8 +246,8 @@ def test_the_default_retry_budget_outlasts_a_restart_of_a_minute(fake: FakeServe
     transport = Transport(URL, key=KEY, http_transport=httpx.MockTransport(fake.handler))
     assert (transport.retries, transport.backoff, transport.max_backoff, transport.jitter) == (12, 0.5, 10.0, 0.25)
     sleeps: list[float] = []
-    transport._sleep = sleeps.append
-    transport._random.seed(1)
+    transport._http.sleep = sleeps.append
+    transport._http.random.seed(1)
     transport.open_session()
     fake.before = [lambda r: httpx.ConnectError("connection refused", request=r)] * 12
     one_step(transport, 0)  # the 13th attempt gets through
