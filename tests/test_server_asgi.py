@@ -519,7 +519,8 @@ def test_concurrent_duplicates_run_once(u_app: LiveApp) -> None:
 
     async def twice(route: str, tensors: dict[str, Any]) -> list[Any]:
         body = wire.encode(tensors)
-        return await asyncio.gather(*(u_app.client.post(step_path(sid, route), content=body, headers={**headers, **step_header(0)})
+        return await asyncio.gather(*(u_app.client.post(step_path(sid, route), content=body,
+                                                        headers={**headers, **step_header(0)})
                                       for _ in range(3)))
 
     before = state(u_app)
@@ -565,8 +566,9 @@ def test_eight_devices_train_at_once(u_app: LiveApp, retried: bool) -> None:
             for route, body in (("forward", {"h": x}), ("backward", {"m": g})):
                 content = wire.encode(body)
                 copies = 2 if retried and (index + k) % 2 else 1
+                step_headers = {**headers, **step_header(k)}
                 responses = await asyncio.gather(*(u_app.client.post(step_path(sid, route), content=content,
-                                                                     headers={**headers, **step_header(k)}) for _ in range(copies)))
+                                                                     headers=step_headers) for _ in range(copies)))
                 if retried and index % 3 == 0:  # a late retry, after the answer was lost
                     responses.append(await u_app.client.post(step_path(sid, route), content=content,
                                                              headers={**headers, **step_header(k)}))

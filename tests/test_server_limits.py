@@ -218,7 +218,8 @@ def test_at_the_cap_the_least_recently_used_idle_session_makes_room(fresh: Calla
         ids = {s.session_id for s in live.service.sessions}
         assert ids == {a[0], b[0], d[0]}
         for session in (b, d):  # now every one is busy
-            assert live.post(path(session[0], "forward"), step=0, tensors={"h": act()}, token=session[1]).status_code == 200
+            answer = live.post(path(session[0], "forward"), step=0, tensors={"h": act()}, token=session[1])
+            assert answer.status_code == 200
         full = live.post("/v1/sessions", json={}, headers=bearer(KEY))
         assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_sessions"
         assert "each has a step in progress" in full.json()["error"]["message"]

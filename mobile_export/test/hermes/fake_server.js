@@ -22,7 +22,10 @@ export function stepOf(headers) {
     return { refused: refusal(400, 'bad_request', `The ${STEP_HEADER} header is missing: ${how}.`) };
   }
   const text = String(value).trim();
-  if (!/^[0-9]{1,16}$/.test(text) || Number(text) > MAX_STEP) {
+  // compared as digits: Number('9007199254740993') rounds to 2**53
+  const digits = text.replace(/^0+(?=.)/, '');
+  const max = String(MAX_STEP);
+  if (!/^[0-9]{1,16}$/.test(text) || digits.length > max.length || (digits.length === max.length && digits > max)) {
     return { refused: refusal(400, 'bad_request', `The ${STEP_HEADER} header is '${value}', not a step `
       + `number: ${how}.`) };
   }
