@@ -262,11 +262,16 @@ class SegmentService:
 
     def _guarded(self, session: Session, step: int, route: Callable[[Session, int, bytes], bytes],
                  body: bytes) -> bytes:
+        if self.guard is not None:  # an answer it cannot encode refuses the step before its update
+            self.guard.answer_limit = wire.largest_value(session.wire_dtype)
         try:
             return route(session, step, body)
         except BaseException as error:
             self._after_failure(session, step, error)
             raise
+        finally:
+            if self.guard is not None:  # a replayed step was accepted once: no bound then
+                self.guard.answer_limit = None
 
     def _after_failure(self, session: Session, step: int, error: BaseException) -> None:
         """A step failed: if it consumed the pending forward, the session says so
