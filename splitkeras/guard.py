@@ -238,6 +238,18 @@ class UpdateGuard:
                                 f"weight |w| = {biggest:.3g}, over the server's limit of "
                                 f"{self.config.max_weight:.3g}. Nothing was applied.", step_kept=step_kept)
 
+    def state(self) -> dict[str, list[float]]:
+        """The running scales, exactly (for a checkpoint): key -> [log scale, accepted count]."""
+        return {key: [s.log_scale, s.count] for key, s in sorted(self.scales.items())}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back the running scales of `state()` (a server's checkpoint)."""
+        scales: dict[str, RunningScale] = {}
+        for key, (log_scale, count) in state.items():
+            scale = scales[str(key)] = RunningScale()
+            scale.log_scale, scale.count = float(log_scale), int(count)
+        self.scales = scales
+
     def describe(self) -> dict[str, Any]:
         """The settings and running scales (for the operator, `/readyz` with the key)."""
         return {"config": asdict(self.config),
