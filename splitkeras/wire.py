@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from splitkeras import codec_bodies
+from splitkeras.codecs import Codec, parse_codec
 from splitkeras.errors import WireFormatError
 from splitkeras.tensor_spec import TensorSpec
 
@@ -32,22 +34,24 @@ __all__ = [
 
 MEDIA_TYPE = "application/vnd.splitkeras.safetensors"
 ACCEPTED_MEDIA_TYPES = (MEDIA_TYPE, "application/octet-stream")
-WIRE_DTYPES = ("float32", "float16")
+WIRE_DTYPES = ("float32", "float16")  # the legacy `wire_dtype`; `splitkeras.codecs` has them all
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
 _METADATA_KEY = "__metadata__"
+_CODEC_KEY = "codec"  # the metadata key naming a lossy codec's spec
 _MAX_INT = 2**53 - 1  # what JSON numbers hold exactly (and what wire.js accepts)
 
 # safetensors dtype code -> little-endian NumPy dtype.
 _CODE_TO_DTYPE: dict[str, np.dtype] = {
     code: np.dtype(numpy_code)
     for code, numpy_code in zip(
-        "F64 F32 F16 I64 I32 I16 I8 U64 U32 U16 U8 BOOL".split(),
-        "<f8 <f4 <f2 <i8 <i4 <i2 i1 <u8 <u4 <u2 u1 ?".split(),
+        "F64 F32 F16 BF16 I64 I32 I16 I8 U64 U32 U16 U8 BOOL".split(),
+        "<f8 <f4 <f2 <u2 <i8 <i4 <i2 i1 <u8 <u4 <u2 u1 ?".split(),
     )
-}
-_DTYPE_NAME_TO_CODE = {dtype.name: code for code, dtype in _CODE_TO_DTYPE.items()}
-_FLOAT_WIRE_CODES: tuple[str, ...] = ("F32", "F16")
+}  # BF16 is read as its uint16 bit patterns
+_DTYPE_NAME_TO_CODE = {dtype.name: code for code, dtype in _CODE_TO_DTYPE.items() if code != "BF16"}
+_FLOAT_WIRE_CODES: tuple[str, ...] = ("F32", "F16", "BF16")
+_PLAIN_TARGETS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<f4")}
 
 
 def is_wire_media_type(content_type: str | None) -> bool:
@@ -86,28 +90,36 @@ def _format_shape(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("None" if dim is None else str(dim) for dim in shape) + "]"
 
 
-def _wire_dtype(wire_dtype: str) -> np.dtype:
-    if wire_dtype not in WIRE_DTYPES:
-        raise WireFormatError(f"wire_dtype {wire_dtype!r} is not supported; use {WIRE_DTYPES}")
-    return np.dtype(wire_dtype).newbyteorder("<")
+def _codec(codec: str | Codec) -> Codec:
+    try:
+        return parse_codec(codec)
+    except ValueError as error:
+        raise WireFormatError(str(error)) from None
 
 
-def largest_value(wire_dtype: str) -> float:
-    """The largest finite |x| a float tensor on the wire in `wire_dtype` can carry."""
-    return float(np.finfo(_wire_dtype(wire_dtype)).max)
+def largest_value(codec: str | Codec) -> float:
+    """The largest finite |x| a float tensor on the wire under `codec` can carry."""
+    return _codec(codec).largest_value
 
 
 def encode(
     tensors: Mapping[str, np.ndarray | tf.Tensor],
     *,
-    wire_dtype: str = "float32",
+    wire_dtype: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    codec: str | Codec = "float32",
+    residuals: codec_bodies.Residuals | None = None,
+    uncompressed: Collection[str] = (),
 ) -> bytes:
     """Encode named tensors as one safetensors body.
 
-    Floating tensors are cast to ``wire_dtype`` (finite values it cannot hold
-    are refused); integer and boolean tensors keep their dtype. Tensors are
-    written in the order given.
+    Floating tensors are written under ``codec`` (``splitkeras.codecs``;
+    ``wire_dtype`` is its older name): cast to a plain float (finite values it
+    cannot hold are refused), or split into the parts of a lossy codec, whose
+    spec then travels in the metadata as ``codec``. Top-k reads and updates
+    ``residuals`` (error feedback, per tensor name). The ``uncompressed`` names
+    (labels) go as ``codec.label_dtype``; integer and boolean tensors keep their
+    dtype. Tensors are written in the order given.
 
     Example:
         >>> body = encode({"x": np.ones((2, 3), np.float32)}, metadata={"step": "1"})
@@ -115,13 +127,21 @@ def encode(
         >>> tensors["x"].shape, meta
         ((2, 3), {'step': '1'})
     """
-    wire = _wire_dtype(wire_dtype)
+    chosen = _codec(wire_dtype if wire_dtype is not None else codec)
+    if metadata is not None and (not isinstance(metadata, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    )):
+        raise WireFormatError("metadata must map strings to strings")
+    if chosen.plain:
+        return _encode_plain(tensors, chosen.family, metadata)
+    parts = codec_bodies.expand(tensors, chosen, residuals, uncompressed)
+    return _encode_plain(parts, "float32", {**(metadata or {}), _CODEC_KEY: chosen.spec})
+
+
+def _encode_plain(tensors: Mapping[str, Any], wire_name: str, metadata: Mapping[str, str] | None) -> bytes:
+    wire = _PLAIN_TARGETS[wire_name]
     header: dict[str, Any] = {}
     if metadata is not None:
-        if not isinstance(metadata, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-        ):
-            raise WireFormatError("metadata must map strings to strings")
         header[_METADATA_KEY] = dict(metadata)
     arrays: list[Any] = []  # C-contiguous arrays: buffers for bytes.join
     offset = 0
@@ -141,10 +161,13 @@ def encode(
         try:
             with np.errstate(over="raise"):
                 array = np.asarray(array, dtype=target, order="C")  # keeps 0-d arrays 0-d
+            code = _DTYPE_NAME_TO_CODE[target.name]
+            if wire_name == "bfloat16" and target is wire:
+                array, code = _to_bfloat16(name, array), "BF16"
         except FloatingPointError:
-            _bad(name, f"finite values beyond the {wire_dtype} range; send float32 or rescale")
+            _bad(name, f"finite values beyond the {wire_name} range; send float32 or rescale")
         header[name] = {
-            "dtype": _DTYPE_NAME_TO_CODE[target.name],
+            "dtype": code,
             "shape": list(array.shape),
             "data_offsets": [offset, offset + array.nbytes],
         }
@@ -153,6 +176,13 @@ def encode(
     header_bytes = _json(header).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
     return b"".join([len(header_bytes).to_bytes(8, "little"), header_bytes, *arrays])
+
+
+def _to_bfloat16(name: str, array: np.ndarray) -> np.ndarray:
+    bits = codec_bodies.bfloat16_bits(array)
+    if ((bits & 0x7FFF) == 0x7F80).any() and np.isfinite(array[(bits & 0x7FFF) == 0x7F80]).any():
+        _bad(name, "finite values beyond the bfloat16 range; send float32 or rescale")
+    return bits
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -320,16 +350,20 @@ def decode(
     max_batch: int | None = None,
     allow_nonfinite: bool = False,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    codec: str | Codec = "float32",
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Decode and check a safetensors body; return ``(tensors, metadata)``.
 
     With ``expected``, the body must hold exactly those tensors with their rank
-    and non-batch dimensions, one batch size (``1 <= batch <= max_batch``), F32
-    or F16 for a floating spec and the exact dtype otherwise; tensors come back
-    in the specs' order and dtypes. Without it, any names pass, ``max_batch``
-    bounds every first dimension and F16 is widened to float32. NaN or Inf is
-    refused unless ``allow_nonfinite``. Arrays needing no cast are read-only
-    views into ``body``. Any bad input raises ``WireFormatError``, nothing else.
+    and non-batch dimensions, one batch size (``1 <= batch <= max_batch``), F32,
+    F16 or BF16 for a floating spec and the exact dtype otherwise; tensors come
+    back in the specs' order and dtypes. Without it, any names pass,
+    ``max_batch`` bounds every first dimension and F16/BF16 are widened to
+    float32. Under a lossy ``codec`` the body must say that codec in its
+    metadata, every floating spec must arrive in its parts, and the parts are
+    checked (``splitkeras.codec_bodies``). NaN or Inf is refused unless
+    ``allow_nonfinite``. Arrays needing no cast are read-only views into
+    ``body``. Any bad input raises ``WireFormatError``, nothing else.
 
     Example:
         >>> spec = TensorSpec("act", (None, 4), "float32")
@@ -338,6 +372,7 @@ def decode(
         >>> tensors["act"].dtype, tensors["act"].shape
         (dtype('float32'), (2, 4))
     """
+    chosen = _codec(codec)
     try:
         view = memoryview(body).cast("B")
     except (TypeError, ValueError) as error:
@@ -345,23 +380,36 @@ def decode(
     header, data_start = _parse_header(view, max_header_bytes)
     metadata, entries = _check_entries(header)
     _check_offsets(entries, len(view) - data_start)
+    sent = metadata.pop(_CODEC_KEY, None) if not chosen.plain else metadata.get(_CODEC_KEY)
+    if sent != (None if chosen.plain else chosen.spec):
+        said = f"says codec '{sent}'" if sent is not None else "has no codec in its metadata"
+        raise WireFormatError(f"the body {said}, but this direction's codec is '{chosen.spec}': "
+                              "encode it with the codec the session negotiated")
+    arrays = {name: _read(view, data_start, entry) for name, entry in entries.items()}
+    compressed: set[str] = set()
+    if not chosen.plain:
+        codes = {name: entry["dtype"] for name, entry in entries.items()}
+        arrays, compressed = codec_bodies.collapse(arrays, codes, chosen)
+        entries = {name: {"dtype": "F32" if name in compressed else entries[name]["dtype"],
+                          "shape": list(array.shape)} for name, array in arrays.items()}
     if expected is not None:
         _check_against_specs(entries, expected, max_batch)
+        plain = [s.name for s in expected if _is_floating(np.dtype(s.dtype)) and s.name not in compressed]
+        if not chosen.plain and plain:
+            _bad(plain[0], f"a floating tensor must arrive in the parts of codec '{chosen.spec}', not as "
+                           f"{entries[plain[0]]['dtype']}")
         targets = {spec.name: np.dtype(spec.dtype) for spec in expected}
     else:
         targets = {}
         for name, entry in entries.items():
             if entry["shape"]:
                 _check_batch(name, entry["shape"][0], max_batch, allow_empty=True)
-            targets[name] = _CODE_TO_DTYPE["F32" if entry["dtype"] == "F16" else entry["dtype"]]
+            floating = entry["dtype"] in _FLOAT_WIRE_CODES
+            targets[name] = _CODE_TO_DTYPE["F32" if floating else entry["dtype"]]
     tensors: dict[str, np.ndarray] = {}
     for name, target in targets.items():
-        entry = entries[name]
-        wire = _CODE_TO_DTYPE[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        array = np.frombuffer(view, wire, (end - begin) // wire.itemsize, data_start + begin)
         with np.errstate(over="ignore"):  # a float16 spec's overflow shows up as Inf below
-            array = array.reshape(entry["shape"]).astype(target.newbyteorder("="), copy=False)
+            array = arrays[name].astype(target.newbyteorder("="), copy=False)
         if not allow_nonfinite and _is_floating(array.dtype) and array.size:
             # min and max propagate NaN and reach any Inf, without a temporary array.
             if not (np.isfinite(array.min()) and np.isfinite(array.max())):
@@ -375,23 +423,36 @@ def decode(
     return tensors, metadata
 
 
+def _read(view: memoryview, data_start: int, entry: dict[str, Any]) -> np.ndarray:
+    """An entry's array as sent (a read-only view), BF16 widened to float32."""
+    wire = _CODE_TO_DTYPE[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    array = np.frombuffer(view, wire, (end - begin) // wire.itemsize, data_start + begin)
+    if entry["dtype"] == "BF16":
+        array = codec_bodies.bfloat16_values(array)
+    return array.reshape(entry["shape"])
+
+
 def max_body_bytes(
     specs: Sequence[TensorSpec],
     max_batch: int,
-    wire_dtype: str = "float32",
+    wire_dtype: str | Codec | Sequence[str | Codec] = "float32",
     *,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> int:
     """The most bytes a valid body for ``specs`` can take at ``max_batch`` samples.
 
     A server refuses a larger ``Content-Length`` before reading the body.
-    Floating tensors count at ``wire_dtype``'s size, others at their own.
+    Floating tensors count at the codec's largest size (the largest of several
+    codecs, when a list is given: what a server accepting them must allow),
+    others at their own.
 
     Example:
         >>> max_body_bytes([TensorSpec("act", (None, 4), "float32")], 8, "float16")
         65608
     """
-    wire_itemsize = _wire_dtype(wire_dtype).itemsize
+    choices = [wire_dtype] if isinstance(wire_dtype, (str, Codec)) else list(wire_dtype)
+    codecs = [_codec(choice) for choice in choices]
     total = 8 + max_header_bytes
     for spec in specs:
         dtype = np.dtype(spec.dtype)
@@ -399,5 +460,9 @@ def max_body_bytes(
             shape = _format_shape(spec.shape)
             _bad(spec.name, f"shape {shape} has an unknown non-batch dimension: no size limit")
         size = math.prod(max_batch if dim is None else dim for dim in spec.shape)
-        total += size * (wire_itemsize if _is_floating(dtype) else dtype.itemsize)
+        if _is_floating(dtype):
+            channels = (max_batch if spec.shape[-1] is None else spec.shape[-1]) if spec.shape else 1
+            total += max(codec.max_bytes(size, channels) for codec in codecs)
+        else:
+            total += size * dtype.itemsize
     return total

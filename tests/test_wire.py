@@ -295,8 +295,8 @@ def test_max_body_bytes_bounds_every_valid_body() -> None:
     decode(body, specs, max_batch=32)
     with pytest.raises(WireFormatError, match=re.escape("tensor 'seq': shape [None, None, 8]")):
         max_body_bytes([TensorSpec("seq", (None, None, 8), "float32")], 4)
-    with pytest.raises(WireFormatError, match="wire_dtype 'bfloat16' is not supported"):
-        max_body_bytes(specs, 4, "bfloat16")
+    with pytest.raises(WireFormatError, match="Unknown codec 'float8'"):
+        max_body_bytes(specs, 4, "float8")
 
 
 # ---------------------------------------------------------------- refusals
@@ -320,7 +320,8 @@ MALFORMED_MESSAGES = {
         "tensor 'act': entry must be an object with dtype, shape and data_offsets"
     ),
     "dtype_unknown": (
-        "tensor 'act': dtype \"BF16\" is not supported; supported: F64, F32, F16, I64, I32, I16, "
+        "tensor 'act': dtype \"F8_E4M3\" is not supported; supported: F64, F32, F16, BF16, I64, "
+        "I32, I16, "
         "I8, U64, U32, U16, U8, BOOL"
     ),
     "shape_negative": "tensor 'act': shape must be a list of non-negative integers, got [-2,4]",
@@ -428,8 +429,8 @@ def test_the_header_limit_can_be_lowered() -> None:
 
 def test_encode_refuses_bad_input() -> None:
     ones = np.ones((2, 4), np.float32)
-    with pytest.raises(WireFormatError, match=re.escape("wire_dtype 'bfloat16' is not supported")):
-        encode({"act": ones}, wire_dtype="bfloat16")
+    with pytest.raises(WireFormatError, match=re.escape("Unknown codec 'float8'; use float32")):
+        encode({"act": ones}, wire_dtype="float8")
     with pytest.raises(WireFormatError, match="metadata must map strings to strings"):
         encode({"act": ones}, metadata={"step": 3})  # type: ignore[dict-item]
     with pytest.raises(WireFormatError, match="tensor name '__metadata__' is not allowed"):

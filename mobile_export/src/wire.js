@@ -19,28 +19,25 @@
 //   const { tensors, metadata } = decodeTensors(await response.arrayBuffer(), {
 //     expected: [{ name: 'grad', shape: [null, 4], dtype: 'float32' }], maxBatch: 64 });
 
+import {
+  bfloat16BitsToFloat32, collapseTensors, expandTensors, float32ToBfloat16Bits, parseCodec,
+} from './codecs.js';
 import { float16BitsToFloat32, float32ToFloat16Bits } from './float16.js';
 import { utf8Decode, utf8Encode } from './utf8.js';
+import { WireFormatError } from './wire_error.js';
 
-export { float16BitsToFloat32, float32ToFloat16Bits };
+export { float16BitsToFloat32, float32ToFloat16Bits, WireFormatError };
 
 export const MEDIA_TYPE = 'application/vnd.splitkeras.safetensors';
 export const ACCEPTED_MEDIA_TYPES = [MEDIA_TYPE, 'application/octet-stream'];
-export const WIRE_DTYPES = ['float32', 'float16'];
+export const WIRE_DTYPES = ['float32', 'float16']; // the legacy wireDtype; codecs.js has them all
 export const DEFAULT_MAX_HEADER_BYTES = 64 * 1024;
 
-/** A tensor payload does not match what was expected (a 4xx on the server). */
-export class WireFormatError extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'WireFormatError';
-  }
-}
-
 const METADATA_KEY = '__metadata__';
+const CODEC_KEY = 'codec'; // the metadata key naming a lossy codec's spec
 // safetensors dtype code -> bytes per element, in the order wire.py lists them.
 const ITEMSIZE = {
-  F64: 8, F32: 4, F16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U64: 8, U32: 4, U16: 2, U8: 1, BOOL: 1,
+  F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U64: 8, U32: 4, U16: 2, U8: 1, BOOL: 1,
 };
 const CODES = Object.keys(ITEMSIZE);
 // spec dtype name -> the one code allowed for it (floating specs allow F32 and F16).
@@ -51,7 +48,8 @@ const NAME_TO_CODE = {
 const FLOAT_NAMES = ['float64', 'float32', 'float16'];
 // What a decoded code becomes here: TF.js holds float32, int32 and bool.
 const DECODED = {
-  F32: ['float32', Float32Array], F16: ['float32', Float32Array], F64: ['float64', Float64Array],
+  F32: ['float32', Float32Array], F16: ['float32', Float32Array], BF16: ['float32', Float32Array],
+  F64: ['float64', Float64Array],
   I32: ['int32', Int32Array], I16: ['int16', Int16Array], I8: ['int8', Int8Array],
   U32: ['uint32', Uint32Array], U16: ['uint16', Uint16Array], U8: ['uint8', Uint8Array],
   BOOL: ['bool', Uint8Array],
@@ -91,6 +89,15 @@ function tensorBytes(tensor, wireDtype) {
   let { data } = tensor;
   if (dtype === 'float32') {
     if (!(data instanceof Float32Array)) data = Float32Array.from(data);
+    if (wireDtype === 'bfloat16') {
+      const halves = float32ToBfloat16Bits(data);
+      for (let i = 0; i < halves.length; i += 1) {
+        if ((halves[i] & 0x7fff) === 0x7f80 && Number.isFinite(data[i])) {
+          bad(name, 'finite values beyond the bfloat16 range; send float32 or rescale');
+        }
+      }
+      return ['BF16', new Uint8Array(halves.buffer)];
+    }
     if (wireDtype === 'float16') {
       const halves = float32ToFloat16Bits(data);
       const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
@@ -103,13 +110,13 @@ function tensorBytes(tensor, wireDtype) {
     }
     return ['F32', new Uint8Array(data.buffer, data.byteOffset, data.byteLength)];
   }
-  if (dtype === 'int32' || dtype === 'bool') {
+  if (dtype === 'int32' || dtype === 'bool' || dtype === 'uint8') {
     const Type = dtype === 'int32' ? Int32Array : Uint8Array;
     if (!(data instanceof Type)) data = Type.from(data, (v) => (dtype === 'bool' ? !!v : v));
     return [NAME_TO_CODE[dtype], new Uint8Array(data.buffer, data.byteOffset, data.byteLength)];
   }
   throw new WireFormatError(
-    `tensor ${q(name)} has dtype ${dtype}; wire.js encodes float32, int32 and bool tensors`);
+    `tensor ${q(name)} has dtype ${dtype}; wire.js encodes float32, int32, uint8 and bool tensors`);
 }
 
 /**
@@ -123,19 +130,32 @@ function tensorBytes(tensor, wireDtype) {
  * @param {{wireDtype?: 'float32'|'float16', metadata?: Object<string, string>}} [options]
  * @returns {Uint8Array}
  */
-export function encodeTensors(tensors, { wireDtype = 'float32', metadata } = {}) {
+export function encodeTensors(tensors, {
+  wireDtype, codec = 'float32', metadata, residuals, uncompressed = [],
+} = {}) {
   if (!LITTLE_ENDIAN) throw new WireFormatError('wire.js needs a little-endian platform');
-  if (!WIRE_DTYPES.includes(wireDtype)) {
-    throw new WireFormatError(
-      `wireDtype '${wireDtype}' is not supported; use one of ${WIRE_DTYPES.join(', ')}`);
-  }
-  const header = Object.create(null);
+  const chosen = toCodec(wireDtype ?? codec);
   if (metadata !== undefined && metadata !== null) {
     if (!isPlainObject(metadata) || !Object.values(metadata).every((v) => typeof v === 'string')) {
       throw new WireFormatError('metadata must map strings to strings');
     }
-    header[METADATA_KEY] = { ...metadata };
   }
+  if (chosen.plain) return encodePlain(tensors, chosen.family, metadata);
+  const entries = expandTensors(tensors, chosen, residuals, uncompressed);
+  return encodePlain(entries, 'float32', { ...(metadata ?? {}), [CODEC_KEY]: chosen.spec });
+}
+
+function toCodec(codec) {
+  try {
+    return parseCodec(codec);
+  } catch (error) {
+    throw new WireFormatError(error.message);
+  }
+}
+
+function encodePlain(tensors, wireDtype, metadata) {
+  const header = Object.create(null);
+  if (metadata !== undefined && metadata !== null) header[METADATA_KEY] = { ...metadata };
   const parts = [];
   let offset = 0;
   for (const tensor of tensors) {
@@ -285,7 +305,7 @@ function checkAgainstSpecs(byName, expected, maxBatch) {
   for (const spec of expected) {
     const { dtype: code, shape } = byName.get(spec.name);
     const floating = FLOAT_NAMES.includes(spec.dtype);
-    const allowed = floating ? ['F32', 'F16'] : [NAME_TO_CODE[spec.dtype] ?? '?'];
+    const allowed = floating ? ['F32', 'F16', 'BF16'] : [NAME_TO_CODE[spec.dtype] ?? '?'];
     if (!allowed.includes(code)) {
       bad(spec.name, `dtype ${code} is not allowed for spec dtype ${spec.dtype}; expected `
         + allowed.join(' or '));
@@ -346,8 +366,10 @@ function countNonFinite(values) {
  */
 export function decodeTensors(buffer, {
   expected, maxBatch, allowNonFinite = false, maxHeaderBytes = DEFAULT_MAX_HEADER_BYTES,
+  codec = 'float32',
 } = {}) {
   if (!LITTLE_ENDIAN) throw new WireFormatError('wire.js needs a little-endian platform');
+  const chosen = toCodec(codec);
   let bytes;
   if (buffer instanceof ArrayBuffer) bytes = new Uint8Array(buffer);
   else if (ArrayBuffer.isView(buffer)) {
@@ -357,25 +379,39 @@ export function decodeTensors(buffer, {
   const [header, dataStart] = parseHeader(bytes, maxHeaderBytes);
   const [metadata, entries] = checkEntries(header);
   checkOffsets(entries, bytes.length - dataStart);
-  const byName = new Map(entries);
-  let order = entries.map(([name]) => name);
+  const sent = has(metadata, CODEC_KEY) ? metadata[CODEC_KEY] : null;
+  if (sent !== (chosen.plain ? null : chosen.spec)) {
+    const said = sent !== null ? `says codec '${sent}'` : 'has no codec in its metadata';
+    throw new WireFormatError(`the body ${said}, but this direction's codec is '${chosen.spec}': `
+      + 'encode it with the codec the session negotiated');
+  }
+  let byName = new Map(entries);
+  let arrays = null; // lossy codecs: read and collapsed up front; plain: read after the checks
+  let compressed = new Set();
+  if (!chosen.plain) {
+    const raw = new Map(entries.map(([name, entry]) => [name, readEntry(bytes, dataStart, name, entry)]));
+    ({ tensors: arrays, compressed } = collapseTensors(raw, chosen));
+    byName = new Map([...arrays].map(([name, { code, shape }]) => [name, { dtype: code, shape }]));
+  }
+  let order = [...byName.keys()];
   if (expected !== undefined && expected !== null) {
     checkAgainstSpecs(byName, expected, maxBatch);
+    const plain = expected.filter((spec) => FLOAT_NAMES.includes(spec.dtype)
+      && !compressed.has(spec.name));
+    if (!chosen.plain && plain.length) {
+      bad(plain[0].name, `a floating tensor must arrive in the parts of codec '${chosen.spec}', not `
+        + `as ${byName.get(plain[0].name).dtype}`);
+    }
     order = expected.map((spec) => spec.name);
   } else {
-    for (const [name, { shape }] of entries) {
+    for (const [name, { shape }] of byName) {
       if (shape.length) checkBatch(name, shape[0], maxBatch, true);
     }
   }
   const tensors = {};
   for (const name of order) {
-    const { dtype: code, shape, data_offsets: [begin, end] } = byName.get(name);
-    if (!has(DECODED, code)) bad(name, `dtype ${code} cannot be decoded in JavaScript; send int32`);
-    const [dtype, Type] = DECODED[code];
-    const count = (end - begin) / ITEMSIZE[code];
-    const data = code === 'F16'
-      ? float16BitsToFloat32(typedArray(Uint16Array, bytes, dataStart + begin, count))
-      : typedArray(Type, bytes, dataStart + begin, count);
+    const { dtype, shape, data } = arrays ? arrays.get(name)
+      : readEntry(bytes, dataStart, name, byName.get(name));
     if (!allowNonFinite && (dtype === 'float32' || dtype === 'float64')) {
       const nonFinite = countNonFinite(data);
       if (nonFinite) {
@@ -386,6 +422,21 @@ export function decodeTensors(buffer, {
     setOwn(tensors, name, { dtype, shape: [...shape], data });
   }
   const metadataCopy = {};
-  for (const [key, value] of Object.entries(metadata)) setOwn(metadataCopy, key, value);
+  for (const [key, value] of Object.entries(metadata)) {
+    if (chosen.plain || key !== CODEC_KEY) setOwn(metadataCopy, key, value);
+  }
   return { tensors, metadata: metadataCopy };
+}
+
+// An entry's data as sent ({dtype, code, shape, data}); F16 and BF16 widened to float32.
+function readEntry(bytes, dataStart, name, { dtype: code, shape, data_offsets: [begin, end] }) {
+  if (!has(DECODED, code)) bad(name, `dtype ${code} cannot be decoded in JavaScript; send int32`);
+  const [dtype, Type] = DECODED[code];
+  const count = (end - begin) / ITEMSIZE[code];
+  let data;
+  if (code === 'F16' || code === 'BF16') {
+    const halves = typedArray(Uint16Array, bytes, dataStart + begin, count);
+    data = code === 'F16' ? float16BitsToFloat32(halves) : bfloat16BitsToFloat32(halves);
+  } else data = typedArray(Type, bytes, dataStart + begin, count);
+  return { dtype, code, shape, data };
 }
