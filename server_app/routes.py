@@ -99,7 +99,12 @@ def _tensors(data: bytes) -> Response:
 
 class OpenSession(BaseModel):
     wire_dtype: Literal["float32", "float16"] = Field(default="float32",
-                                                      description="dtype of float tensors on the wire")
+                                                      description="dtype of float tensors on the wire, both "
+                                                      "directions (the older form of `compress`)")
+    compress: str | dict[str, str] | None = Field(
+        default=None, max_length=200,
+        description="the codec of each direction: one SPEC for both, 'forward=SPEC,backward=SPEC', or "
+                    "{\"forward\": SPEC, \"backward\": SPEC} (docs/protocol.md, Codecs); default: wire_dtype")
     client: str | None = Field(default=None, max_length=200, description="free text, for logs")
 
 
@@ -107,6 +112,7 @@ class SessionOpened(BaseModel):
     session_id: str
     token: str
     wire_dtype: str
+    codecs: dict[str, str]
     segment: str
     mode: Literal["u_shaped", "labels_on_server"]
     max_batch: int
@@ -118,6 +124,7 @@ class SessionOpened(BaseModel):
 class SessionState(BaseModel):
     session_id: str
     wire_dtype: str
+    codecs: dict[str, str]
     next_step: int
     pending_step: int | None
     applied_steps: int
@@ -158,11 +165,13 @@ router = APIRouter(prefix="/v1", tags=["split learning"])
 async def open_session(request: Request, service: ServiceDep,
                        authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
     """Open a session (needs the server key); returns the token for its routes. Body
-    (optional): `{"wire_dtype": "float32" | "float16", "client": str}`."""
+    (optional): `{"compress": SPEC, "wire_dtype": "float32" | "float16", "client": str}`; the
+    answer's `codecs` says each direction's codec."""
     service.check_key(_bearer(authorization))  # before a byte of the body is read
     body = _open_body(await read_body(request, JSON_LIMIT))
-    session, token = await service.run(service.open_session, body.wire_dtype)
+    session, token = await service.run(service.open_session, body.wire_dtype, body.compress)
     return {"session_id": session.session_id, "token": token, "wire_dtype": session.wire_dtype,
+            "codecs": session.codecs,
             "next_step": session.next_step, **service.describe()}
 
 

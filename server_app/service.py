@@ -35,7 +35,7 @@ from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
 from server_app.step_machine import StepMachine
 from server_app.wal import Record, WriteAheadLog
-from splitkeras import wire
+from splitkeras import codecs, wire
 from splitkeras.errors import GUARD_CODES, ManifestError, RequestRefused
 from splitkeras.guard import UpdateGuard
 
@@ -55,7 +55,7 @@ class SegmentService:
         self.served = served = host.served
         self.checkpoint_dir = host.checkpoint_dir
         self.bodies = TensorBodies(served.inputs, served.outputs, host.manifest.model_outputs,
-                                   host.loss, settings.max_batch)
+                                   host.loss, settings.max_batch, settings.accepted_codecs)
         self.body_limits = self.bodies.limits
         guard_config = settings.guard_config()
         self.guard = self.runner.guard = UpdateGuard(guard_config) if guard_config else None
@@ -197,10 +197,15 @@ class SegmentService:
         session.last_seen = self.clock()
         return session
 
-    def open_session(self, wire_dtype: str) -> tuple[Session, str]:
+    def open_session(self, wire_dtype: str, compress: str | dict[str, str] | None = None) -> tuple[Session, str]:
         if wire_dtype not in wire.WIRE_DTYPES:
             raise RequestRefused("bad_request",
                                  f"wire_dtype must be one of {list(wire.WIRE_DTYPES)}, got '{wire_dtype}'.")
+        try:
+            chosen = codecs.parse_compress(wire_dtype if compress is None else compress)
+            codecs.check_accepted(chosen, self.settings.accepted_codecs)
+        except ValueError as error:
+            raise RequestRefused("bad_request", str(error)) from None
         if len(self.sessions) >= self.settings.max_sessions:
             idle = [s for s in self.sessions if s.pending_step is None]
             if not idle:
@@ -215,7 +220,8 @@ class SegmentService:
         self.ensure_durable()
         token = keys.new_token()
         session = Session(session_id=secrets.token_hex(8), token_hash=keys.hash_token(token),
-                          wire_dtype=wire_dtype, last_seen=self.clock())
+                          wire_dtype=wire_dtype, last_seen=self.clock(),
+                          codecs={d: c.spec for d, c in chosen.items()})
         self._journal(Record("open", {"session": session.session_id, "data": session.persisted()}))
         self.sessions.add(session)
         return session, token
@@ -271,7 +277,7 @@ class SegmentService:
     def _guarded(self, session: Session, step: int, route: Callable[[Session, int, bytes], bytes],
                  body: bytes) -> bytes:
         if self.guard is not None:  # an answer it cannot encode refuses the step before its update
-            self.guard.answer_limit = wire.largest_value(session.wire_dtype)
+            self.guard.answer_limit = min(wire.largest_value(session.codec(d)) for d in codecs.DIRECTIONS)
         try:
             return route(session, step, body)
         except BaseException as error:

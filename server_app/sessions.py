@@ -38,9 +38,25 @@ class Session:
     # the pending forward's logged blobs (its body, a chain's next-server answers): a checkpoint
     # taken while it is pending logs them again, so its tape can be rebuilt after a crash
     pending_blobs: list[bytes] | None = None
+    # the codec of each direction ({"forward": spec, "backward": spec}; None: `wire_dtype` both ways)
+    codecs: dict[str, str] | None = None
+    # top-k error feedback of the answers this server encodes, per direction and tensor; not
+    # persisted (after a restart it starts again from zero: at most one step's dropped share lost)
+    residuals: dict[str, dict[str, Any]] | None = None
+
+    def codec(self, direction: str) -> str:
+        """The codec spec of `direction` ("forward" or "backward")."""
+        return self.codecs[direction] if self.codecs else self.wire_dtype
+
+    def residuals_of(self, direction: str) -> dict[str, Any]:
+        """The top-k residuals of the answers in `direction` (created empty)."""
+        if self.residuals is None:
+            self.residuals = {}
+        return self.residuals.setdefault(direction, {})
 
     def public(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "wire_dtype": self.wire_dtype,
+                "codecs": {d: self.codec(d) for d in ("forward", "backward")},
                 "next_step": self.next_step, "pending_step": self.pending_step,
                 "applied_steps": self.applied_steps, "refused_steps": self.refused_steps}
 
@@ -52,7 +68,7 @@ class Session:
     def persisted(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON-ready); `Session(**persisted())` restores it."""
         data = asdict(self)
-        for transient in ("last_forward", "last_seen", "pending_blobs"):
+        for transient in ("last_forward", "last_seen", "pending_blobs", "residuals"):
             data.pop(transient)
         if self.last_backward is not None:
             data["last_backward"] = [self.last_backward[0], base64.b64encode(self.last_backward[1]).decode()]

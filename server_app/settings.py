@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from splitkeras.codecs import FAMILIES, parse_accepted
 from splitkeras.guard import GuardConfig
 
 __all__ = ["ServerSettings"]
@@ -62,6 +63,18 @@ class ServerSettings(BaseSettings):
                                  "server segment")
     next_key: str | None = Field(default=None, description="the next server's key; default: this "
                                  "server's")
+    codecs: str = Field(default=",".join(FAMILIES), description="the codec families a session may use, "
+                        "comma-separated (float32, float16, bfloat16, int8, topk); docs/protocol.md, Codecs")
+
+    @field_validator("codecs")
+    @classmethod
+    def _codec_families(cls, value: str) -> str:
+        return ",".join(parse_accepted(value))
+
+    @property
+    def accepted_codecs(self) -> tuple[str, ...]:
+        """The codec families sessions may use (`--codecs`)."""
+        return parse_accepted(self.codecs)
 
     def guard_config(self) -> GuardConfig | None:
         """The guards' bounds, or None when `guard` is off."""

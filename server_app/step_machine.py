@@ -19,6 +19,7 @@ import numpy as np
 from server_app.bodies import TensorBodies
 from server_app.sessions import Session, SessionStore
 from server_app.wal import Record
+from splitkeras.codecs import parse_codec
 from splitkeras.errors import RequestRefused
 
 __all__ = ["StepKey", "StepExecutor", "StepMachine"]
@@ -222,7 +223,7 @@ class StepMachine:
         self._require_open(session)
         if not self.replaying:
             self.ensure_durable()
-        inputs = self.bodies.inputs(body)  # a retry's body is checked too
+        inputs = self.bodies.inputs(body, session.codec("forward"))  # a retry's body is checked too
         if session.last_forward and session.last_forward[0] == step and \
                 (session.pending_step == step or session.next_step > step):
             return session.last_forward[1]  # a retry: same bytes, nothing runs
@@ -232,8 +233,9 @@ class StepMachine:
         outputs, regularization = self.executor.forward(key, inputs)
         try:
             response = self.bodies.encode_outputs(
-                outputs, session.wire_dtype,
-                {"step": str(step), "regularization_loss": repr(float(regularization))})
+                outputs, session.codec("forward"),
+                {"step": str(step), "regularization_loss": repr(float(regularization))},
+                session.residuals_of("forward"))
         except BaseException:
             self.executor.drop(key)  # e.g. an output beyond float16's range: no step is left pending
             raise
@@ -254,7 +256,7 @@ class StepMachine:
         self._require_open(session)
         if not self.replaying:
             self.ensure_durable()
-        grads = self.bodies.output_grads(body)
+        grads = self.bodies.output_grads(body, session.codec("backward"))
         if session.pending_step != step:
             if session.last_backward and session.last_backward[0] == step:
                 return session.last_backward[1]
@@ -266,7 +268,8 @@ class StepMachine:
                                  f"{step} had {session.pending_batch}: send one gradient per output "
                                  "sample, shaped like the forward response.")
         input_grads = self.executor.backward((session.session_id, step), grads)
-        response = self.bodies.encode_input_grads(input_grads, session.wire_dtype, {"step": str(step)})
+        response = self.bodies.encode_input_grads(input_grads, session.codec("backward"), {"step": str(step)},
+                                                  session.residuals_of("backward"))
         self._logged_applied("backward", session, step, body, response)
         return response
 
@@ -275,7 +278,7 @@ class StepMachine:
         self._require_open(session)
         if not self.replaying:
             self.ensure_durable()
-        inputs, y, sample_weight = self.bodies.train_batch(body)
+        inputs, y, sample_weight = self.bodies.train_batch(body, session.codec("forward"))
         if session.last_backward and session.last_backward[0] == step and session.next_step > step:
             return session.last_backward[1]
         if step < session.next_step:
@@ -283,7 +286,8 @@ class StepMachine:
         input_grads, logs = self.executor.train((session.session_id, step), inputs, y, sample_weight)
         metadata = {"step": str(step)}
         metadata.update({k: repr(float(v)) for k, v in logs.items()})
-        response = self.bodies.encode_input_grads(input_grads, session.wire_dtype, metadata)
+        response = self.bodies.encode_input_grads(input_grads, session.codec("backward"), metadata,
+                                                  session.residuals_of("backward"))
         self._logged_applied("train", session, step, body, response)
         return response
 
@@ -310,5 +314,6 @@ class StepMachine:
 
     def predict(self, session: Session, body: bytes) -> bytes:
         self._require_open(session)
-        outputs = self.executor.predict(self.bodies.inputs(body))
-        return self.bodies.encode_outputs(outputs, session.wire_dtype)
+        exact = parse_codec(session.codec("forward")).label_dtype  # predict is not compressed lossily
+        outputs = self.executor.predict(self.bodies.inputs(body, exact))
+        return self.bodies.encode_outputs(outputs, exact)

@@ -97,7 +97,8 @@ class Codec:
 
     @property
     def label_dtype(self) -> str:
-        """How floating labels travel in a `train` body under this forward codec."""
+        """How floating labels travel in a `train` body under this forward codec, and how
+        `predict` bodies and answers travel: the codec itself when plain, else float32."""
         return self.family if self.plain else "float32"
 
     def kept(self, count: int) -> int:

@@ -351,6 +351,7 @@ def decode(
     allow_nonfinite: bool = False,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     codec: str | Codec = "float32",
+    compressed: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Decode and check a safetensors body; return ``(tensors, metadata)``.
 
@@ -360,7 +361,8 @@ def decode(
     back in the specs' order and dtypes. Without it, any names pass,
     ``max_batch`` bounds every first dimension and F16/BF16 are widened to
     float32. Under a lossy ``codec`` the body must say that codec in its
-    metadata, every floating spec must arrive in its parts, and the parts are
+    metadata, every floating spec (and each of the ``compressed`` names, when there
+    are no specs) must arrive in its parts, and the parts are
     checked (``splitkeras.codec_bodies``). NaN or Inf is refused unless
     ``allow_nonfinite``. Arrays needing no cast are read-only views into
     ``body``. Any bad input raises ``WireFormatError``, nothing else.
@@ -386,18 +388,20 @@ def decode(
         raise WireFormatError(f"the body {said}, but this direction's codec is '{chosen.spec}': "
                               "encode it with the codec the session negotiated")
     arrays = {name: _read(view, data_start, entry) for name, entry in entries.items()}
-    compressed: set[str] = set()
+    was_compressed: set[str] = set()
     if not chosen.plain:
         codes = {name: entry["dtype"] for name, entry in entries.items()}
-        arrays, compressed = codec_bodies.collapse(arrays, codes, chosen)
-        entries = {name: {"dtype": "F32" if name in compressed else entries[name]["dtype"],
+        arrays, was_compressed = codec_bodies.collapse(arrays, codes, chosen)
+        entries = {name: {"dtype": "F32" if name in was_compressed else entries[name]["dtype"],
                           "shape": list(array.shape)} for name, array in arrays.items()}
     if expected is not None:
         _check_against_specs(entries, expected, max_batch)
-        plain = [s.name for s in expected if _is_floating(np.dtype(s.dtype)) and s.name not in compressed]
-        if not chosen.plain and plain:
-            _bad(plain[0], f"a floating tensor must arrive in the parts of codec '{chosen.spec}', not as "
-                           f"{entries[plain[0]]['dtype']}")
+        compressed = [s.name for s in expected if _is_floating(np.dtype(s.dtype))]
+    plain = [name for name in compressed if name in entries and name not in was_compressed]
+    if not chosen.plain and plain:
+        _bad(plain[0], f"a floating tensor must arrive in the parts of codec '{chosen.spec}', not as "
+                       f"{entries[plain[0]]['dtype']}")
+    if expected is not None:
         targets = {spec.name: np.dtype(spec.dtype) for spec in expected}
     else:
         targets = {}

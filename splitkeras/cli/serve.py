@@ -32,7 +32,7 @@ FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-t
          "read_timeout_seconds": "--read-timeout", "guard_factor": "--guard-factor",
          "guard_warmup": "--guard-warmup", "guard_max_abs": "--guard-max-abs",
          "guard_max_weight": "--guard-max-weight", "max_grad_norm": "--max-grad-norm",
-         "max_refused_steps": "--max-refused-steps"}
+         "max_refused_steps": "--max-refused-steps", "codecs": "--codecs"}
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -48,7 +48,7 @@ def _settings(args: argparse.Namespace) -> Any:
         "guard_max_abs": args.guard_max_abs, "guard_max_weight": args.guard_max_weight,
         "max_grad_norm": args.max_grad_norm, "max_refused_steps": args.max_refused_steps,
         "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
-        "cors_origins": args.cors_origin,
+        "cors_origins": args.cors_origin, "codecs": args.codecs,
     }.items() if v is not None}
     if args.no_guard:
         overrides["guard"] = False
@@ -186,6 +186,8 @@ def register(sub: Any) -> None:
                    help="clip the gradients a device sends to this global L2 norm (default: no clip)")
     p.add_argument("--max-refused-steps", type=_number(int, 1),
                    help="close a session after this many refused steps (10)")
+    p.add_argument("--codecs", metavar="LIST", help="the codec families sessions may use, comma-separated "
+                   "(default: all of float32,float16,bfloat16,int8,topk; docs/protocol.md, Codecs)")
     p.add_argument("--no-guard", action="store_true", help="turn the guards off (not for a shared server)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
