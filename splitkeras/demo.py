@@ -72,12 +72,17 @@ class DemoResult:
     split_seconds_per_sample: float
     central_seconds_per_sample: float
     folder: Path
+    compress: str = "float32"  # the codecs both ways (`splitkeras.codecs`)
 
 
 
 def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_size: int = 32,
-             wire_dtype: str = "float32", verbose: int = 1) -> DemoResult:
-    """Run the demo; returns the figures it prints."""
+             wire_dtype: str = "float32", compress: str | None = None, verbose: int = 1) -> DemoResult:
+    """Run the demo; returns the figures it prints. `compress`: a codec SPEC per direction
+    (`splitkeras.codecs`), default `wire_dtype` both ways."""
+    from splitkeras.codecs import format_compress, parse_compress
+
+    spec = format_compress(parse_compress(wire_dtype if compress is None else compress))
     import keras
 
     import splitkeras
@@ -112,15 +117,15 @@ def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_s
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
     try:
         wait_until_ready(url, alive=lambda: server.poll() is None)
-        say(f"Server ready at {url}; training {epochs} epochs over HTTP (batch {batch_size})")
-        device = DeviceClient(folder, url, key=key, wire_dtype=wire_dtype)
+        say(f"Server ready at {url}; training {epochs} epochs over HTTP (batch {batch_size}, {spec})")
+        device = DeviceClient(folder, url, key=key, wire_dtype=wire_dtype, compress=compress)
         device.compile()
         keras.utils.set_random_seed(7)
         started = time.perf_counter()
         device.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=verbose)
         split_seconds = time.perf_counter() - started
+        stats = device.stats  # the training's bytes (evaluation below sends predict bodies)
         split_accuracy = float(device.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
-        stats = device.stats
         device.save(folder)
         device.close()
     finally:
@@ -144,7 +149,7 @@ def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_s
         bytes_sent_per_sample=stats["bytes_sent"] / samples,
         bytes_received_per_sample=stats["bytes_received"] / samples,
         split_seconds_per_sample=split_seconds / samples,
-        central_seconds_per_sample=central_seconds / samples, folder=folder)
+        central_seconds_per_sample=central_seconds / samples, folder=folder, compress=spec)
     say("")
     say(f"{'':<28}{'split over HTTP':>18}{'central':>12}")
     say(f"{'test accuracy':<28}{result.split_accuracy:>18.4f}{result.central_accuracy:>12.4f}")

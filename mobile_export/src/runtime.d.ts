@@ -59,6 +59,9 @@ export interface CreateOptions {
   /** The server key (`Authorization: Bearer <key>` opens a session); default of every server. */
   key?: string;
   wireDtype?: WireDtype;
+  /** The codec of each direction: `'int8'`, `'forward=int8,backward=topk:0.05+int8'`
+   *  (docs/protocol.md, Codecs); default: `wireDtype` both ways. */
+  compress?: string;
   fetch?: FetchLike;
   retries?: number;
   /** Milliseconds. */
@@ -200,6 +203,7 @@ export interface SessionOptions {
   serverUrl: string;
   key?: string;
   wireDtype?: WireDtype;
+  compress?: string;
   fetch?: FetchLike;
   retries?: number;
   backoff?: number;

@@ -71,7 +71,7 @@ export class SplitDevice {
    *
    * @param {{tf: object, manifest: object, models: Object<string, object|string>,
    *   serverUrl?: string, servers?: Object<string, string|{url: string, key?: string}>,
-   *   key?: string, wireDtype?: 'float32'|'float16', fetch?: Function,
+   *   key?: string, wireDtype?: 'float32'|'float16', compress?: string, fetch?: Function,
    *   retries?: number, backoff?: number, maxBackoff?: number, timeoutMs?: number,
    *   seed?: number, kernels?: boolean}} options
    *   `models` maps each device segment name (head, tail) to a tf.LayersModel, an
@@ -85,7 +85,7 @@ export class SplitDevice {
    * @returns {Promise<SplitDevice>}
    */
   static async create({
-    tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
+    tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32', compress = null,
     fetch, retries = 12, backoff = 500, maxBackoff = 10000, jitter = 0.25, timeoutMs = 30000,
     seed, sleep, kernels = true,
   }) {
@@ -97,7 +97,7 @@ export class SplitDevice {
     registerLayers(tf); // before a bundle loads; once per TF.js instance
     const topology = checkTopology(manifest);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
-      serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, jitter, timeoutMs, sleep,
+      serverUrl, servers, key, wireDtype, compress, fetch, retries, backoff, maxBackoff, jitter, timeoutMs, sleep,
     });
     const loaded = {};
     for (const entry of manifest.segments.filter((s) => s.placement === 'device')) {

@@ -29,6 +29,7 @@
 //     shape: [2, 3], data }]);
 
 import { MEDIA_TYPE, decodeTensors, encodeTensors, WIRE_DTYPES } from './wire.js';
+import { formatCompress, parseCodec, parseCompress } from './codecs.js';
 import { ProtocolError } from './fetch_errors.js';
 import {
   Refused, browserBlobBodies, globalFetch, sendWithRetries, utf8Bytes, utf8Text,
@@ -46,15 +47,17 @@ const defaultSleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms);
 
 export class SplitSession {
   /**
-   * @param {{serverUrl: string, key?: string, wireDtype?: 'float32'|'float16',
+   * @param {{serverUrl: string, key?: string, wireDtype?: 'float32'|'float16', compress?: string,
    *   fetch?: Function, retries?: number, backoff?: number, maxBackoff?: number,
    *   timeoutMs?: number, sleep?: (ms: number) => Promise<void>, client?: string,
    *   blobBodies?: boolean}} options
+   *   compress: the codec of each direction (codecs.js: 'int8',
+   *   'forward=int8,backward=topk:0.05+int8'; default: wireDtype both ways).
    *   backoff and maxBackoff in milliseconds. blobBodies: send request bodies as Blobs
    *   (default: in a browser, see browserBlobBodies).
    */
   constructor({
-    serverUrl, key, wireDtype = 'float32', fetch = globalFetch, retries = 12, backoff = 500,
+    serverUrl, key, wireDtype = 'float32', compress = null, fetch = globalFetch, retries = 12, backoff = 500,
     maxBackoff = 10000, jitter = 0.25, timeoutMs = 30000, sleep = defaultSleep,
     client = 'splitkeras-device/0.1.0', blobBodies = browserBlobBodies(),
   }) {
@@ -68,6 +71,10 @@ export class SplitSession {
     if (!(retries >= 0 && backoff >= 0 && maxBackoff >= 0 && jitter >= 0 && jitter < 1)) {
       throw new TypeError('retries, backoff and maxBackoff must be >= 0, jitter in [0, 1)');
     }
+    this.compress = compress === null || compress === undefined ? null
+      : formatCompress(parseCompress(compress)); // a bad SPEC: a TypeError saying the syntax
+    this.codecs = parseCompress(wireDtype); // what the server agreed, after open()
+    this.residuals = { forward: new Map(), backward: new Map() }; // top-k error feedback
     Object.assign(this, {
       key, wireDtype, retries, backoff, maxBackoff, jitter, timeoutMs, sleep, client, blobBodies,
     });
@@ -85,7 +92,9 @@ export class SplitSession {
 
   /** Open a session (needs the key); returns the server's description of it. */
   async open() {
-    const body = utf8Bytes(JSON.stringify({ wire_dtype: this.wireDtype, client: this.client }));
+    const request = { wire_dtype: this.wireDtype, client: this.client };
+    if (this.compress !== null) request.compress = this.compress;
+    const body = utf8Bytes(JSON.stringify(request));
     let response;
     try {
       response = await this.send('POST', '/v1/sessions', body, 'application/json', this.key,
@@ -98,7 +107,14 @@ export class SplitSession {
       refused.message += hint;
       throw refused;
     }
-    this.info = JSON.parse(utf8Text(response.body));
+    const info = JSON.parse(utf8Text(response.body));
+    const asked = formatCompress(parseCompress(this.compress ?? this.wireDtype));
+    this.codecs = parseCompress(info.codecs ?? this.wireDtype);
+    if (formatCompress(this.codecs) !== asked) {
+      throw new ProtocolError(`The server opened the session with codecs ${formatCompress(this.codecs)}, `
+        + `not the ${asked} asked for; upgrade the server.`);
+    }
+    this.info = info;
     this.offset = null;
     return this.info;
   }
@@ -134,14 +150,14 @@ export class SplitSession {
 
   /** The server segment's training forward of `step`; its body is kept for recovery. */
   async forward(step, tensors) {
-    const body = this.encode(tensors);
+    const body = this.encode(tensors, 'forward');
     this.forwardBodies = new Map([[step, body]]);
     return this.decode(await this.withSessionRecovery('forward', step, body), 'forward');
   }
 
   /** The gradients of the server outputs for `step`; returns the input gradients. */
   async backward(step, tensors) {
-    const body = this.encode(tensors);
+    const body = this.encode(tensors, 'backward');
     let refusal = null;
     for (let attempt = 0; attempt < MAX_RECOVERIES; attempt += 1) {
       try {
@@ -169,13 +185,14 @@ export class SplitSession {
   /** Labels on the server: inputs + `label:<output>` tensors; returns input gradients
    *  and the metadata (loss, metrics). */
   async train(step, tensors) {
-    const body = this.encode(tensors);
+    const labels = tensors.map((t) => t.name).filter((n) => n.startsWith('label:') || n === 'sample_weight');
+    const body = this.encode(tensors, 'forward', labels);
     return this.decode(await this.withSessionRecovery('train', step, body), 'train');
   }
 
   /** Inference-mode outputs of the server segment (nothing changes on the server). */
   async predict(tensors) {
-    const body = this.encode(tensors);
+    const body = this.encode(tensors, 'predict');
     return this.decode(await this.withSessionRecovery('predict', null, body), 'predict');
   }
 
@@ -255,13 +272,22 @@ export class SplitSession {
 
   // ---------------------------------------------------------------- bodies
 
-  encode(tensors) {
-    return encodeTensors(tensors, { wireDtype: this.wireDtype });
+  // Forward and train bodies and forward answers travel under the forward codec, backward
+  // bodies and input gradients under the backward one; predict as the forward codec when it
+  // is plain, else float32 (as transport.py).
+  codecOf(route) {
+    if (route === 'predict') return parseCodec(this.codecs.forward.labelDtype);
+    return route === 'forward' ? this.codecs.forward : this.codecs.backward;
+  }
+
+  encode(tensors, direction, uncompressed = []) {
+    return encodeTensors(tensors, { codec: this.codecOf(direction),
+      residuals: this.residuals[direction], uncompressed });
   }
 
   decode(data, route) {
     try {
-      return decodeTensors(data);
+      return decodeTensors(data, { codec: this.codecOf(route) });
     } catch (error) {
       throw new ProtocolError(`The server's ${route} response is not a valid tensor body: `
         + `${error.message}`);

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CliError", "Parser", "quiet_tensorflow", "load", "add_unsafe"]
+__all__ = ["CliError", "Parser", "quiet_tensorflow", "load", "add_unsafe", "add_compress"]
 
 
 class CliError(Exception):
@@ -62,6 +62,24 @@ def load(path: str, unsafe: bool) -> Any:
 
     model = load_model(path, unsafe_deserialization=unsafe)
     return model, {"file": Path(path).name, "sha256": file_sha256(path)}
+
+
+def _compress_spec(text: str) -> str:
+    from splitkeras.codecs import format_compress, parse_compress
+
+    try:
+        return format_compress(parse_compress(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_compress(parser: argparse.ArgumentParser) -> None:
+    """`--compress SPEC` and its older form `--wire-dtype`."""
+    parser.add_argument("--compress", metavar="SPEC", type=_compress_spec,
+                        help="codec per direction: one of float32, float16, bfloat16, int8, topk:F, "
+                        "topk:F+int8 for both, or forward=CODEC,backward=CODEC (docs/protocol.md, Codecs)")
+    parser.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32",
+                        help="dtype of tensors on the wire, both directions (an alias: --compress float16)")
 
 
 def add_unsafe(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from splitkeras.cli._common import CliError, add_unsafe
+from splitkeras.cli._common import CliError, add_compress, add_unsafe
 
 __all__ = ["register", "cmd_train", "load_training_data"]
 
@@ -127,13 +127,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     optimizer = _optimizer(args, manifest.training)
     text = args.format == "text"
     servers = server_urls(args.server)
-    with DeviceClient(args.split_dir, servers, key=key, wire_dtype=args.wire_dtype,
+    with DeviceClient(args.split_dir, servers, key=key, wire_dtype=args.wire_dtype, compress=args.compress,
                       unsafe_deserialization=args.unsafe_deserialization) as client:
         client.compile(optimizer=optimizer)
         if text:
             where = ", ".join(t.base_url for t in client.transports.values())
             print(f"Training the device segments of '{client.split.model_name}' "
-                  f"({client.mode}) against {where}, wire {args.wire_dtype}", flush=True)
+                  f"({client.mode}) against {where}, wire {args.compress or args.wire_dtype}", flush=True)
         history = client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
                              verbose=1 if text else 0, shuffle=args.shuffle)
         saved = client.save()
@@ -170,8 +170,7 @@ def register(sub: Any) -> None:
     p.add_argument("--optimizer", help="Keras optimizer for the device segments (default: the "
                    "split's; the server segment uses the server's)")
     p.add_argument("--learning-rate", type=float, help="learning rate of that optimizer")
-    p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32",
-                   help="dtype of tensors on the wire (float16 halves the bytes)")
+    add_compress(p)
     p.add_argument("--key", help="server key (default: $SPLITKERAS_SERVER_KEY, else "
                    "SPLIT_DIR/.splitkeras/server.key)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false",

@@ -42,6 +42,7 @@ import keras
 import tensorflow as tf
 from keras.src.trainers.data_adapters import data_adapter_utils
 
+from splitkeras import codecs
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.remote import RemoteSegment
 from splitkeras.client.stages import open_stage, stage_segment, stage_urls
@@ -94,7 +95,10 @@ class DeviceClient:
             the next (`splitkeras serve --next`).
         key: the server key; default `$SPLITKERAS_SERVER_KEY`, then
             `SPLIT_DIR/.splitkeras/server.key`.
-        wire_dtype: `"float32"` (exact) or `"float16"` (half the bytes) on the wire.
+        wire_dtype: `"float32"` (exact) or `"float16"` (half the bytes) on the wire; the
+            older form of `compress`.
+        compress: the codec of each direction (`splitkeras.codecs`): one SPEC for both
+            (`"int8"`) or `"forward=int8,backward=topk:0.05+int8"`; default: `wire_dtype`.
         network: emulate a slower link (`NetworkConditions`), for experiments.
         jit_compile: for the device segments' steps: `"auto"` (as Keras), True or False.
         transport: a ready `Transport` (then `server_url`, `key` and `network` are unused;
@@ -108,7 +112,7 @@ class DeviceClient:
     """
 
     def __init__(self, split: str | os.PathLike[str] | Split, server_url: str | Mapping[str, str], *,
-                 key: str | None = None, wire_dtype: str = "float32",
+                 key: str | None = None, wire_dtype: str = "float32", compress: str | None = None,
                  network: NetworkConditions | None = None, jit_compile: bool | str = "auto",
                  transport: Transport | None = None, unsafe_deserialization: bool = False) -> None:
         if isinstance(split, Split):
@@ -130,6 +134,7 @@ class DeviceClient:
         if wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be 'float32' or 'float16', got {wire_dtype!r}.")
         self.wire_dtype = wire_dtype
+        self.compress = None if compress is None else codecs.format_compress(codecs.parse_compress(compress))
         self.jit_compile = jit_compile
         if transport is not None and len(self.stages) != 1:
             raise TrainingError(f"transport= serves one server stage; this split has {len(self.stages)}"
@@ -229,7 +234,8 @@ class DeviceClient:
         answers = {}
         for stage in self.stages:
             if self.transports[stage.name].session is None:
-                answers[stage.name] = open_stage(self.transports[stage.name], stage, self.wire_dtype)
+                answers[stage.name] = open_stage(self.transports[stage.name], stage, self.wire_dtype,
+                                                 self.compress)
         return answers.get(self.stages[0].name) or dict(self.transport.session or {})
 
     # ---- one step --------------------------------------------------------------------------------

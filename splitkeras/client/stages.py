@@ -14,9 +14,9 @@ from splitkeras.topology import Stage
 __all__ = ["open_stage", "stage_segment", "stage_urls"]
 
 
-def open_stage(transport: Transport, stage: Stage, wire_dtype: str) -> dict[str, Any]:
+def open_stage(transport: Transport, stage: Stage, wire_dtype: str, compress: str | None = None) -> dict[str, Any]:
     """Open a session on a server stage's first server and check that it serves that stage."""
-    session = transport.open_session(wire_dtype)
+    session = transport.open_session(wire_dtype, compress)
     expected = ([s.to_json() for s in stage.inputs], [s.to_json() for s in stage.outputs])
     served = (session.get("inputs"), session.get("outputs"))
     if session.get("mode") != stage.mode or session.get("segment") != stage.name or \

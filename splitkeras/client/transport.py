@@ -37,13 +37,14 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 import numpy as np
 
-from splitkeras import __version__, protocol, wire
+from splitkeras import __version__, codecs, protocol, wire
+from splitkeras.codecs import Codec
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.retries import (
     DEFAULT_BACKOFF,
@@ -109,6 +110,10 @@ class Transport:
         self.base_url = self._http.base_url
         self.key = key
         self.wire_dtype = "float32"
+        self.compress: str | None = None  # the SPEC asked for at open (None: wire_dtype both ways)
+        self.codecs: dict[str, Codec] = codecs.parse_compress("float32")  # what the server agreed
+        # top-k error feedback of what this device sends, per direction and tensor name
+        self.residuals: dict[str, dict[str, np.ndarray]] = {"forward": {}, "backward": {}}
         self.session: dict[str, Any] | None = None
         self._offset: int | None = None  # server step - device step
         self._forward_bodies: dict[int, bytes] = {}  # the step awaiting its backward
@@ -168,11 +173,16 @@ class Transport:
             self._http.close()
 
     # ---- sessions ------------------------------------------------------------------------------
-    def open_session(self, wire_dtype: str = "float32") -> dict[str, Any]:
-        """Open a session (needs the key); returns the server's description of it."""
+    def open_session(self, wire_dtype: str = "float32", compress: str | None = None) -> dict[str, Any]:
+        """Open a session (needs the key); returns the server's description of it. `compress`
+        is a codec SPEC per direction (`splitkeras.codecs`; default: `wire_dtype` both ways)."""
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {wire.WIRE_DTYPES}, got {wire_dtype!r}.")
-        body = json.dumps({"wire_dtype": wire_dtype, "client": f"splitkeras-python/{__version__}"})
+        asked = codecs.parse_compress(wire_dtype if compress is None else compress)
+        request: dict[str, Any] = {"wire_dtype": wire_dtype, "client": f"splitkeras-python/{__version__}"}
+        if compress is not None:
+            request["compress"] = codecs.format_compress(asked)
+        body = json.dumps(request)
         try:
             response = self._http.send("POST", "/v1/sessions", body.encode(), "application/json",
                                   self.key, "POST /v1/sessions")
@@ -183,7 +193,12 @@ class Transport:
                                       "SPLITKERAS_SERVER_KEY.", 401)
             raise error from None
         session = response.json()
-        self.session, self.wire_dtype, self._offset = session, wire_dtype, None
+        agreed = session.get("codecs") or {d: wire_dtype for d in codecs.DIRECTIONS}
+        self.codecs = codecs.parse_compress(agreed)
+        if self.codecs != asked:
+            raise ProtocolError(f"The server opened the session with codecs {codecs.format_compress(self.codecs)}, "
+                                f"not the {codecs.format_compress(asked)} asked for; upgrade the server.")
+        self.session, self.wire_dtype, self.compress, self._offset = session, wire_dtype, compress, None
         return dict(session)
 
     def close_session(self) -> None:
@@ -211,13 +226,13 @@ class Transport:
     def forward(self, step: int, tensors: Mapping[str, Any]) -> _Answer:
         """Send the server segment's inputs for `step`; returns its outputs and metadata
         (`regularization_loss`). The body is kept until the step's backward succeeds."""
-        body = self._encode(tensors)
+        body = self._encode(tensors, "forward")
         self._forward_bodies = {step: body}
         return self._decode(self._forward(step, body), "forward")
 
     def backward(self, step: int, grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Send the gradients of the server outputs for `step`; returns the input gradients."""
-        body = self._encode(grads)
+        body = self._encode(grads, "backward")
         refusal: Refused | None = None
         for _ in range(_MAX_RECOVERIES):
             try:
@@ -245,13 +260,14 @@ class Transport:
     def train(self, step: int, tensors_with_labels: Mapping[str, Any]) -> _Answer:
         """Labels on the server: inputs + `label:<output>` (+ `sample_weight`) for `step`;
         returns the input gradients and metadata (`loss`, each metric)."""
-        body = self._encode(tensors_with_labels)
+        labels = [name for name in tensors_with_labels if name.startswith("label:") or name == "sample_weight"]
+        body = self._encode(tensors_with_labels, "forward", labels)
         return self._decode(self._with_session_recovery("train", step, body), "train")
 
     def predict(self, tensors: Mapping[str, Any]) -> _Answer:
         """Inference-mode outputs of the server segment and metadata (nothing changes on the
         server)."""
-        body = self._encode(tensors)
+        body = self._encode(tensors, "predict")
         return self._decode(self._with_session_recovery("predict", None, body), "predict")
 
     # ---- recovery --------------------------------------------------------------------------------
@@ -283,7 +299,7 @@ class Transport:
                 self.close_session()
             except ProtocolError:
                 pass
-        session = self.open_session(self.wire_dtype)
+        session = self.open_session(self.wire_dtype, self.compress)
         self._forward_bodies = bodies
         if step is not None:
             self._offset = int(session["next_step"]) - step
@@ -308,13 +324,13 @@ class Transport:
 
     def _token(self) -> str:
         if self.session is None:
-            self.open_session(self.wire_dtype)
+            self.open_session(self.wire_dtype, self.compress)
         assert self.session is not None
         return str(self.session["token"])
 
     def _server_step(self, step: int) -> int:
         if self.session is None:
-            self.open_session(self.wire_dtype)
+            self.open_session(self.wire_dtype, self.compress)
         assert self.session is not None
         if self._offset is None:
             self._offset = int(self.session["next_step"]) - step
@@ -333,13 +349,22 @@ class Transport:
                                {protocol.STEP_HEADER: str(server_step)}).content
 
     # ---- bodies ----------------------------------------------------------------------------------
-    def _encode(self, tensors: Mapping[str, Any]) -> bytes:
-        return wire.encode({name: np.asarray(value) for name, value in tensors.items()},
-                           wire_dtype=self.wire_dtype)
+    def _codec(self, route: str) -> Codec:
+        """The codec of a route's bodies: forward and train bodies and forward answers travel
+        "forward", backward bodies and the input gradients answered "backward"; predict as the
+        forward codec when plain, else float32."""
+        if route == "predict":
+            return codecs.parse_codec(self.codecs["forward"].label_dtype)
+        return self.codecs["forward" if route == "forward" else "backward"]
+
+    def _encode(self, tensors: Mapping[str, Any], direction: str, uncompressed: Sequence[str] = ()) -> bytes:
+        codec = self._codec(direction)
+        return wire.encode({name: np.asarray(value) for name, value in tensors.items()}, codec=codec,
+                           residuals=self.residuals.get(direction), uncompressed=uncompressed)
 
     def _decode(self, data: bytes, route: str) -> _Answer:
         try:
-            return wire.decode(data)
+            return wire.decode(data, codec=self._codec(route))
         except WireFormatError as error:
             raise ProtocolError(f"The server's {route} response is not a valid tensor body: {error}") \
                 from None
