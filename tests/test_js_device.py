@@ -15,7 +15,9 @@ CPU backend). Checked:
     gave (the middle from the server's saved `.keras`).
 
 And labels on the server (one cut): one JS step equals the in-process step, and a second
-device with float16 on the wire trains too, sending fewer bytes per step.
+device with float16 on the wire trains too, sending fewer bytes per step; a fresh device per
+lossy codec (`compress`) trains as well; and one int8 step of a JS device matches the Python
+`DeviceClient(compress="int8")` from the same server state within the codec's rounding.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ MOBILE = REPO / "mobile_export"
 DRIVER = MOBILE / "tools" / "device_e2e.mjs"
 KEY = "js-device-test-key"
 TOLERANCE = 1e-5
+CODEC_RUNS = ["bfloat16", "int8", "topk:0.5+int8", "forward=int8,backward=topk:0.3"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -194,7 +197,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, node: str) -> Iterator[dict[s
     cases = {"u_shaped": (u_model(), ["flat", "mid"], _u_data(),
                           {"seed": 3, "batch_size": 8, "epochs": 4}),
              "labels_on_server": (label_model(), ["h"], _label_data(),
-                                  {"batch_size": 8, "epochs": 2, "float16_epochs": 2})}
+                                  {"batch_size": 8, "epochs": 2, "float16_epochs": 2,
+                                   "codec_runs": CODEC_RUNS, "codec_epochs": 3}),
+             "int8_step": (label_model(), ["h"], {k: v for k, v in _label_data().items() if k in "xy"},
+                           {"compress": "int8"})}
     prepared: dict[str, dict[str, Any]] = {}
     servers: list[Server] = []
     try:
@@ -302,3 +308,61 @@ def test_float16_on_the_wire_trains_with_half_the_tensor_bytes(runs: dict[str, A
           f"float16 {per_step[1]:.0f}; float16 epoch losses {half['history']['loss']}")
     assert half["history"]["loss"][-1] < half["history"]["loss"][0]
     assert per_step[1] < 0.75 * per_step[0]  # activations halve; labels (int32), headers do not
+
+
+def test_the_js_device_trains_with_each_codec(runs: dict[str, Any]) -> None:
+    result = runs["labels_on_server"]["result"]
+    full = result["fit"]["bytesSent"] / result["fit"]["steps"]
+    for spec, run in result["codecs"].items():
+        losses, per_step = run["fit"]["history"]["loss"], run["fit"]["bytesSent"] / run["fit"]["steps"]
+        print(f"\n{spec}: epoch losses {[round(v, 4) for v in losses]}, {per_step:.0f} bytes sent per step "
+              f"(float32 {full:.0f})")
+        assert losses[-1] < losses[0], spec
+        assert np.isfinite(run["first_step"]["loss"])
+        assert per_step < full, spec
+
+
+def test_one_int8_step_matches_the_python_client_within_its_rounding(runs: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    """Both clients encode the same float32 activations to the same bytes (tests/test_codecs.py);
+    they differ only by their float32 arithmetic (<= 1e-5 above), so an int8 code can differ by
+    one only where a value sits that close to a rounding boundary. The bound: the decoded
+    gradient answer differs by at most one int8 step of its channel, (max - min) / 255, and the
+    head's weights by at most lr * batch * max|x| * that step (plus float32's 1e-5)."""
+    from server_fixtures import KEY as SERVER_KEY
+    from server_fixtures import ThreadedServer, copy_split, settings_for
+
+    from splitkeras.client import DeviceClient
+
+    run = runs["int8_step"]
+    js = run["result"]
+    folder = copy_split(run["ref"], tmp_path / "split")
+    captured: list[np.ndarray] = []
+    with ThreadedServer(settings_for(folder)) as server:
+        client = DeviceClient(folder, server.url, key=SERVER_KEY, compress="int8")
+        client.compile()
+        transport = client.transport
+        original = transport.train
+
+        def spy(step: int, tensors: Any) -> Any:
+            answer = original(step, tensors)
+            captured.append(np.array(answer[0]["h"]))
+            return answer
+
+        transport.train = spy  # type: ignore[method-assign]
+        logs = client.train_on_batch(run["data"]["x"], run["data"]["y"])
+        python_split = client.split
+        client.close()
+    python_grad, js_grad = captured[0], array(js["first_step"]["server_input_gradients"]["h"])
+    step = (python_grad.max(axis=0) - python_grad.min(axis=0)) / 255
+    grad_diff = np.abs(js_grad - python_grad)
+    weight_diff, count = max_weight_diff(python_split, js["weights_after_first_step"])
+    x = run["data"]["x"]
+    weight_bound = TOLERANCE + 0.05 * len(x) * float(np.abs(x).max()) * float(step.max())
+    print(f"\nint8, JS vs Python client after one step: gradient max|diff| {grad_diff.max():.2e} "
+          f"(one step: {step.max():.2e}), {count} weights max|diff| {weight_diff:.2e} (bound "
+          f"{weight_bound:.2e}), loss {js['first_step']['loss']:.6f} vs {float(logs['loss']):.6f}")
+    assert (grad_diff <= step + TOLERANCE).all()
+    assert weight_diff <= weight_bound
+    assert abs(js["first_step"]["loss"] - float(logs["loss"])) <= 1e-4
+    assert js["first_step"]["bytesSent"] < 0.6 * runs["labels_on_server"]["result"]["first_step"]["bytesSent"]

@@ -15,8 +15,11 @@
 //    "train_x": tensor, "train_y": tensor, "batch_size": 8, "epochs": 3,  // then fit()
 //    "predict_x": tensor,               // then predict() through the server
 //    "save_dir": "dir",                 // then <save_dir>/<segment>_tfjs bundles of the trained models
-//    "float16_epochs": 2}               // then a second device (fresh bundles), float16 on the
+//    "float16_epochs": 2,               // then a second device (fresh bundles), float16 on the
 //                                       //   wire, fits train_x/train_y: out.float16
+//    "compress": "int8",                // the first device's codecs (default: wire_dtype)
+//    "codec_runs": ["int8", ...], "codec_epochs": 2}  // then one fresh device per codec: a
+//                                       //   step of x/y, then fits train_x/train_y: out.codecs[spec]
 //   tensor = {"shape": [..], "dtype": "float32"|"int32", "data": "<base64 little-endian>"}
 // OUT.json: {"first_step": {loss, metrics, bytesSent, bytesReceived, server_input_gradients},
 //   "weights_after_first_step": {name: tensor}, "fit": {history, steps, bytesSent, bytesReceived},
@@ -63,7 +66,7 @@ function weightsOut(device) {
     .map(([name, values]) => [name, encodeArray(shapes[name], values)]));
 }
 
-async function loadDevice(job, wireDtype) {
+async function loadDevice(job, wireDtype, compress = null) {
   const app = path.resolve(job.app_dir);
   const { SplitDevice } = await import(pathToFileURL(path.join(app, 'splitkeras-device', 'src',
     'runtime.js')).href);
@@ -73,19 +76,15 @@ async function loadDevice(job, wireDtype) {
     models[entry.name] = await loadLayersModelFromDir(tf, path.join(app, path.dirname(entry.tfjs)));
   }
   const device = await SplitDevice.create({ tf, manifest, models, serverUrl: job.server_url,
-    servers: job.servers, key: job.key, wireDtype, seed: job.seed ?? 1 });
+    servers: job.servers, key: job.key, wireDtype, compress, seed: job.seed ?? 1 });
   return { device, models };
 }
 
 async function run(job) {
-  const { device, models } = await loadDevice(job, job.wire_dtype ?? 'float32');
+  const { device, models } = await loadDevice(job, job.wire_dtype ?? 'float32', job.compress ?? null);
   const out = {};
   await device.openSession();
-  const first = await device.trainStep(decode(job.x), decode(job.y), { details: true });
-  out.first_step = { loss: first.loss, metrics: first.metrics, bytesSent: first.bytesSent,
-    bytesReceived: first.bytesReceived, seconds: first.seconds,
-    server_input_gradients: Object.fromEntries(Object.entries(first.details.serverInputGradients)
-      .map(([name, t]) => [name, encodeArray(t.shape, t.data)])) };
+  out.first_step = await firstStep(device, job);
   out.weights_after_first_step = weightsOut(device);
   if (job.train_x) {
     const started = Date.now();
@@ -108,7 +107,24 @@ async function run(job) {
       batchSize: job.batch_size ?? 8, epochs: job.float16_epochs, shuffle: false });
     await half.closeSession();
   }
+  out.codecs = {};
+  for (const spec of job.codec_runs ?? []) {
+    const { device: other } = await loadDevice(job, 'float32', spec);
+    const result = { first_step: await firstStep(other, job) };
+    result.fit = await other.fit(decode(job.train_x), decode(job.train_y), {
+      batchSize: job.batch_size ?? 8, epochs: job.codec_epochs ?? 1, shuffle: false });
+    await other.closeSession();
+    out.codecs[spec] = result;
+  }
   return out;
+}
+
+async function firstStep(device, job) {
+  const first = await device.trainStep(decode(job.x), decode(job.y), { details: true });
+  return { loss: first.loss, metrics: first.metrics, bytesSent: first.bytesSent,
+    bytesReceived: first.bytesReceived, seconds: first.seconds,
+    server_input_gradients: Object.fromEntries(Object.entries(first.details.serverInputGradients)
+      .map(([name, t]) => [name, encodeArray(t.shape, t.data)])) };
 }
 
 const [jobPath, outPath] = process.argv.slice(2);
