@@ -23,6 +23,7 @@ from splitkeras import codec_bodies
 from splitkeras.codecs import Codec, parse_codec
 from splitkeras.errors import WireFormatError
 from splitkeras.tensor_spec import TensorSpec
+from splitkeras.wire_limits import DEFAULT_MAX_HEADER_BYTES, max_body_bytes
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -35,7 +36,6 @@ __all__ = [
 MEDIA_TYPE = "application/vnd.splitkeras.safetensors"
 ACCEPTED_MEDIA_TYPES = (MEDIA_TYPE, "application/octet-stream")
 WIRE_DTYPES = ("float32", "float16")  # the legacy `wire_dtype`; `splitkeras.codecs` has them all
-DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
 _METADATA_KEY = "__metadata__"
 _CODEC_KEY = "codec"  # the metadata key naming a lossy codec's spec
@@ -51,7 +51,8 @@ _CODE_TO_DTYPE: dict[str, np.dtype] = {
 }  # BF16 is read as its uint16 bit patterns
 _DTYPE_NAME_TO_CODE = {dtype.name: code for code, dtype in _CODE_TO_DTYPE.items() if code != "BF16"}
 _FLOAT_WIRE_CODES: tuple[str, ...] = ("F32", "F16", "BF16")
-_PLAIN_TARGETS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<f4")}
+_PLAIN_TARGETS: dict[str, np.dtype] = {  # bfloat16: float32, then its top 16 bits
+    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<f4")}
 
 
 def is_wire_media_type(content_type: str | None) -> bool:
@@ -435,38 +436,3 @@ def _read(view: memoryview, data_start: int, entry: dict[str, Any]) -> np.ndarra
     if entry["dtype"] == "BF16":
         array = codec_bodies.bfloat16_values(array)
     return array.reshape(entry["shape"])
-
-
-def max_body_bytes(
-    specs: Sequence[TensorSpec],
-    max_batch: int,
-    wire_dtype: str | Codec | Sequence[str | Codec] = "float32",
-    *,
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-) -> int:
-    """The most bytes a valid body for ``specs`` can take at ``max_batch`` samples.
-
-    A server refuses a larger ``Content-Length`` before reading the body.
-    Floating tensors count at the codec's largest size (the largest of several
-    codecs, when a list is given: what a server accepting them must allow),
-    others at their own.
-
-    Example:
-        >>> max_body_bytes([TensorSpec("act", (None, 4), "float32")], 8, "float16")
-        65608
-    """
-    choices = [wire_dtype] if isinstance(wire_dtype, (str, Codec)) else list(wire_dtype)
-    codecs = [_codec(choice) for choice in choices]
-    total = 8 + max_header_bytes
-    for spec in specs:
-        dtype = np.dtype(spec.dtype)
-        if any(dim is None for dim in spec.shape[1:]):
-            shape = _format_shape(spec.shape)
-            _bad(spec.name, f"shape {shape} has an unknown non-batch dimension: no size limit")
-        size = math.prod(max_batch if dim is None else dim for dim in spec.shape)
-        if _is_floating(dtype):
-            channels = (max_batch if spec.shape[-1] is None else spec.shape[-1]) if spec.shape else 1
-            total += max(codec.max_bytes(size, channels) for codec in codecs)
-        else:
-            total += size * dtype.itemsize
-    return total

@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 from server_fixtures import (
-    KEY, LiveApp, assert_same_state, bearer, copy_split, make_split, settings_for, snapshot, tensor_headers,
+    KEY,
+    LiveApp,
+    assert_same_state,
+    bearer,
+    copy_split,
+    make_split,
+    settings_for,
+    snapshot,
+    tensor_headers,
 )
 
 from splitkeras import protocol, wire

@@ -44,7 +44,6 @@ import httpx
 import numpy as np
 
 from splitkeras import __version__, codecs, protocol, wire
-from splitkeras.codecs import Codec
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.retries import (
     DEFAULT_BACKOFF,
@@ -58,6 +57,7 @@ from splitkeras.client.retries import (
     TransportStats,
     retry_budget,
 )
+from splitkeras.codecs import Codec
 from splitkeras.errors import ProtocolError, WireFormatError
 
 __all__ = ["Transport", "TransportStats", "DEFAULT_TIMEOUT", "RETRY_STATUSES", "DEFAULT_RETRIES",
