@@ -14,7 +14,12 @@ the median of its rounds (a shared machine: compare ratios).
 
 Floors: float32 bytes within 1% of the raw bytes; float32 encode+decode >= 1 GB/s.
 
-Run: `.venv/bin/python benchmarks/wire_formats.py [--rounds 15] [--json-rounds 1]`
+Then the codecs (`_codec_speed.py`, results `results/wire_codecs.{json,md}`): encode+decode
+of every codec (float32, float16, bfloat16, int8, top-k, top-k+int8) on one 8 MiB tensor in
+Python and in JavaScript (Node), against a full sort; floors int8 >= 1 GB/s (Python),
+>= 200 MB/s (JS), top-k no slower than a full sort.
+
+Run: `.venv/bin/python benchmarks/wire_formats.py [--rounds 15] [--json-rounds 1] [--codecs-only]`
 """
 
 from __future__ import annotations
@@ -205,7 +210,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json-rounds", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--codecs-only", action="store_true", help="only the codec section")
     args = parser.parse_args()
+    if not args.child:
+        from _codec_speed import section
+
+        codec_data, codec_markdown = section(args.rounds)
+        write_results("wire_codecs", {"machine": machine(), **codec_data}, codec_markdown)
+        print(codec_markdown, flush=True)
+        if args.codecs_only:
+            return
     results = []
     for where, shape in SHAPES:
         results.append(measure(shape, args.rounds, args.json_rounds))

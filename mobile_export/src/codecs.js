@@ -131,13 +131,6 @@ export function bfloat16BitsToFloat32(halves) {
   return new Float32Array(bits.buffer);
 }
 
-function rint(v) { // round half to even, as NumPy's rint (v >= 0 here)
-  const floor = Math.floor(v);
-  const rest = v - floor;
-  if (rest !== 0.5) return rest < 0.5 ? floor : floor + 1;
-  return floor % 2 === 0 ? floor : floor + 1;
-}
-
 /** Affine 8-bit codes per channel of the last axis: {codes, scale, offset} (see codec_bodies.py). */
 export function int8Encode(name, data, channels) {
   const rows = channels ? data.length / channels : 0;
@@ -145,18 +138,20 @@ export function int8Encode(name, data, channels) {
   const offset = new Float32Array(channels);
   const codes = new Uint8Array(data.length);
   if (rows === 0) return { codes, scale, offset };
-  const low = new Float32Array(channels).fill(Infinity);
-  const high = new Float32Array(channels).fill(-Infinity);
+  const low = data.slice(0, channels);
+  const high = data.slice(0, channels);
   let nan = false;
-  for (let i = 0, c = 0; i < data.length; i += 1) {
-    const v = data[i];
-    if (v !== v) nan = true; // eslint-disable-line no-self-compare
-    if (v < low[c]) low[c] = v;
-    if (v > high[c]) high[c] = v;
-    c = c + 1 === channels ? 0 : c + 1;
+  for (let row = 1, i = channels; row < rows; row += 1) {
+    for (let c = 0; c < channels; c += 1, i += 1) {
+      const v = data[i];
+      if (v < low[c]) low[c] = v;
+      else if (v > high[c]) high[c] = v;
+      else if (v !== v) nan = true; // eslint-disable-line no-self-compare
+    }
   }
   const inverse = new Float32Array(channels);
   for (let c = 0; c < channels; c += 1) {
+    if (low[c] !== low[c] || high[c] !== high[c]) nan = true; // eslint-disable-line no-self-compare
     low[c] += 0; // -0 -> +0, as in codec_bodies.py
     high[c] += 0;
     const span = fr(high[c] - low[c]);
@@ -169,9 +164,13 @@ export function int8Encode(name, data, channels) {
     inverse[c] = fr(1 / scale[c]);
     offset[c] = low[c];
   }
-  for (let i = 0, c = 0; i < data.length; i += 1) {
-    codes[i] = rint(fr(fr(data[i] - offset[c]) * inverse[c]));
-    c = c + 1 === channels ? 0 : c + 1;
+  for (let row = 0, i = 0; row < rows; row += 1) {
+    for (let c = 0; c < channels; c += 1, i += 1) {
+      const v = fr(fr(data[i] - offset[c]) * inverse[c]); // in [0, 255 + a few ulps]
+      let q = (v + 0.5) | 0; // round half to even, as NumPy's rint
+      if (q - v === 0.5 && (q & 1) === 1) q -= 1;
+      codes[i] = q;
+    }
   }
   return { codes, scale, offset };
 }
@@ -180,9 +179,9 @@ export function int8Encode(name, data, channels) {
 export function int8Decode(codes, scale, offset) {
   const channels = scale.length;
   const out = new Float32Array(codes.length);
-  for (let i = 0, c = 0; i < codes.length; i += 1) {
-    out[i] = fr(codes[i] * scale[c]) + offset[c];
-    c = c + 1 === channels ? 0 : c + 1;
+  const rows = channels ? codes.length / channels : 0;
+  for (let row = 0, i = 0; row < rows; row += 1) {
+    for (let c = 0; c < channels; c += 1, i += 1) out[i] = fr(codes[i] * scale[c]) + offset[c];
   }
   return out;
 }
