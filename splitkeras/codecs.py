@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "FAMILIES", "PLAIN", "DIRECTIONS", "Codec", "parse_codec", "parse_compress", "format_compress",
-    "check_accepted", "parse_accepted",
+    "check_accepted", "parse_accepted", "wire_factor",
 ]  # fmt: skip
 
 PLAIN = ("float32", "float16", "bfloat16")
@@ -100,6 +100,14 @@ class Codec:
         """How floating labels travel in a `train` body under this forward codec, and how
         `predict` bodies and answers travel: the codec itself when plain, else float32."""
         return self.family if self.plain else "float32"
+
+    @property
+    def bytes_ratio(self) -> float:
+        """Bytes per value over float32's 4 (per-channel scales and headers left out)."""
+        if self.family == "topk":
+            assert self.fraction is not None
+            return self.fraction * (1.25 if self.values == "int8" else 2.0)
+        return {"float32": 1.0, "float16": 0.5, "bfloat16": 0.5, "int8": 0.25}[self.family]
 
     def kept(self, count: int) -> int:
         """How many of `count` values top-k keeps: ``min(count, max(1, ceil(F * count)))``."""
@@ -180,6 +188,18 @@ def format_compress(codecs: Mapping[str, Codec]) -> str:
     """The SPEC text of per-direction codecs: one name when both are the same."""
     forward, backward = codecs["forward"].spec, codecs["backward"].spec
     return forward if forward == backward else f"forward={forward},backward={backward}"
+
+
+def wire_factor(text: str) -> float:
+    """The bytes a cut costs under a compress SPEC over float32's, averaged over the two
+    directions (each carries the cut's bytes once per step): what `splitkeras plan` charges.
+
+    Example:
+        >>> wire_factor("forward=int8,backward=topk:0.05+int8")
+        0.15625
+    """
+    chosen = parse_compress(text)
+    return sum(chosen[d].bytes_ratio for d in DIRECTIONS) / len(DIRECTIONS)
 
 
 def parse_accepted(text: str | Iterable[str]) -> tuple[str, ...]:

@@ -108,6 +108,12 @@ def test_ranking_order_float16_free_server_and_memory(cuts: dict) -> None:
     # float16 halves the bytes: transfer of cut d1 is 0.012 s
     half = Conditions(8e3, 0.1, 100.0, 1000.0, batch_size=10, wire_dtype="float16")
     assert plan_single(cuts["d1"], half).transfer_seconds == pytest.approx(0.012)
+    # codecs per direction: int8 both ways a quarter (0.006 s), int8 up and 5% top-k+int8 down
+    # (0.25 + 0.0625) / 2 of float32's bytes
+    quarter = Conditions(8e3, 0.1, 100.0, 1000.0, batch_size=10, wire_dtype="int8")
+    assert plan_single(cuts["d1"], quarter).transfer_seconds == pytest.approx(0.006)
+    mixed = Conditions(8e3, 0.1, 100.0, 1000.0, batch_size=10, wire_dtype="forward=int8,backward=topk:0.05+int8")
+    assert plan_single(cuts["d1"], mixed).transfer_seconds == pytest.approx(0.024 * 0.15625)
     # no server speed: server compute is free
     free = Conditions(8e3, 0.1, 100.0, batch_size=10)
     assert plan_single(cuts["d1"], free).total_seconds == pytest.approx(0.812 - 0.048)
@@ -122,7 +128,7 @@ def test_ranking_order_float16_free_server_and_memory(cuts: dict) -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"bandwidth_bps": 0}, "bandwidth"), ({"latency_s": -1}, "latency"),
-    ({"device_flops": 0}, "device FLOP/s"), ({"wire_dtype": "int8"}, "wire dtype"),
+    ({"device_flops": 0}, "device FLOP/s"), ({"wire_dtype": "float8"}, "wire dtype"),
     ({"batch_size": 0}, "batch size"),
 ])
 def test_conditions_refuse_nonsense(kwargs: dict, message: str) -> None:

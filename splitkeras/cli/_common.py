@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["CliError", "Parser", "quiet_tensorflow", "load", "add_unsafe", "add_compress"]
+__all__ = ["CliError", "Parser", "quiet_tensorflow", "load", "add_unsafe", "add_compress", "compress_spec"]
 
 
 class CliError(Exception):
@@ -64,7 +64,8 @@ def load(path: str, unsafe: bool) -> Any:
     return model, {"file": Path(path).name, "sha256": file_sha256(path)}
 
 
-def _compress_spec(text: str) -> str:
+def compress_spec(text: str) -> str:
+    """`--compress` SPEC, canonical; an `ArgumentTypeError` saying the syntax when it is not one."""
     from splitkeras.codecs import format_compress, parse_compress
 
     try:
@@ -75,7 +76,7 @@ def _compress_spec(text: str) -> str:
 
 def add_compress(parser: argparse.ArgumentParser) -> None:
     """`--compress SPEC` and its older form `--wire-dtype`."""
-    parser.add_argument("--compress", metavar="SPEC", type=_compress_spec,
+    parser.add_argument("--compress", metavar="SPEC", type=compress_spec,
                         help="codec per direction: one of float32, float16, bfloat16, int8, topk:F, "
                         "topk:F+int8 for both, or forward=CODEC,backward=CODEC (docs/protocol.md, Codecs)")
     parser.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32",

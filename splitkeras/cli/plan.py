@@ -16,7 +16,7 @@ import argparse
 import json
 from typing import Any
 
-from splitkeras.cli._common import CliError, add_unsafe, load
+from splitkeras.cli._common import CliError, add_unsafe, compress_spec, load
 
 __all__ = ["register", "cmd_plan"]
 
@@ -70,6 +70,9 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=32,
                    help="samples per step: the latency of a step is shared by them (32)")
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--compress", metavar="SPEC", type=compress_spec,
+                   help="the codecs of `splitkeras train --compress`: each cut's bytes charged at "
+                   "their ratio per direction (int8 1/4, topk:F 2F, topk:F+int8 1.25F of float32)")
     p.add_argument("--cuts", choices=["single", "pairs", "both"],
                    help="single cuts (labels on the server), pairs (U-shaped) or both (default)")
     p.add_argument("--chain", metavar="HOSTS",
@@ -118,7 +121,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         bandwidth_bps=args.bandwidth * 1e6, latency_s=args.latency / 1e3,
         device_flops=args.device_flops * 1e9,
         server_flops=None if args.server_flops is None else args.server_flops * 1e9,
-        batch_size=args.batch_size, wire_dtype=args.wire_dtype,
+        batch_size=args.batch_size, wire_dtype=args.compress or args.wire_dtype,
         device_memory_bytes=None if args.device_memory is None else args.device_memory * 1e6)
     candidates = cut_candidates(model)
     if not candidates:
@@ -139,7 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "bandwidth_mbit_s": args.bandwidth, "latency_ms": args.latency,
         "device_gflops": args.device_flops, "server_gflops": args.server_flops,
         "device_memory_mb": args.device_memory, "batch_size": args.batch_size,
-        "wire_dtype": args.wire_dtype,
+        "wire_dtype": args.compress or args.wire_dtype,
         "model": "seconds/sample = 3*device FLOPs/device FLOP/s + 3*server FLOPs/server FLOP/s "
                  "+ 2*crossing bytes*8/bandwidth + 2*requests per step*latency/batch size",
     }
@@ -150,7 +153,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"Model '{model.name}': {len(plans)} fastest plans, predicted ms per training sample")
     print(f"  link {args.bandwidth:g} Mbit/s, {args.latency:g} ms one way; device "
           f"{args.device_flops:g} GFLOP/s; server {server}; batch {args.batch_size}; "
-          f"{args.wire_dtype} on the wire")
+          f"{args.compress or args.wire_dtype} on the wire")
     header = (f"{'#':>3} {'cut(s)':<40} {'mode':<8} {'total':>10} {'device':>10} {'server':>10} "
               f"{'transfer':>10} {'latency':>9} {'KB/sample':>10} {'dev params':>11}")
     print(header)
@@ -190,7 +193,7 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
             placement=tuple(args.chain.split(",")),
             links=tuple(Link(mbit * 1e6, ms / 1e3) for mbit, ms in args.link or ()),
             host_flops=tuple(f * 1e9 for f in args.host_flops or ()), batch_size=args.batch_size,
-            wire_dtype=args.wire_dtype,
+            wire_dtype=args.compress or args.wire_dtype,
             device_memory_bytes=None if args.device_memory is None else args.device_memory * 1e6)
     except ValueError as error:
         raise CliError(f"plan: {error} (give one --link per link and one --host-flops per "
@@ -220,7 +223,7 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
                   for name, (mbit, ms) in zip(names, args.link)],
         "host_gflops": dict(zip(hosts, args.host_flops)),
         "device_memory_mb": args.device_memory, "batch_size": args.batch_size,
-        "wire_dtype": args.wire_dtype,
+        "wire_dtype": args.compress or args.wire_dtype,
         "model": "seconds/sample = sum over segments of 3*FLOPs/its host's FLOP/s + for each cut, on "
                  "every link between its two hosts: 2*crossing bytes*8/bandwidth + 2*latency/batch size",
     }
@@ -232,7 +235,7 @@ def _cmd_plan_chain(args: argparse.Namespace) -> int:
     for name, (mbit, ms) in zip(names, args.link):
         print(f"  link {name}: {mbit:g} Mbit/s, {ms:g} ms one way")
     print("  hosts: " + ", ".join(f"{h} {g:g} GFLOP/s" for h, g in zip(hosts, args.host_flops))
-          + f"; batch {args.batch_size}; {args.wire_dtype} on the wire")
+          + f"; batch {args.batch_size}; {args.compress or args.wire_dtype} on the wire")
     header = (f"{'#':>3} {'cuts':<40} {'total':>10} " + " ".join(f"{h[:10]:>10}" for h in hosts)
               + " " + " ".join(f"{'link ' + str(i):>10}" for i in range(1, len(names) + 1))
               + f" {'KB/sample':>10} {'dev params':>11}")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from splitkeras import codecs
 from splitkeras.planning.cuts import (
     batch_checks,
     compute_seconds,
@@ -110,7 +111,7 @@ class ChainConditions:
 
     @property
     def wire_factor(self) -> float:
-        return 0.5 if self.wire_dtype == "float16" else 1.0
+        return codecs.wire_factor(self.wire_dtype)
 
     def speed(self, segment: int) -> float | None:
         """FLOP/s of the host of `segment`."""

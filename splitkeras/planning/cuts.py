@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from splitkeras import codecs
 from splitkeras.profile import CutCandidate
 
 __all__ = ["Conditions", "CutPlan", "plan_single", "plan_pair", "device_only", "rank_cuts"]
@@ -16,10 +17,19 @@ def batch_checks(batch_size: int, wire_dtype: str, device_memory_bytes: float | 
     """The checks both kinds of conditions share."""
     return [
         (batch_size >= 1, f"batch size must be >= 1, got {batch_size!r}"),
-        (wire_dtype in ("float32", "float16"), f"wire dtype must be 'float32' or 'float16', got {wire_dtype!r}"),
+        (_is_compress(wire_dtype), f"wire dtype must be a codec SPEC (float32, float16, int8, "
+                                   f"forward=int8,backward=topk:0.05+int8, ...), got {wire_dtype!r}"),
         (device_memory_bytes is None or device_memory_bytes > 0,
          f"device memory must be > 0 bytes, got {device_memory_bytes!r}"),
     ]
+
+
+def _is_compress(text: str) -> bool:
+    try:
+        codecs.parse_compress(text)
+    except ValueError:
+        return False
+    return True
 
 
 def raise_first(checks: list[tuple[bool, str]]) -> None:
@@ -38,7 +48,8 @@ class Conditions:
         device_flops: sustained FLOP/s of the device for training (> 0).
         server_flops: sustained FLOP/s of the server, or None to take the server as free.
         batch_size: samples per step; the latency of a step is shared by them.
-        wire_dtype: "float32" or "float16" (half the bytes on the wire).
+        wire_dtype: a codec SPEC per direction (`splitkeras.codecs`, e.g. "float16" for half
+            the bytes, "forward=int8,backward=topk:0.05+int8"); charged as its bytes ratio.
         device_memory_bytes: the device's budget for its segments' parameters, or None.
         bytes_per_parameter: device bytes per parameter (16: weights, gradients, Adam).
     """
@@ -64,7 +75,7 @@ class Conditions:
 
     @property
     def wire_factor(self) -> float:
-        return 0.5 if self.wire_dtype == "float16" else 1.0
+        return codecs.wire_factor(self.wire_dtype)
 
 
 @dataclass(frozen=True)
