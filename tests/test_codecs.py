@@ -234,3 +234,9 @@ def test_codecs_js_node_tests_pass() -> None:
     result = subprocess.run([NODE, "--test", "test/codecs.test.js"], cwd=ROOT / "mobile_export",
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_int8_refuses_nan_and_inf_at_the_sender(bad: float) -> None:
+    with pytest.raises(WireFormatError, match="tensor 'a': non-finite values, or a channel spanning beyond float32"):
+        encode({"a": np.array([[1, bad], [2, 3]], np.float32)}, codec="int8")

@@ -140,18 +140,15 @@ export function int8Encode(name, data, channels) {
   if (rows === 0) return { codes, scale, offset };
   const low = data.slice(0, channels);
   const high = data.slice(0, channels);
-  let nan = false;
   for (let row = 1, i = channels; row < rows; row += 1) {
-    for (let c = 0; c < channels; c += 1, i += 1) {
-      const v = data[i];
-      if (v < low[c]) low[c] = v;
-      else if (v > high[c]) high[c] = v;
-      else if (v !== v) nan = true; // eslint-disable-line no-self-compare
+    for (let c = 0; c < channels; c += 1, i += 1) { // Math.min/max: branch-free, NaN sticks
+      low[c] = Math.min(low[c], data[i]);
+      high[c] = Math.max(high[c], data[i]);
     }
   }
   const inverse = new Float32Array(channels);
   for (let c = 0; c < channels; c += 1) {
-    if (low[c] !== low[c] || high[c] !== high[c]) nan = true; // eslint-disable-line no-self-compare
+    const nan = low[c] !== low[c] || high[c] !== high[c]; // eslint-disable-line no-self-compare
     low[c] += 0; // -0 -> +0, as in codec_bodies.py
     high[c] += 0;
     const span = fr(high[c] - low[c]);

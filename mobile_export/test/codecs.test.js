@@ -100,3 +100,11 @@ test('SPEC grammar: one codec or forward=...,backward=..., same errors as codecs
   assert.throws(() => parseCompress('sideways=int8'), /'sideways=int8' is not forward=CODEC/);
   assert.throws(() => parseCompress('forward=int8,forward=int8'), /names forward twice/);
 });
+
+test('int8 refuses NaN and Inf at the sender, with codec_bodies.py\'s message', () => {
+  for (const bad of [NaN, Infinity]) {
+    assert.throws(() => encodeTensors([{ name: 'a', dtype: 'float32', shape: [2, 2],
+      data: new Float32Array([1, bad, 2, 3]) }], { codec: 'int8' }),
+    /^WireFormatError: tensor 'a': non-finite values, or a channel spanning beyond float32, cannot be sent as int8/);
+  }
+});
