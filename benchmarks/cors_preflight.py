@@ -129,7 +129,7 @@ def main() -> None:
         "median over steps 1.., step 0 apart).", "",
         table(["routes", "steps", "requests", "distinct URLs", "OPTIONS preflights",
                "ms in fetch per step (median)", "step 0 ms"], rows), "",
-        f"Machine: shared, {machine().get('cpus', '?')} CPUs (other jobs ran on it: absolute ms are "
+        f"Machine: shared, {machine().get('cores', '?')} cores (other jobs ran on it: absolute ms are "
         "noisy, the preflight counts are exact).",
     ])
     write_results("cors_preflight", {"runs": runs, "machine": machine()}, markdown)

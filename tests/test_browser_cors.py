@@ -79,10 +79,10 @@ def test_a_cross_origin_page_pays_one_preflight_per_route_not_per_step(run: dict
     assert len(posts) == 2 + 2 * STEPS, posts  # open, N forwards, N backwards, close
     preflights = Counter(p for m, p, s in run["log"] if m == "OPTIONS")
     assert all(s == 200 for m, p, s in run["log"] if m == "OPTIONS"), run["log"]
+    # bounded by the routes (open, forward, backward, close), not by the number of steps
+    assert 1 <= sum(preflights.values()) <= 4 < STEPS, preflights
     routes = {p for _, p in posts}  # /v1/sessions, .../forward, .../backward, /v1/sessions/{id}
     assert len(routes) == 4, routes
-    # at most one preflight per URL the page used, whatever the number of steps
     assert set(preflights) <= routes and max(preflights.values()) == 1, preflights
-    assert sum(preflights.values()) <= len(routes) < STEPS
     print(f"\n{STEPS} steps from {run['origin']}: {sum(preflights.values())} preflights for "
           f"{len(posts)} requests; ms in fetch per step {[round(ms, 1) for ms in page['stepMs']]}")
