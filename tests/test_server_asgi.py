@@ -294,9 +294,9 @@ def _float16_answer_out_of_range(u_app: LiveApp) -> None:
     h = rng.standard_normal((4, 3)).astype(np.float32)
     g = (rng.standard_normal((4, 3)) * 1e6).astype(np.float32)  # within max_abs (1e10)
     sid, token = u_app.open_session(wire_dtype="float16")
-    assert u_app.post(step_path(sid, 0, "forward"), tensors={"h": h}, token=token).status_code == 200
+    assert u_app.post(step_path(sid, "forward"), step=0, tensors={"h": h}, token=token).status_code == 200
     before = state(u_app)
-    response = u_app.post(step_path(sid, 0, "backward"), tensors={"m": g}, token=token)
+    response = u_app.post(step_path(sid, "backward"), step=0, tensors={"m": g}, token=token)
     assert response.status_code == 422, response.text
     error = error_of(response)
     assert error["code"] == "update_refused" and "float16" in error["message"], error
@@ -307,8 +307,8 @@ def _float16_answer_out_of_range(u_app: LiveApp) -> None:
     # the step's forward is spent (its tape was used): it comes again, and a float32 session
     # takes the same gradients
     sid32, token32 = u_app.open_session()
-    assert u_app.post(step_path(sid32, 0, "forward"), tensors={"h": h}, token=token32).status_code == 200
-    response = u_app.post(step_path(sid32, 0, "backward"), tensors={"m": g}, token=token32)
+    assert u_app.post(step_path(sid32, "forward"), step=0, tensors={"h": h}, token=token32).status_code == 200
+    response = u_app.post(step_path(sid32, "backward"), step=0, tensors={"m": g}, token=token32)
     assert response.status_code == 200, response.text
     assert float(np.max(np.abs(wire.decode(response.content)[0]["h"]))) > 65504
 
