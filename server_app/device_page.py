@@ -80,8 +80,9 @@ def page_files(folder: Path) -> dict[str, Path]:
 
 
 def bundle_files(split_dir: Path, manifest: Manifest) -> dict[str, Path]:
-    """`split.json` and every file of the device segments' TF.js bundles the manifest names,
-    by their path relative to the split folder (the table the bundle route looks paths up in)."""
+    """`split.json` and every file of the device segments' TF.js bundles the manifest names
+    (each `model.json` and the weight files beside it that its `weightsManifest` lists), by
+    their path relative to the split folder: the table the bundle route looks paths up in."""
     split_dir = Path(split_dir).resolve()
     files = {"split.json": split_dir / "split.json"}
     for entry in manifest.segments:
@@ -98,7 +99,7 @@ def bundle_files(split_dir: Path, manifest: Manifest) -> dict[str, Path]:
         for group in groups:
             for name in group.get("paths", []):
                 weights = (model_json.parent / str(name)).resolve()
-                if weights.is_relative_to(split_dir) and weights.is_file():
+                if weights.parent == model_json.parent and weights.is_file():  # beside model.json only
                     files[weights.relative_to(split_dir).as_posix()] = weights
     return files
 

@@ -1,0 +1,236 @@
+"""The device page (`splitkeras serve --device-page`, server_app/device_page.py): the routes
+in process (flag off, the key, traversal, content types, a split without page data), the CLI's
+one line without a built page, and a real headless Chromium training the demo's digits split
+against a real `splitkeras serve` (skipped, with the reason, only without Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+import splitkeras
+from server_app.device_page import CONTENT_TYPES, PageNotBuilt, bundle_files, check_page_dir, page_data
+from splitkeras import wire
+from splitkeras.manifest import Manifest
+from tests.js_support import MOBILE, require_node
+from tests.live_server import KEY as LIVE_KEY
+from tests.live_server import Server
+from tests.server_fixtures import KEY, LiveApp, settings_for, u_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def u_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny U-shaped split with TF.js bundles (not the demo's: no page data)."""
+    folder = tmp_path_factory.mktemp("page") / "u"
+    splitkeras.split(u_model(), at=["h", "m"]).save(folder, tfjs=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The split `splitkeras demo` writes (its model, cuts, source), with TF.js bundles."""
+    from splitkeras.demo import CUTS, DEMO_MODEL_FILE, digits_model
+
+    folder = tmp_path_factory.mktemp("page") / "digits"
+    splitkeras.split(digits_model(), at=CUTS, source={"file": DEMO_MODEL_FILE, "sha256": None}).save(
+        folder, tfjs=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fake_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for the built page: the files the routes serve, with known bytes."""
+    folder = tmp_path_factory.mktemp("built-page")
+    (folder / "index.html").write_text("<!doctype html><title>page</title>")
+    (folder / "device_page.js").write_text("window.devicePage = {};")
+    (folder / "tfjs-backend-wasm.wasm").write_bytes(b"\0asm\1\0\0\0")
+    (folder / "notes.txt").write_text("not a page file type")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def live(u_split: Path, fake_page: Path) -> Any:
+    with LiveApp(settings_for(u_split, device_page=True, device_page_dir=fake_page)) as app:
+        yield app
+
+
+def test_flag_off_no_page_routes(u_split: Path, fake_page: Path) -> None:
+    with LiveApp(settings_for(u_split, device_page_dir=fake_page)) as app:
+        for path in ["/device/", "/device/device_page.js", "/device/split/split.json", "/device/data"]:
+            response = app.get(path, token=KEY)
+            assert response.status_code == 404, path
+            assert response.json()["error"]["code"] == "not_found"
+
+
+def test_page_files_public_with_content_types(live: LiveApp, fake_page: Path) -> None:
+    for name, media in [("", "text/html; charset=utf-8"), ("device_page.js", "text/javascript; charset=utf-8"),
+                        ("tfjs-backend-wasm.wasm", "application/wasm")]:
+        response = live.get(f"/device/{name}")  # no key: the page holds no secret
+        assert response.status_code == 200, name
+        assert response.headers["content-type"] == media
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.content == (fake_page / (name or "index.html")).read_bytes()
+    assert "script-src 'self' 'wasm-unsafe-eval'" in live.get("/device/").headers["content-security-policy"]
+    redirect = live.get("/device")
+    assert redirect.status_code == 308 and redirect.headers["location"] == "/device/"
+    assert live.get("/device/notes.txt").status_code == 404  # a file of no page type is not served
+
+
+def test_bundles_need_the_key(live: LiveApp, u_split: Path) -> None:
+    for token in [None, "wrong"]:
+        for path in ["/device/split/split.json", "/device/split/head_tfjs/model.json", "/device/data"]:
+            response = live.get(path, token=token)
+            assert response.status_code == 401, (path, token)
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert "#key=" in response.json()["error"]["message"]
+    response = live.get("/device/split/split.json", token=KEY)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.json() == json.loads((u_split / "split.json").read_text())
+
+
+def test_bundle_files_are_the_ones_the_manifest_names(live: LiveApp, u_split: Path) -> None:
+    files = bundle_files(u_split, Manifest.read(u_split))
+    assert sorted(files) == ["head_tfjs/group1-shard1of1.bin", "head_tfjs/model.json", "split.json",
+                             "tail_tfjs/group1-shard1of1.bin", "tail_tfjs/model.json"]
+    for name, path in files.items():
+        response = live.get(f"/device/split/{name}", token=KEY)
+        assert response.status_code == 200, name
+        assert response.headers["content-type"] == CONTENT_TYPES[path.suffix]
+        assert response.content == path.read_bytes()
+
+
+@pytest.mark.parametrize("raw", [
+    "/device/split/middle.keras",                       # in the folder, not a device bundle
+    "/device/split/..%2Fsplit.json",
+    "/device/split/head_tfjs%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/device/split/%2Fetc%2Fpasswd",
+    "/device/split/head_tfjs/../middle.keras",
+    "/device/split/.splitkeras/server.key",
+    "/device/..%2Fsplit.json",
+    "/device/%2E%2E%2Fsplit.json",
+])
+def test_traversal_refused(live: LiveApp, u_split: Path, raw: str) -> None:
+    (u_split / ".splitkeras").mkdir(exist_ok=True)
+    (u_split / ".splitkeras" / "server.key").write_text("secret")
+    response = live.call(live.client.send(httpx.Request("GET", httpx.URL(f"http://test{raw}"),
+                                                        headers={"Authorization": f"Bearer {KEY}"})))
+    assert response.status_code == 404, raw
+    assert b"secret" not in response.content and b"keras_file" not in response.content
+
+
+def test_weights_outside_the_bundle_folder_are_not_named(tmp_path: Path, u_split: Path) -> None:
+    folder = tmp_path / "tampered"
+    shutil.copytree(u_split, folder)
+    model_json = folder / "head_tfjs" / "model.json"
+    bundle = json.loads(model_json.read_text())
+    bundle["weightsManifest"][0]["paths"].append("../middle.keras")
+    model_json.write_text(json.dumps(bundle))
+    assert "middle.keras" not in bundle_files(folder, Manifest.read(folder))
+
+
+def test_split_without_page_data(live: LiveApp, u_split: Path) -> None:
+    assert page_data(Manifest.read(u_split)) is None
+    response = live.get("/device/data", token=KEY)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "no_page_data"
+    assert "x_train" in error["message"] and "splitkeras demo" in error["message"]
+
+
+def test_digits_data_is_the_demos(digits_split: Path) -> None:
+    from splitkeras.demo import digits_data
+
+    body = page_data(Manifest.read(digits_split))
+    assert body is not None
+    tensors, _ = wire.decode(body)
+    (x_train, y_train), (x_test, y_test) = digits_data()
+    np.testing.assert_array_equal(tensors["x_train"], x_train)
+    np.testing.assert_array_equal(tensors["y_train"], y_train)
+    np.testing.assert_array_equal(tensors["x_test"], x_test)
+    np.testing.assert_array_equal(tensors["y_test"], y_test)
+    assert tensors["y_train"].dtype == np.int32 and tensors["x_train"].shape == (1437, 8, 8, 1)
+
+
+def test_page_not_built(tmp_path: Path) -> None:
+    with pytest.raises(PageNotBuilt, match=r"npm --prefix mobile_export run build:page"):
+        check_page_dir(tmp_path)
+
+
+def test_cli_without_built_page_is_one_line(u_split: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, SPLITKERAS_SERVER_KEY="k", SPLITKERAS_DEVICE_PAGE_DIR=str(tmp_path / "none"),
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
+    completed = subprocess.run([sys.executable, "-m", "splitkeras.cli", "serve", str(u_split), "--port", "0",
+                                "--device-page"], env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
+    assert "--device-page: the device page is not built" in lines[0]
+    assert "npm --prefix mobile_export run build:page" in lines[0]
+
+
+def test_help_names_the_flag() -> None:
+    completed = subprocess.run([sys.executable, "-m", "splitkeras.cli", "serve", "--help"], capture_output=True,
+                               text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "--device-page" in completed.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_chromium_trains_the_digits_split(digits_split: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    """The real page (built from mobile_export/page now), in headless Chromium, against a real
+    `splitkeras serve --device-page`: the loss falls, the accuracy is shown, and the server
+    applied exactly the steps the page ran."""
+    node = require_node()
+    built = tmp_path / "device-page"
+    subprocess.run([node, "tools/build_page.mjs", str(built)], cwd=MOBILE, check=True, capture_output=True,
+                   timeout=120)
+    monkeypatch.setenv("SPLITKERAS_DEVICE_PAGE_DIR", str(built))
+    server = Server(digits_split, checkpoint_every=1000, args=["--device-page"]).start()
+    try:
+        before = server.wait_ready()
+        assert before["applied_steps"] == 0
+        printed = server.log.read_text()
+        assert f"device page: {server.url}/device/#key={LIVE_KEY}" in printed
+        url = f"{server.url}/device/?epochs=2&batch=32&autostart=1#key={LIVE_KEY}"
+        completed = subprocess.run([node, "tools/run_device_page.mjs", url, "240000"], cwd=MOBILE,
+                                   capture_output=True, text=True, timeout=300)
+        if completed.returncode == 2:
+            pytest.skip(f"no browser: {completed.stderr.strip()}")
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        page = json.loads(completed.stdout.strip().splitlines()[-1])
+        after = httpx.get(f"{server.url}/readyz", headers={"Authorization": f"Bearer {LIVE_KEY}"}).json()
+    finally:
+        server.stop()
+    assert page["status"] == "done", (page.get("error"), page.get("errors"), server.log_tail())
+    assert page["errors"] == [], page["errors"]
+    assert "#key" not in page["address"]  # the key is taken off the address bar
+    steps = 2 * -(-1437 // 32)
+    assert page["steps"] == steps
+    assert page["appliedSteps"] == steps and after["applied_steps"] == steps
+    assert page["backend"] in ("wasm", "cpu")
+    losses = [loss for _, loss in page["losses"]]
+    assert len(losses) == steps and all(np.isfinite(losses))
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.5 * first, (first, last)
+    assert page["history"]["loss"][1] < page["history"]["loss"][0]
+    assert 0.0 <= page["testAccuracy"] <= 1.0 and page["testAccuracy"] > 0.5
+    assert page["shown"]["test-accuracy"] == f"{page['testAccuracy']:.4f}"
+    assert page["shown"]["applied"] == str(steps) and page["shown"]["steps"] == str(steps)
+    assert page["bytesSent"] > 0 and page["bytesReceived"] > 0
+    assert {p["series"]: p["points"] for p in page["chartPolylines"]} == {
+        "loss": steps, "accuracy": steps, "val_accuracy": 2}
+    print(f"\nChromium {page['backend']}: {steps} steps at {page['stepsPerSecond']:.1f} steps/s, loss "
+          f"{first:.3f} -> {last:.3f}, test accuracy {page['testAccuracy']:.4f}, {page['bytesSent']:,} bytes sent, "
+          f"{page['bytesReceived']:,} received")
