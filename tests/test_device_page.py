@@ -168,16 +168,21 @@ def test_page_not_built(tmp_path: Path) -> None:
         check_page_dir(tmp_path)
 
 
-def test_cli_without_built_page_is_one_line(u_split: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, SPLITKERAS_SERVER_KEY="k", SPLITKERAS_DEVICE_PAGE_DIR=str(tmp_path / "none"),
-               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
-    completed = subprocess.run([sys.executable, "-m", "splitkeras.cli", "serve", str(u_split), "--port", "0",
-                                "--device-page"], env=env, capture_output=True, text=True, timeout=120)
-    assert completed.returncode != 0
-    lines = [line for line in completed.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
-    assert "--device-page: the device page is not built" in lines[0]
-    assert "npm --prefix mobile_export run build:page" in lines[0]
+def test_cli_without_built_page_is_one_line(u_split: Path, tmp_path: Path, monkeypatch: Any,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from splitkeras.cli import main
+
+    monkeypatch.setenv("SPLITKERAS_SERVER_KEY", "k")
+    monkeypatch.setenv("SPLITKERAS_DEVICE_PAGE_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "0"))
+    assert main(["serve", str(u_split), "--port", "0", "--device-page"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert lines == [f"error: serve: --device-page: the device page is not built ({tmp_path / 'none' / 'index.html'} "
+                     "is missing); build it with `npm --prefix mobile_export run build:page` (scripts/setup does), "
+                     "or set SPLITKERAS_DEVICE_PAGE_DIR to a folder holding a built page"], captured.err
+    assert captured.out == ""
+    assert not (u_split / ".splitkeras" / "serve-middle.lock").exists()  # refused before the lock
 
 
 def test_help_names_the_flag() -> None:
@@ -186,29 +191,36 @@ def test_help_names_the_flag() -> None:
     assert "--device-page" in completed.stdout
 
 
-def _run_page(folder: Path, built: Path, query: str, monkeypatch: Any,
-              data_file: Path | None = None) -> tuple[dict[str, Any], dict[str, Any], Server]:
+def _drive(node: str, url: str, data_file: Path | None = None) -> dict[str, Any]:
+    """tools/run_device_page.mjs on `url`: what the page reports (skips without Chromium)."""
+    completed = subprocess.run([node, "tools/run_device_page.mjs", url, "240000"]
+                               + ([str(data_file)] if data_file else []), cwd=MOBILE, capture_output=True,
+                               text=True, timeout=300)
+    if completed.returncode == 2:
+        pytest.skip(f"no browser: {completed.stderr.strip()}")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def _run_page(folder: Path, built: Path, query: str, monkeypatch: Any, data_file: Path | None = None,
+              without_key: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """Serve `folder` with `--device-page` (the page built in `built`), open the page in headless
-    Chromium with `query`; the page's report and the server's /readyz (with the key) after."""
+    Chromium with `query`; the page's report, the server's /readyz (with the key) after, and
+    with `without_key` what the page shows first when opened without the fragment."""
     node = require_node()
     monkeypatch.setenv("SPLITKERAS_DEVICE_PAGE_DIR", str(built))
     server = Server(folder, checkpoint_every=1000, args=["--device-page"]).start()
     try:
         assert server.wait_ready()["applied_steps"] == 0
         assert f"device page: {server.url}/device/#key={LIVE_KEY}" in server.log.read_text()
-        command = [node, "tools/run_device_page.mjs", f"{server.url}/device/?{query}#key={LIVE_KEY}", "240000"]
-        completed = subprocess.run(command + ([str(data_file)] if data_file else []), cwd=MOBILE,
-                                   capture_output=True, text=True, timeout=300)
-        if completed.returncode == 2:
-            pytest.skip(f"no browser: {completed.stderr.strip()}")
-        assert completed.returncode == 0, completed.stderr[-3000:]
-        page = json.loads(completed.stdout.strip().splitlines()[-1])
+        keyless = _drive(node, f"{server.url}/device/") if without_key else None
+        page = _drive(node, f"{server.url}/device/?{query}#key={LIVE_KEY}", data_file)
         after = httpx.get(f"{server.url}/readyz", headers={"Authorization": f"Bearer {LIVE_KEY}"}).json()
     finally:
         server.stop()
     assert page["status"] == "done", (page.get("error"), page.get("errors"), server.log_tail())
     assert "#key" not in page["address"]  # the key is taken off the address bar
-    return page, after, server
+    return page, after, keyless
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +272,10 @@ def test_chromium_split_without_data_takes_a_file(u_split: Path, built_page: Pat
     y = (x[:, 0] + x[:, 1] > 0).astype("int32")
     data_file = tmp_path / "data.safetensors"
     data_file.write_bytes(wire.encode({"x_train": x, "y_train": y}))
-    page, after, _ = _run_page(u_split, built_page, "epochs=3&batch=16&backend=cpu&autostart=1", monkeypatch,
-                               data_file=data_file)
+    page, after, keyless = _run_page(u_split, built_page, "epochs=3&batch=16&backend=cpu&autostart=1",
+                                     monkeypatch, data_file=data_file, without_key=True)
+    assert keyless is not None and keyless["keyPanelShown"] and keyless["status"] == "idle"
+    assert "Paste the server key" in keyless["message"] and keyless["errors"] == []
     assert "no data of its own" in page["askedForData"] and "x_train" in page["askedForData"]
     assert [e for e in page["errors"] if "404" not in e] == [], page["errors"]  # the data route's 404
     assert page["backend"] == "cpu"
