@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from splitkeras.manifest import Manifest
 
 __all__ = ["PAGE_PREFIX", "CONTENT_TYPES", "PageNotBuilt", "default_page_dir", "check_page_dir",
-           "page_files", "bundle_files", "page_data", "device_page_router"]
+           "page_files", "bundle_files", "missing_bundles", "page_data", "device_page_router"]
 
 PAGE_PREFIX = "/device"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -102,6 +102,15 @@ def bundle_files(split_dir: Path, manifest: Manifest) -> dict[str, Path]:
                 if weights.parent == model_json.parent and weights.is_file():  # beside model.json only
                     files[weights.relative_to(split_dir).as_posix()] = weights
     return files
+
+
+def missing_bundles(split_dir: Path, manifest: Manifest) -> list[str]:
+    """The device segments without a TF.js `model.json` the page could load (in manifest order)."""
+    split_dir = Path(split_dir).resolve()
+    served = bundle_files(split_dir, manifest)
+    return [entry.name for entry in manifest.segments if entry.placement == "device" and (
+        not entry.tfjs or not (split_dir / entry.tfjs).resolve().is_relative_to(split_dir)
+        or (split_dir / entry.tfjs).resolve().relative_to(split_dir).as_posix() not in served)]
 
 
 def is_demo_split(manifest: Manifest) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import splitkeras
-from server_app.device_page import CONTENT_TYPES, PageNotBuilt, bundle_files, check_page_dir, page_data
+from server_app.device_page import CONTENT_TYPES, PageNotBuilt, bundle_files, check_page_dir, missing_bundles, page_data
 from splitkeras import wire
 from splitkeras.manifest import Manifest
 from tests.js_support import MOBILE, require_node
@@ -183,6 +183,23 @@ def test_cli_without_built_page_is_one_line(u_split: Path, tmp_path: Path, monke
                      "or set SPLITKERAS_DEVICE_PAGE_DIR to a folder holding a built page"], captured.err
     assert captured.out == ""
     assert not (u_split / ".splitkeras" / "serve-middle.lock").exists()  # refused before the lock
+
+
+def test_cli_split_without_bundles_is_one_line(tmp_path: Path, fake_page: Path, monkeypatch: Any,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from splitkeras.cli import main
+
+    folder = tmp_path / "no-tfjs"
+    splitkeras.split(u_model(), at=["h", "m"]).save(folder)  # Keras segments only
+    assert missing_bundles(folder, Manifest.read(folder)) == ["head", "tail"]
+    monkeypatch.setenv("SPLITKERAS_SERVER_KEY", "k")
+    monkeypatch.setenv("SPLITKERAS_DEVICE_PAGE_DIR", str(fake_page))
+    monkeypatch.setenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "0"))
+    assert main(["serve", str(folder), "--port", "0", "--device-page"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"error: serve: --device-page: device segment 'head' has no TF.js bundle in {folder} for "
+                     "the page to train; split again without --no-tfjs (`splitkeras split` writes the bundles "
+                     "by default)"]
 
 
 def test_help_names_the_flag() -> None:

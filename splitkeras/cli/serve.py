@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     manifest = Manifest.read(settings.split_dir)  # a wrong folder fails here, in one line
     served = choose_segment(manifest, settings.segment, settings.next_url)  # likewise a wrong --segment
     if settings.device_page:
-        _check_device_page(settings)
+        _check_device_page(settings, manifest)
     with ServerLock(settings.split_dir, served.segment):
         service = load_service(settings)  # a bad .keras or checkpoint: one line, before uvicorn
         where = "SPLITKERAS_SERVER_KEY" if settings.key else settings.key_file
@@ -100,13 +100,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device_page(settings: Any) -> None:
-    from server_app.device_page import PageNotBuilt, check_page_dir
+def _check_device_page(settings: Any, manifest: Any) -> None:
+    from server_app.device_page import PageNotBuilt, check_page_dir, missing_bundles
 
     try:
         check_page_dir(settings.resolved_device_page_dir)
     except PageNotBuilt as error:
         raise CliError(f"serve: {error}") from None
+    missing = missing_bundles(settings.split_dir, manifest)
+    if missing:
+        raise CliError(f"serve: --device-page: device segment '{missing[0]}' has no TF.js bundle in "
+                       f"{settings.split_dir} for the page to train; split again without --no-tfjs "
+                       "(`splitkeras split` writes the bundles by default)")
 
 
 def _number(kind: Callable[[str], Any], low: float, inclusive: bool = True,
