@@ -220,24 +220,24 @@ def _drive(node: str, url: str, data_file: Path | None = None) -> dict[str, Any]
 
 
 def _run_page(folder: Path, built: Path, query: str, monkeypatch: Any, data_file: Path | None = None,
-              without_key: bool = False) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+              first: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     """Serve `folder` with `--device-page` (the page built in `built`), open the page in headless
     Chromium with `query`; the page's report, the server's /readyz (with the key) after, and
-    with `without_key` what the page shows first when opened without the fragment."""
+    the reports of the pages opened before it at `/device/` + each of `first`."""
     node = require_node()
     monkeypatch.setenv("SPLITKERAS_DEVICE_PAGE_DIR", str(built))
     server = Server(folder, checkpoint_every=1000, args=["--device-page"]).start()
     try:
         assert server.wait_ready()["applied_steps"] == 0
         assert f"device page: {server.url}/device/#key={LIVE_KEY}" in server.log.read_text()
-        keyless = _drive(node, f"{server.url}/device/") if without_key else None
+        before = [_drive(node, f"{server.url}/device/{address}") for address in first]
         page = _drive(node, f"{server.url}/device/?{query}#key={LIVE_KEY}", data_file)
         after = httpx.get(f"{server.url}/readyz", headers={"Authorization": f"Bearer {LIVE_KEY}"}).json()
     finally:
         server.stop()
     assert page["status"] == "done", (page.get("error"), page.get("errors"), server.log_tail())
     assert "#key" not in page["address"]  # the key is taken off the address bar
-    return page, after, keyless
+    return page, after, before
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_chromium_trains_the_digits_split(digits_split: Path, built_page: Path, 
     steps = 2 * -(-1437 // 32)
     assert page["steps"] == steps
     assert page["appliedSteps"] == steps and after["applied_steps"] == steps
-    assert page["backend"] in ("wasm", "cpu")
+    assert page["backend"] == "wasm"  # Chromium runs wasm, under the page's Content-Security-Policy
     losses = [loss for _, loss in page["losses"]]
     assert len(losses) == steps and all(np.isfinite(losses))
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
@@ -289,10 +289,13 @@ def test_chromium_split_without_data_takes_a_file(u_split: Path, built_page: Pat
     y = (x[:, 0] + x[:, 1] > 0).astype("int32")
     data_file = tmp_path / "data.safetensors"
     data_file.write_bytes(wire.encode({"x_train": x, "y_train": y}))
-    page, after, keyless = _run_page(u_split, built_page, "epochs=3&batch=16&backend=cpu&autostart=1",
-                                     monkeypatch, data_file=data_file, without_key=True)
-    assert keyless is not None and keyless["keyPanelShown"] and keyless["status"] == "idle"
+    page, after, (keyless, wrong_key) = _run_page(
+        u_split, built_page, "epochs=3&batch=16&backend=cpu&autostart=1", monkeypatch, data_file=data_file,
+        first=("", "?autostart=1#key=wrong"))
+    assert keyless["keyPanelShown"] and keyless["status"] == "idle"
     assert "Paste the server key" in keyless["message"] and keyless["errors"] == []
+    assert wrong_key["status"] == "error" and wrong_key["keyPanelShown"]  # asks for the key again
+    assert "need the server key" in wrong_key["error"]["message"] and "#key" not in wrong_key["address"]
     assert "no data of its own" in page["askedForData"] and "x_train" in page["askedForData"]
     assert [e for e in page["errors"] if "404" not in e] == [], page["errors"]  # the data route's 404
     assert page["backend"] == "cpu"

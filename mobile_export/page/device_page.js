@@ -41,6 +41,10 @@ async function authorized(path) {
   if (response.ok || response.status === 404) return response;
   let message = `${path}: HTTP ${response.status}`;
   try { message = (await response.json()).error.message; } catch { /* not JSON */ }
+  if (response.status === 401) { // a wrong key: ask for it again
+    key = null;
+    $('key-panel').hidden = false;
+  }
   throw new Error(message);
 }
 
@@ -87,7 +91,7 @@ function draw() {
 }
 
 async function train() {
-  key = key || $('key').value.trim();
+  key = $('key').value.trim() || key; // a key typed in wins over the fragment's
   if (!key) {
     $('key-panel').hidden = false;
     say('The page needs the server key to load the split and open a session.', true);
