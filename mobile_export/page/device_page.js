@@ -17,7 +17,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const state = {
   status: 'idle', error: null, backend: null, steps: 0, appliedSteps: null, stepsPerSecond: null,
-  losses: [], accuracies: [], history: null, testAccuracy: null, bytesSent: 0, bytesReceived: 0,
+  losses: [], accuracies: [], epochEnds: [], history: null, testAccuracy: null, bytesSent: 0, bytesReceived: 0,
 };
 window.devicePage = state;
 let key = null;
