@@ -41,6 +41,7 @@ class FakeServer:
         self.applied = 0
         self.opened = 0
         self.log: list[tuple[str, str, bytes]] = []
+        self.steps: list[str | None] = []  # the Splitkeras-Step header of each request in the log
         self.before: list[Callable[[httpx.Request], Any]] = []
         self.drop: list[str] = []
 
@@ -55,8 +56,8 @@ class FakeServer:
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
-        step = request.headers.get(STEP_HEADER)  # logged with the path: "... /forward step 3"
-        self.log.append((request.method, request.url.path + ("" if step is None else f" step {step}"), body))
+        self.log.append((request.method, request.url.path, body))
+        self.steps.append(request.headers.get(STEP_HEADER))
         if self.before:
             fault = self.before.pop(0)(request)
             if isinstance(fault, Exception):
@@ -165,7 +166,9 @@ class FakeServer:
         return session["last_backward"][1]
 
     def routes(self) -> list[str]:
-        return [f"{method} {path}" for method, path, _ in self.log]
+        """Each request as "METHOD PATH", and " step K" for its Splitkeras-Step header."""
+        return [f"{method} {path}" + ("" if step is None else f" step {step}")
+                for (method, path, _), step in zip(self.log, self.steps, strict=True)]
 
 
 @pytest.fixture
@@ -561,7 +564,7 @@ def test_train_command_needs_a_key_and_a_reachable_server(templates: dict[str, P
             "--data", str(tmp_path / "data.npz")]
     assert main(args) == 2
     assert "error: train: no server key; pass --key, set SPLITKERAS_SERVER_KEY" in capsys.readouterr().err
-    monkeypatch.setattr("splitkeras.client.transport.time.sleep", lambda s: None)
+    monkeypatch.setattr("splitkeras.client.retries.time.sleep", lambda s: None)
     assert main([*args, "--key", KEY]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Could not complete POST /v1/sessions on http://127.0.0.1:9" in err

@@ -136,17 +136,33 @@ class Transport:
     def retries(self) -> int:
         return self._http.retries
 
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self._http.retries = value
+
     @property
     def backoff(self) -> float:
         return self._http.backoff
+
+    @backoff.setter
+    def backoff(self, value: float) -> None:
+        self._http.backoff = value
 
     @property
     def max_backoff(self) -> float:
         return self._http.max_backoff
 
+    @max_backoff.setter
+    def max_backoff(self, value: float) -> None:
+        self._http.max_backoff = value
+
     @property
     def jitter(self) -> float:
         return self._http.jitter
+
+    @jitter.setter
+    def jitter(self, value: float) -> None:
+        self._http.jitter = value
 
     def __repr__(self) -> str:
         session = self.session["session_id"] if self.session else None
