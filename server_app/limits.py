@@ -22,6 +22,7 @@ __all__ = ["BodyLimits", "JSON_LIMIT", "NO_BODY_LIMIT", "body_limit", "too_large
 JSON_LIMIT = 16 * 1024  # POST /v1/sessions: {"wire_dtype": ..., "client": <= 200 characters}
 NO_BODY_LIMIT = 1024  # routes that take no body
 _TENSOR_ROUTE = re.compile(r"^/v1/sessions/[^/]+/(?:steps/[^/]+/(forward|backward|train)|(predict))/?$")
+_FLEET_UPLOAD = re.compile(r"^/v1/sessions/[^/]+/fleet/rounds/[^/]+/weights/?$")  # server_app.fleet_routes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,6 +49,8 @@ def body_limit(scope: Scope) -> tuple[int, bool]:
         service = getattr(getattr(scope.get("app"), "state", None), "service", None)
         if match and service is not None:
             return int(service.body_limits[match.group(1) or match.group(2)]), True
+        if _FLEET_UPLOAD.match(path) and service is not None and "fleet_weights" in service.body_limits:
+            return int(service.body_limits["fleet_weights"]), True
     return NO_BODY_LIMIT, False
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from server_app import health, routes
+from server_app import fleet_routes, health, routes
 from server_app.errors import install_error_handlers
 from server_app.limits import BodyLimits
 from server_app.settings import ServerSettings
@@ -70,6 +70,7 @@ def create_app(settings: ServerSettings | None = None, service: SegmentService |
                            allow_headers=["authorization", "content-type"], max_age=CORS_MAX_AGE)
     app.include_router(health.router)
     app.include_router(routes.router)
+    app.include_router(fleet_routes.router)
     return app
 
 
