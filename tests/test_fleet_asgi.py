@@ -231,3 +231,33 @@ def test_an_upload_that_cannot_be_logged_is_not_acknowledged(template: Path, tmp
         _assert_unchanged(before, _state(live))
         wal.append = original
         assert _upload(live, sid, token, 0, _moved(start)).status_code == 200  # space is back
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--round-steps", "3"], "error: serve: --round-steps needs --aggregate fedavg or --aggregate relay"),
+    (["--aggregate", "mean"], "error: splitkeras serve: argument --aggregate: invalid choice: 'mean'"),
+    (["--aggregate", "fedavg", "--round-steps", "0"], "error: splitkeras serve: argument --round-steps: "
+     "expected a finite number >= 1"),
+    (["--aggregate", "fedavg", "--round-quorum", "x"], "error: splitkeras serve: argument --round-quorum: "
+     "expected a whole number"),
+])
+def test_fleet_flag_mistakes_print_one_line(argv: list[str], message: str, template: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from splitkeras.cli import main
+
+    assert main(["serve", str(template), *argv]) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_a_fleet_file_of_another_mode_is_one_clear_error(template: Path, tmp_path: Path) -> None:
+    from splitkeras.errors import ManifestError
+
+    folder = tmp_path / "mode"
+    with _app(template, folder):
+        pass  # the graceful shutdown writes fleet.npz (fedavg)
+    with pytest.raises(ManifestError, match="another aggregation mode"):
+        from server_app.service import SegmentService
+
+        SegmentService(settings_for(folder, aggregate="relay"))
