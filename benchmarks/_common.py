@@ -96,7 +96,7 @@ def verdict(met: bool) -> str:
 
 
 def start_server(split_dir: Path, key: str, *, extra_env: dict[str, str] | None = None,
-                 timeout: float = 180.0) -> tuple[subprocess.Popen[bytes], str]:
+                 timeout: float = 180.0, args: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
     """`splitkeras serve SPLIT_DIR` in a subprocess on a free loopback port; waits for /readyz."""
     import httpx
 
@@ -106,7 +106,7 @@ def start_server(split_dir: Path, key: str, *, extra_env: dict[str, str] | None 
     log = open(split_dir / "server.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "splitkeras.cli", "serve", str(split_dir), "--port", str(port),
-         "--checkpoint-every", "1000000"],
+         "--checkpoint-every", "1000000", *args],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
