@@ -123,7 +123,7 @@ def run_split(kind: str, template: Path, root: Path, shares: list[Any], epochs: 
     folder = Path(shutil.copytree(template, root / kind))
     args = {"independent": [], "relay": ["--aggregate", "relay"],
             "splitfed": ["--aggregate", "fedavg", "--round-quorum", str(DEVICES), "--round-deadline", "600"]}[kind]
-    process, url = start_server(folder, KEY, args=args, extra_env={"TF_DETERMINISTIC_OPS": "1"})
+    process, url = start_server(folder, KEY, *args, extra_env={"TF_DETERMINISTIC_OPS": "1"})
     clients: list[DeviceClient] = []
     try:
         clients = _clients(folder, url)
