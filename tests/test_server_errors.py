@@ -22,7 +22,7 @@ from splitkeras.errors import REFUSAL_CODES, ProtocolError, RequestRefused, Spli
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "server_app"
-HTTP_MODULES = {"routes", "health", "errors", "main", "fleet_routes"}
+HTTP_MODULES = {"routes", "health", "errors", "main", "fleet_routes", "device_page"}
 
 
 def raised_codes() -> dict[str, set[str]]:
