@@ -25,6 +25,7 @@ __all__ = ["router", "MAX_WAIT_SECONDS"]
 
 MAX_WAIT_SECONDS = 60.0
 _POLL_SECONDS = 0.02
+_SWEEP_SECONDS = 0.25
 
 router = APIRouter(prefix="/v1/sessions/{session_id}/fleet", tags=["fleet rounds"])
 
@@ -75,10 +76,16 @@ async def download(service: ServiceDep, session: SessionDep,
                    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0.0) -> Response:
     """The global device weights (safetensors, metadata `round`). With `after=R`, waits up to
     `wait` seconds for round R to close first (long poll); the answer says which round it is."""
-    deadline = time.monotonic() + wait
+    aggregator = _aggregator(service)
+    now = time.monotonic()
+    deadline, next_sweep = now + wait, now
     while True:
-        state = await service.run(_sweep_and_state, service)
-        if after is None or state["round"] > after or time.monotonic() >= deadline:
+        if time.monotonic() >= next_sweep:  # the writer closes a round past its deadline
+            await service.run(_sweep_and_state, service)
+            next_sweep = time.monotonic() + _SWEEP_SECONDS
+        # reading the round here, off the writer, is safe (one int) and keeps waiting devices
+        # from queueing work in front of the steps of those still training
+        if after is None or aggregator.round > after or time.monotonic() >= deadline:
             break
         await asyncio.sleep(_POLL_SECONDS)
     body = await service.run(lambda: _aggregator(service).download(session.wire_dtype))
