@@ -339,6 +339,8 @@ class SegmentService:
             "refused_steps": self.refused_steps}
         if self.guard is not None:
             body["guard"] = self.guard.describe()
+        if self.fleet is not None:
+            body["aggregation"] = self.fleet.aggregator.state()
         return ready, body
 
     def predict(self, session: Session, body: bytes) -> bytes:

@@ -90,6 +90,8 @@ def test_announced_and_round_zero_is_the_split_folder(template: Path, tmp_path: 
         assert all(np.array_equal(weights[k], expected[k]) for k in expected)
         state = live.get(f"/v1/sessions/{sid}/fleet", token).json()
         assert state["round"] == 0 and state["uploads"] == 0
+        assert live.get("/readyz", token=KEY).json()["aggregation"]["round"] == 0  # the operator's view
+        assert "aggregation" not in live.get("/readyz").json()
         assert "/v1/sessions/{session_id}/fleet/rounds/{round_number}/weights" in \
             live.get("/openapi.json").json()["paths"]
 

@@ -76,6 +76,11 @@ def test_relay_hands_the_segments_to_the_next_device(template: Path, tmp_path: P
             second.fit(X, Y, batch_size=4, epochs=0, verbose=0)
             assert all(np.array_equal(handed[k], v) for k, v in _weights(second).items())
             assert first.rounds is not None and first.rounds.round == 1
+            session = server.service.sessions.get(first.transport.session["session_id"])
+            server.on_writer(server.service.close_session, session)  # e.g. closed as idle
+            first.fit(X, Y, batch_size=4, verbose=0)  # opens a new session and goes on
+            assert first.rounds.round == 2 and first.transport.stats.recoveries >= 1
+            assert first.transport.session["session_id"] != session.session_id
         finally:
             first.close(), second.close()
 

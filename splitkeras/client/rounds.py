@@ -112,19 +112,31 @@ class FleetRounds:
         assert self.transport.session is not None
         return f"/v1/sessions/{self.transport.session['session_id']}/fleet"
 
+    def _send(self, method: str, route: str, body: bytes | None) -> Any:
+        """One fleet request; a session the server closed meanwhile (idle, evicted) is opened
+        again once, as the step routes do."""
+        for attempt in range(2):
+            path = f"{self._path()}{route}"
+            try:
+                return self.transport._send(method, path, body, wire.MEDIA_TYPE if body else None,
+                                            self.transport._token(), f"{method} {path.split('?')[0]}")
+            except _Refused as refusal:
+                if refusal.code != "unknown_session" or attempt:
+                    raise
+                self.transport._reopen(None)
+                self.transport.stats.recoveries += 1
+        raise AssertionError("unreachable")
+
     def _upload(self, round_number: int) -> None:
         body = wire.encode(fleet.device_weights(self.segments), wire_dtype=self.transport.wire_dtype,
                            metadata={"samples": str(max(self.samples, 1))})
-        path = f"{self._path()}/rounds/{round_number}/weights"
-        self.transport._send("POST", path, body, wire.MEDIA_TYPE, self.transport._token(), f"POST {path}")
+        self._send("POST", f"/rounds/{round_number}/weights", body)
         self.stats.uploaded_bytes += len(body)
 
     def _download(self, after: int | None, wait: float = 0.0) -> tuple[int, dict[str, Any]]:
-        path = f"{self._path()}/weights"
         query = "" if after is None else f"?after={after}&wait={wait:g}"
         try:
-            response = self.transport._send("GET", path + query, None, None, self.transport._token(),
-                                            f"GET {path}")
+            response = self._send("GET", f"/weights{query}", None)
         except _Refused as refusal:
             raise refusal.error() from None
         self.stats.downloaded_bytes += len(response.content)
