@@ -9,7 +9,8 @@ Python `DeviceClient`s in this process (threads), the claims of docs/training.md
     middle equal the central update this implies, computed here with the joined model:
     device weights W - lr * sum_k n_k g_k(W, M) / sum_k n_k, the middle
     M - lr * sum_k h_k(W, M), with g_k, h_k the gradients of device k's mean batch loss.
-    Checked for identical data on every device and for different data and batch sizes.
+    Checked for identical data on every device and for different data and batch sizes;
+(c) an acknowledged upload survives kill -9 of the server and a restart (the write-ahead log).
 """
 
 from __future__ import annotations
@@ -196,3 +197,46 @@ def test_b_splitfed_eight_devices_in_lockstep_equal_the_central_update(servers: 
     print(f"SplitFed 8 devices vs the central update: device weights {device_diff:.2e}, joined model "
           f"{joined_diff:.2e}")
     assert device_diff <= ROUNDING and joined_diff <= ROUNDING
+
+
+def test_c_an_acknowledged_upload_survives_kill_9(tmp_path: Path) -> None:
+    """A real server killed -9 right after it acknowledged an upload: after the restart the
+    round still holds it, and the next upload closes the round with the exact average of both."""
+    from splitkeras import fleet, wire
+    from splitkeras.client import Transport
+
+    folder = _sgd_split(tmp_path / "kill")
+    server = Server(folder, checkpoint_every=1000, args=["--aggregate", "fedavg", "--round-quorum", "2"]).start()
+    rng = np.random.default_rng(8)
+
+    def fleet_path(transport: Transport, route: str) -> str:
+        assert transport.session is not None
+        return f"/v1/sessions/{transport.session['session_id']}/fleet{route}"
+
+    def call(transport: Transport, method: str, route: str, body: bytes | None = None) -> Any:
+        return transport._send(method, fleet_path(transport, route), body, wire.MEDIA_TYPE if body else None,
+                               transport._token(), route)
+
+    try:
+        server.wait_ready()
+        with Transport(server.url, key=KEY, retries=150, backoff=0.05, max_backoff=1.0) as first:
+            first.open_session()
+            start, _ = wire.decode(call(first, "GET", "/weights").content)
+            mine = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in start.items()}
+            answer = call(first, "POST", "/rounds/0/weights", wire.encode(mine, metadata={"samples": "3"}))
+            assert answer.json()["uploads"] == 1
+            server.stop(signal.SIGKILL)
+            server.start().wait_ready()
+            state = call(first, "GET", "").json()  # the session came back from the log too
+            assert state["round"] == 0 and state["uploads"] == 1 and state["samples"] == 3
+            with Transport(server.url, key=KEY) as second:
+                second.open_session()
+                theirs = {k: (v - 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in start.items()}
+                assert call(second, "POST", "/rounds/0/weights",
+                            wire.encode(theirs, metadata={"samples": "5"})).json()["closed"] is True
+                averaged, metadata = wire.decode(call(second, "GET", "/weights").content)
+        assert metadata["round"] == "1"
+        expected = fleet.fedavg([(mine, 3), (theirs, 5)])
+        assert all(np.array_equal(averaged[k], expected[k]) for k in expected)
+    finally:
+        server.stop(signal.SIGTERM, timeout=30)
