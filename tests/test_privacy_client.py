@@ -67,7 +67,8 @@ def test_defences_off_are_bitwise_todays_step(templates: dict[str, Path], tmp_pa
         [RandomizedResponse(epsilon=float("inf"))]
     _, plain_bodies, plain = _train(templates[mode], tmp_path, "plain", None)
     _, off_bodies, turned_off = _train(templates[mode], tmp_path, "off", off)
-    _, _, on = _train(templates[mode], tmp_path, "on", [ActivationNoise(clip=1.0, sigma=0.1, seed=0)])
+    on_defence = MaxNorm(seed=0) if mode == "u_shaped" else RandomizedResponse(epsilon=1.0, seed=0)
+    _, _, on = _train(templates[mode], tmp_path, "on", [on_defence])
     assert [b for _, b in off_bodies.requests if b[:1] != b"{"] == [b for _, b in plain_bodies.requests
                                                                     if b[:1] != b"{"]
     assert np.array_equal(plain["predictions"], turned_off["predictions"])

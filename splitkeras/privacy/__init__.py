@@ -21,13 +21,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["scan_bodies", "Finding"]
+__all__ = ["ActivationNoise", "Finding", "GradientNoise", "MaxNorm", "NoPeek", "RandomizedResponse",
+           "ServerView", "audit", "dp_epsilon", "parse_defence", "scan_bodies", "train_in_process"]
 
 if TYPE_CHECKING:
+    from splitkeras.privacy.accounting import dp_epsilon
+    from splitkeras.privacy.capture import ServerView
+    from splitkeras.privacy.defences import ActivationNoise, GradientNoise, MaxNorm, NoPeek, RandomizedResponse
+    from splitkeras.privacy.defences.spec import parse_defence
+    from splitkeras.privacy.harness import audit, train_in_process
     from splitkeras.privacy.wire_audit import Finding, scan_bodies
 
-_MODULES = {"scan_bodies": "splitkeras.privacy.wire_audit",
-            "Finding": "splitkeras.privacy.wire_audit"}
+_MODULES = {"scan_bodies": "splitkeras.privacy.wire_audit", "Finding": "splitkeras.privacy.wire_audit",
+            "dp_epsilon": "splitkeras.privacy.accounting", "ServerView": "splitkeras.privacy.capture",
+            "audit": "splitkeras.privacy.harness", "train_in_process": "splitkeras.privacy.harness",
+            "parse_defence": "splitkeras.privacy.defences.spec",
+            **{name: "splitkeras.privacy.defences" for name in
+               ("ActivationNoise", "GradientNoise", "MaxNorm", "NoPeek", "RandomizedResponse")}}
 
 
 def __getattr__(name: str) -> Any:
