@@ -214,7 +214,7 @@ def test_c_an_acknowledged_upload_survives_kill_9(tmp_path: Path) -> None:
         return f"/v1/sessions/{transport.session['session_id']}/fleet{route}"
 
     def call(transport: Transport, method: str, route: str, body: bytes | None = None) -> Any:
-        return transport._send(method, fleet_path(transport, route), body, wire.MEDIA_TYPE if body else None,
+        return transport._http.send(method, fleet_path(transport, route), body, wire.MEDIA_TYPE if body else None,
                                transport._token(), route)
 
     try:

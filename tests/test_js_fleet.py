@@ -59,7 +59,7 @@ def test_js_device_takes_part_in_fedavg_rounds(tmp_path: Path) -> None:
         with Transport(server.url, key=KEY) as transport:
             transport.open_session()
             assert transport.session is not None and transport.session["aggregation"]["round"] == 3
-            response = transport._send("GET", f"/v1/sessions/{transport.session['session_id']}/fleet/weights",
+            response = transport._http.send("GET", f"/v1/sessions/{transport.session['session_id']}/fleet/weights",
                                        None, None, transport._token(), "download")
             global_weights, metadata = wire.decode(response.content)
         assert metadata["round"] == "3"

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from splitkeras import fleet, wire
-from splitkeras.client.transport import Transport, _Refused
+from splitkeras.client.retries import Refused as _Refused
+from splitkeras.client.transport import Transport
 from splitkeras.errors import ProtocolError
 
 __all__ = ["FleetRounds", "RoundStats"]
@@ -118,8 +119,8 @@ class FleetRounds:
         for attempt in range(2):
             path = f"{self._path()}{route}"
             try:
-                return self.transport._send(method, path, body, wire.MEDIA_TYPE if body else None,
-                                            self.transport._token(), f"{method} {path.split('?')[0]}")
+                return self.transport._http.send(method, path, body, wire.MEDIA_TYPE if body else None,
+                                                 self.transport._token(), f"{method} {path.split('?')[0]}")
             except _Refused as refusal:
                 if refusal.code != "unknown_session" or attempt:
                     raise
