@@ -1,0 +1,208 @@
+// Fused kernels for what a MobileNetV2-style head spends its backward pass in: training-mode
+// BatchNormalization (channels last) and the masks of ReLU / ReLU6 / clip gradients.
+//
+// TF.js 4.22 builds a training BatchNormalization from tf.moments (Mean, SquaredDifference,
+// Mean) and the FusedBatchNorm kernel; its autodiff then runs ~15 elementwise ops over the
+// whole activation, and ReLU(max_value=6) (relu, then clipByValue) adds GreaterEqual, LessEqual,
+// LogicalAnd, Select, ZerosLike, Step and Multiply. Here:
+//
+//   SplitkerasBatchNormTraining      x [..., C], gamma [C], beta [C] -> y, mean [C], variance [C]
+//                                    (two passes for the statistics, one for y)
+//   SplitkerasBatchNormTrainingGrad  dy, x, mean, variance, gamma -> dx, dgamma, dbeta
+//                                    (one pass for the two sums, one for dx)
+//   SplitkerasMaskGrad               dy, x -> dx of Relu, Relu6 or ClipByValue (one pass)
+//
+// Keras 3's semantics (keras/src/layers/normalization/batch_normalization.py): the batch mean
+// and the biased variance (the mean of squared differences) over every axis but the last;
+// y = gamma * (x - mean) / sqrt(variance + epsilon) + beta; the gradient is that of this
+// expression with mean and variance functions of x:
+//   xhat = (x - mean) * invStd,  dbeta = sum(dy),  dgamma = sum(dy * xhat),
+//   dx = gamma * invStd * (dy - dbeta / N - xhat * dgamma / N)      (N: elements per channel)
+// Sums are in float64 (JS numbers), as the stock cpu reductions of generic_kernels.js. The
+// mask gradients repeat the stock ops' arithmetic (dy * step(x), dy * (x <= 6) * step(x),
+// where(min <= x <= max, dy, 0)), NaN included, so they equal the stock result exactly.
+// Checked in test/norm_kernels.test.js against the stock composition and Keras.
+
+import { read } from './kernel_setup.js';
+
+export const BN_TRAINING = 'SplitkerasBatchNormTraining';
+export const BN_TRAINING_GRAD = 'SplitkerasBatchNormTrainingGrad';
+export const MASK_GRAD = 'SplitkerasMaskGrad';
+
+/**
+ * Batch statistics and the normalized output of x viewed as [rows, C].
+ * @returns {{y: Float32Array, mean: Float32Array, variance: Float32Array}}
+ */
+export function batchNormTraining(x, gamma, beta, C, epsilon) {
+  const rows = x.length / C;
+  const sum = new Float64Array(C);
+  for (let base = 0; base < x.length; base += C) for (let c = 0; c < C; c += 1) sum[c] += x[base + c];
+  for (let c = 0; c < C; c += 1) sum[c] /= rows;
+  const squares = new Float64Array(C);
+  for (let base = 0; base < x.length; base += C) {
+    for (let c = 0; c < C; c += 1) {
+      const d = x[base + c] - sum[c];
+      squares[c] += d * d;
+    }
+  }
+  const mean = Float32Array.from(sum);
+  const variance = new Float32Array(C);
+  for (let c = 0; c < C; c += 1) variance[c] = squares[c] / rows;
+  // y as the stock FusedBatchNorm computes it, from the float32 statistics
+  const scale = new Float64Array(C);
+  for (let c = 0; c < C; c += 1) scale[c] = gamma[c] / Math.sqrt(variance[c] + epsilon);
+  const y = new Float32Array(x.length);
+  for (let base = 0; base < x.length; base += C) {
+    for (let c = 0; c < C; c += 1) y[base + c] = beta[c] + (x[base + c] - mean[c]) * scale[c];
+  }
+  return { y, mean, variance };
+}
+
+/** dx, dgamma, dbeta of batchNormTraining's y (see the formulas above). */
+export function batchNormTrainingGrad(dy, x, mean, variance, gamma, C, epsilon) {
+  const rows = x.length / C;
+  const invStd = new Float64Array(C);
+  for (let c = 0; c < C; c += 1) invStd[c] = 1 / Math.sqrt(variance[c] + epsilon);
+  const sumDy = new Float64Array(C);
+  const sumDyXhat = new Float64Array(C);
+  for (let base = 0; base < x.length; base += C) {
+    for (let c = 0; c < C; c += 1) {
+      const g = dy[base + c];
+      sumDy[c] += g;
+      sumDyXhat[c] += g * (x[base + c] - mean[c]);
+    }
+  }
+  const meanDy = new Float64Array(C);
+  const meanDyXhat = new Float64Array(C);
+  const factor = new Float64Array(C);
+  const dgamma = new Float32Array(C);
+  for (let c = 0; c < C; c += 1) {
+    sumDyXhat[c] *= invStd[c];
+    meanDy[c] = sumDy[c] / rows;
+    meanDyXhat[c] = sumDyXhat[c] / rows;
+    factor[c] = gamma[c] * invStd[c];
+    dgamma[c] = sumDyXhat[c];
+  }
+  const dx = new Float32Array(x.length);
+  for (let base = 0; base < x.length; base += C) {
+    for (let c = 0; c < C; c += 1) {
+      const xhat = (x[base + c] - mean[c]) * invStd[c];
+      dx[base + c] = factor[c] * (dy[base + c] - meanDy[c] - xhat * meanDyXhat[c]);
+    }
+  }
+  return { dx, dgamma, dbeta: Float32Array.from(sumDy) };
+}
+
+/**
+ * dx of relu ('relu'), relu6 ('relu6') or clipByValue(x, min, max) ('clip'), as the stock
+ * gradients compute it: dy * step(x), dy * (x <= 6) * step(x), where(min <= x <= max, dy, 0).
+ */
+export function maskGrad(dy, x, op, min = 0, max = 6) {
+  const n = x.length;
+  const dx = new Float32Array(n);
+  if (op === 'relu') {
+    for (let i = 0; i < n; i += 1) {
+      const v = x[i];
+      dx[i] = dy[i] * (v > 0 ? 1 : (v !== v ? NaN : 0)); // eslint-disable-line no-self-compare
+    }
+  } else if (op === 'relu6') {
+    for (let i = 0; i < n; i += 1) {
+      const v = x[i];
+      dx[i] = dy[i] * ((v <= 6 ? 1 : 0) * (v > 0 ? 1 : (v !== v ? NaN : 0))); // eslint-disable-line no-self-compare
+    }
+  } else if (op === 'clip') {
+    for (let i = 0; i < n; i += 1) dx[i] = x[i] >= min && x[i] <= max ? dy[i] : 0;
+  } else {
+    throw new Error(`maskGrad: unknown op '${op}' (relu, relu6 or clip)`);
+  }
+  return dx;
+}
+
+const channelsOf = (shape) => shape[shape.length - 1];
+const vector = (backend, values) => ({ dataId: backend.write(values, [values.length], 'float32'),
+  shape: [values.length], dtype: 'float32' });
+
+/** kernelFuncs of the three kernels, the same on cpu and wasm (typed arrays in and out). */
+export const NORM_KERNEL_FUNCS = {
+  [BN_TRAINING]: ({ inputs, backend, attrs }) => {
+    const { x, gamma, beta } = inputs;
+    const C = channelsOf(x.shape);
+    const { y, mean, variance } = batchNormTraining(read(backend, x), read(backend, gamma), read(backend, beta),
+      C, attrs.epsilon);
+    return [{ dataId: backend.write(y, x.shape, 'float32'), shape: [...x.shape], dtype: 'float32' },
+      vector(backend, mean), vector(backend, variance)];
+  },
+  [BN_TRAINING_GRAD]: ({ inputs, backend, attrs }) => {
+    const { dy, x, mean, variance, gamma } = inputs;
+    const { dx, dgamma, dbeta } = batchNormTrainingGrad(read(backend, dy), read(backend, x), read(backend, mean),
+      read(backend, variance), read(backend, gamma), channelsOf(x.shape), attrs.epsilon);
+    return [{ dataId: backend.write(dx, x.shape, 'float32'), shape: [...x.shape], dtype: 'float32' },
+      vector(backend, dgamma), vector(backend, dbeta)];
+  },
+  [MASK_GRAD]: ({ inputs, backend, attrs }) => {
+    const { dy, x } = inputs;
+    const dx = maskGrad(read(backend, dy), read(backend, x), attrs.op, attrs.min, attrs.max);
+    return { dataId: backend.write(dx, x.shape, 'float32'), shape: [...x.shape], dtype: 'float32' };
+  },
+};
+
+// The mask gradients' settings per stock kernel: the op of maskGrad and its bounds.
+const MASKS = {
+  Relu: () => ({ op: 'relu' }),
+  Relu6: () => ({ op: 'relu6' }),
+  ClipByValue: (attrs) => ({ op: 'clip', min: attrs.clipValueMin, max: attrs.clipValueMax }),
+};
+export const MASK_GRADIENTS = Object.keys(MASKS);
+
+// The backend runs `kernelName` (ours are registered for cpu and wasm only).
+const onBackend = (tf, kernelName) => Boolean(tf.getKernel(kernelName, tf.getBackend()));
+
+/**
+ * The gradient configs this module registers: the BatchNorm kernel's, and Relu's, Relu6's and
+ * ClipByValue's through SplitkerasMaskGrad (the stock gradient where the backend lacks it).
+ * @param {object} tf the @tensorflow/tfjs module
+ * @param {(kernelName: string) => object | undefined} stockGradient the stock gradient config
+ */
+export function normGradients(tf, stockGradient) {
+  const bnGrad = {
+    kernelName: BN_TRAINING,
+    inputsToSave: ['x', 'gamma'],
+    outputsToSave: [false, true, true],
+    gradFunc: (dys, saved, attrs) => {
+      const [x, gamma, mean, variance] = saved;
+      // computed here, once: each closure runs in a tidy of its own, which would dispose the others
+      const [dx, dgamma, dbeta] = tf.engine().runKernel(BN_TRAINING_GRAD, { dy: dys[0], x, mean, variance, gamma },
+        attrs);
+      return { x: () => dx, gamma: () => dgamma, beta: () => dbeta };
+    },
+  };
+  const masks = MASK_GRADIENTS.map((kernelName) => {
+    const stock = stockGradient(kernelName);
+    return {
+      kernelName,
+      inputsToSave: ['x'],
+      gradFunc: (dy, saved, attrs) => {
+        if (!onBackend(tf, MASK_GRAD) || dy.dtype !== 'float32' || saved[0].dtype !== 'float32') {
+          return stock.gradFunc(dy, saved, attrs);
+        }
+        return { x: () => tf.engine().runKernel(MASK_GRAD, { dy, x: saved[0] }, MASKS[kernelName](attrs ?? {})) };
+      },
+    };
+  });
+  return [bnGrad, ...masks];
+}
+
+/**
+ * Training-mode batch normalization over the last axis: {y, mean, variance} through the fused
+ * kernel where the active backend has it (cpu, wasm once registered), else TF.js' own ops
+ * (tf.moments and tf.batchNorm: the same values, slower). Only y carries a gradient.
+ */
+export function batchNormTrainingOp(tf, x, gamma, beta, epsilon) {
+  if (onBackend(tf, BN_TRAINING) && x.dtype === 'float32') {
+    const [y, mean, variance] = tf.engine().runKernel(BN_TRAINING, { x, gamma, beta }, { epsilon });
+    return { y, mean, variance };
+  }
+  const axes = x.shape.slice(0, -1).map((_, i) => i);
+  const { mean, variance } = tf.moments(x, axes);
+  return { y: tf.batchNorm(x, mean, variance, beta, gamma, epsilon), mean, variance };
+}
