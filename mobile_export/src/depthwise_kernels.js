@@ -4,7 +4,7 @@
 // On wasm the input gradient with stride 1 is the backend's own (XNNPACK) forward depthwise
 // convolution of dy with the flipped filter.
 
-import { convInfo, output, read, windowTaps } from './kernel_setup.js';
+import { computeInto, convInfo, output, read, windowTaps } from './kernel_setup.js';
 
 /** The geometry the three loops share. */
 function geometry(info) {
@@ -14,9 +14,9 @@ function geometry(info) {
 }
 
 /** The forward depthwise convolution (NHWC), [b, oh, ow, ci * multiplier]. */
-export function depthwiseForward(x, filter, info) {
+export function depthwiseForward(x, filter, info, y = new Float32Array(info.batchSize * info.outHeight
+  * info.outWidth * info.outChannels)) {
   const { B, HW, CI, P, CO, M, start, pixel, tap } = geometry(info);
-  const y = new Float32Array(B * P * CO);
   const sum = new Float64Array(CO);
   for (let b = 0; b < B; b += 1) {
     for (let p = 0; p < P; p += 1) {
@@ -40,7 +40,8 @@ export function depthwiseForward(x, filter, info) {
 }
 
 /** dW of a depthwise convolution (NHWC), filter layout [fh, fw, ci, multiplier]. */
-export function depthwiseFilterGrad(x, dy, info) {
+export function depthwiseFilterGrad(x, dy, info, dW = new Float32Array(info.filterHeight * info.filterWidth
+  * info.outChannels)) {
   const { B, HW, CI, P, CO, M, start, pixel, tap } = geometry(info);
   const acc = new Float64Array(info.filterHeight * info.filterWidth * CO);
   for (let b = 0; b < B; b += 1) {
@@ -61,13 +62,14 @@ export function depthwiseFilterGrad(x, dy, info) {
       }
     }
   }
-  return Float32Array.from(acc);
+  dW.set(acc);
+  return dW;
 }
 
 /** dx of a depthwise convolution (NHWC) from dy and the filter [fh, fw, ci, multiplier]. */
-export function depthwiseInputGrad(dy, filter, info) {
+export function depthwiseInputGrad(dy, filter, info, dx = new Float32Array(info.batchSize * info.inHeight
+  * info.inWidth * info.inChannels)) {
   const { B, HW, CI, P, CO, M, start, pixel, tap } = geometry(info);
-  const dx = new Float32Array(B * HW * CI);
   for (let b = 0; b < B; b += 1) {
     for (let p = 0; p < P; p += 1) {
       const dyOff = (b * P + p) * CO;
@@ -125,17 +127,20 @@ const depthwiseInfo = (tf, xShape, filterShape, { strides, dilations, pad, dimRo
 export const DEPTHWISE_FACTORIES = {
   DepthwiseConv2dNativeBackpropFilter: (tf) => ({ inputs: { x, dy }, backend, attrs }) => {
     const info = depthwiseInfo(tf, x.shape, attrs.filterShape, attrs);
-    return output(backend, info.filterShape, depthwiseFilterGrad(read(backend, x), read(backend, dy), info));
+    return computeInto(backend, [info.filterShape], (dW) => depthwiseFilterGrad(read(backend, x), read(backend, dy),
+      info, dW))[0];
   },
   DepthwiseConv2dNativeBackpropInput: (tf, backendName) => ({ inputs: { dy, filter }, backend, attrs }) => {
     const info = depthwiseInfo(tf, attrs.inputShape, filter.shape, attrs);
     return wasmStrideOneInputGrad(tf, backendName, backend, dy, filter, info)
-      ?? output(backend, info.inShape, depthwiseInputGrad(read(backend, dy), read(backend, filter), info));
+      ?? computeInto(backend, [info.inShape], (dx) => depthwiseInputGrad(read(backend, dy), read(backend, filter),
+        info, dx))[0];
   },
   DepthwiseConv2dNative: (tf, backendName, stock) => (call) => {
     const { inputs: { x, filter }, backend, attrs } = call;
     if (x.dtype !== 'float32' || filter.dtype !== 'float32') return stock.kernelFunc(call);
     const info = depthwiseInfo(tf, x.shape, filter.shape, attrs);
-    return output(backend, info.outShape, depthwiseForward(read(backend, x), read(backend, filter), info));
+    return computeInto(backend, [info.outShape], (y) => depthwiseForward(read(backend, x), read(backend, filter),
+      info, y))[0];
   },
 };

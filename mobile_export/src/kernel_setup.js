@@ -2,12 +2,37 @@
 // (the cpu backend's arrays, or the wasm heap through the backend's typed arrays), TF.js' own
 // conv/pool geometry, and the window taps of a convolution or pooling, computed once per call.
 
-/** The values of a kernel input (TensorInfo) as a typed array. */
-export const read = (backend, info) => backend.readSync(info.dataId);
+// wasm: a tensor's values are read and written in place on the wasm heap (no copies); a view
+// is valid until the next allocation (a growing heap moves), so a kernel allocates its outputs
+// (`alloc`) first and reads its inputs after.
+const onHeap = (backend) => typeof backend.typedArrayFromHeap === 'function';
+
+/** The values of a kernel input (TensorInfo) as a typed array (wasm: a view of the heap). */
+export const read = (backend, info) => (onHeap(backend) ? backend.typedArrayFromHeap(info)
+  : backend.readSync(info.dataId));
 
 /** A float32 TensorInfo of `shape` holding `values`, written to the backend. */
 export const output = (backend, shape, values) => ({ dataId: backend.write(values, shape, 'float32'),
   shape: [...shape], dtype: 'float32' });
+
+/**
+ * Allocate zero-filled float32 outputs of `shapes`, then run `fn(...values)` to compute into
+ * them (reading the inputs inside `fn`, after the allocation); returns their TensorInfos.
+ * wasm: the values are views of the heap; cpu: the arrays the backend keeps.
+ */
+export function computeInto(backend, shapes, fn) {
+  let infos;
+  let values;
+  if (onHeap(backend)) {
+    infos = shapes.map((shape) => backend.makeOutput([...shape], 'float32'));
+    values = infos.map((info) => backend.typedArrayFromHeap(info).fill(0)); // after every allocation
+  } else {
+    values = shapes.map((shape) => new Float32Array(shape.reduce((a, b) => a * b, 1)));
+    infos = shapes.map((shape, i) => output(backend, shape, values[i]));
+  }
+  fn(...values);
+  return infos;
+}
 
 /** The same data under another shape (a reshape without a copy). */
 export const view = (info, shape) => ({ dataId: info.dataId, shape, dtype: info.dtype });

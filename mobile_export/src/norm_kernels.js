@@ -6,9 +6,9 @@
 // whole activation, and ReLU(max_value=6) (relu, then clipByValue) adds GreaterEqual, LessEqual,
 // LogicalAnd, Select, ZerosLike, Step and Multiply. Here:
 //
-//   SplitkerasBatchNormTraining      x [..., C], gamma [C], beta [C] -> y, mean [C], variance [C]
-//                                    (two passes for the statistics, one for y)
-//   SplitkerasBatchNormTrainingGrad  dy, x, mean, variance, gamma -> dx, dgamma, dbeta
+//   SplitkerasBatchNormTraining      x [..., C], gamma [C], beta [C] -> y, mean [C], variance [C],
+//                                    meanLow [C] (two passes for the statistics, one for y)
+//   SplitkerasBatchNormTrainingGrad  dy, x, mean, meanLow, variance, gamma -> dx, dgamma, dbeta
 //                                    (one pass for the two sums, one for dx)
 //   SplitkerasMaskGrad               dy, x -> dx of Relu, Relu6 or ClipByValue (one pass)
 //
@@ -23,17 +23,21 @@
 // where(min <= x <= max, dy, 0)), NaN included, so they equal the stock result exactly.
 // Checked in test/norm_kernels.test.js against the stock composition and Keras.
 
-import { read } from './kernel_setup.js';
+import { computeInto, read } from './kernel_setup.js';
 
 export const BN_TRAINING = 'SplitkerasBatchNormTraining';
 export const BN_TRAINING_GRAD = 'SplitkerasBatchNormTrainingGrad';
 export const MASK_GRAD = 'SplitkerasMaskGrad';
 
 /**
- * Batch statistics and the normalized output of x viewed as [rows, C].
- * @returns {{y: Float32Array, mean: Float32Array, variance: Float32Array}}
+ * Batch statistics and the normalized output of x viewed as [rows, C]. The mean is computed in
+ * float64 and kept as two float32s, `mean` + `meanLow` (its rounding error), for y and the
+ * gradient: where the mean is large against the spread (x = 50 + 0.1 n), the float32 mean's
+ * rounding alone is ~3e-5 of the spread.
+ * @returns {{y: Float32Array, mean: Float32Array, meanLow: Float32Array, variance: Float32Array}}
  */
-export function batchNormTraining(x, gamma, beta, C, epsilon) {
+export function batchNormTraining(x, gamma, beta, C, epsilon, { y = new Float32Array(x.length),
+  mean = new Float32Array(C), meanLow = new Float32Array(C), variance = new Float32Array(C) } = {}) {
   const rows = x.length / C;
   const sum = new Float64Array(C);
   for (let base = 0; base < x.length; base += C) for (let c = 0; c < C; c += 1) sum[c] += x[base + c];
@@ -45,22 +49,25 @@ export function batchNormTraining(x, gamma, beta, C, epsilon) {
       squares[c] += d * d;
     }
   }
-  const mean = Float32Array.from(sum);
-  const variance = new Float32Array(C);
-  for (let c = 0; c < C; c += 1) variance[c] = squares[c] / rows;
-  // y as the stock FusedBatchNorm computes it, from the float32 statistics
+  mean.set(sum);
   const scale = new Float64Array(C);
-  for (let c = 0; c < C; c += 1) scale[c] = gamma[c] / Math.sqrt(variance[c] + epsilon);
-  const y = new Float32Array(x.length);
-  for (let base = 0; base < x.length; base += C) {
-    for (let c = 0; c < C; c += 1) y[base + c] = beta[c] + (x[base + c] - mean[c]) * scale[c];
+  for (let c = 0; c < C; c += 1) {
+    meanLow[c] = sum[c] - mean[c];
+    variance[c] = squares[c] / rows;
+    scale[c] = gamma[c] / Math.sqrt(variance[c] + epsilon);
   }
-  return { y, mean, variance };
+  for (let base = 0; base < x.length; base += C) {
+    for (let c = 0; c < C; c += 1) y[base + c] = beta[c] + (x[base + c] - sum[c]) * scale[c];
+  }
+  return { y, mean, meanLow, variance };
 }
 
 /** dx, dgamma, dbeta of batchNormTraining's y (see the formulas above). */
-export function batchNormTrainingGrad(dy, x, mean, variance, gamma, C, epsilon) {
+export function batchNormTrainingGrad(dy, x, mean32, meanLow, variance, gamma, C, epsilon,
+  { dx = new Float32Array(x.length), dgamma = new Float32Array(C), dbeta = new Float32Array(C) } = {}) {
   const rows = x.length / C;
+  const mean = new Float64Array(C);
+  for (let c = 0; c < C; c += 1) mean[c] = mean32[c] + meanLow[c];
   const invStd = new Float64Array(C);
   for (let c = 0; c < C; c += 1) invStd[c] = 1 / Math.sqrt(variance[c] + epsilon);
   const sumDy = new Float64Array(C);
@@ -75,7 +82,6 @@ export function batchNormTrainingGrad(dy, x, mean, variance, gamma, C, epsilon) 
   const meanDy = new Float64Array(C);
   const meanDyXhat = new Float64Array(C);
   const factor = new Float64Array(C);
-  const dgamma = new Float32Array(C);
   for (let c = 0; c < C; c += 1) {
     sumDyXhat[c] *= invStd[c];
     meanDy[c] = sumDy[c] / rows;
@@ -83,23 +89,22 @@ export function batchNormTrainingGrad(dy, x, mean, variance, gamma, C, epsilon) 
     factor[c] = gamma[c] * invStd[c];
     dgamma[c] = sumDyXhat[c];
   }
-  const dx = new Float32Array(x.length);
+  dbeta.set(sumDy);
   for (let base = 0; base < x.length; base += C) {
     for (let c = 0; c < C; c += 1) {
       const xhat = (x[base + c] - mean[c]) * invStd[c];
       dx[base + c] = factor[c] * (dy[base + c] - meanDy[c] - xhat * meanDyXhat[c]);
     }
   }
-  return { dx, dgamma, dbeta: Float32Array.from(sumDy) };
+  return { dx, dgamma, dbeta };
 }
 
 /**
  * dx of relu ('relu'), relu6 ('relu6') or clipByValue(x, min, max) ('clip'), as the stock
  * gradients compute it: dy * step(x), dy * (x <= 6) * step(x), where(min <= x <= max, dy, 0).
  */
-export function maskGrad(dy, x, op, min = 0, max = 6) {
+export function maskGrad(dy, x, op, min = 0, max = 6, dx = new Float32Array(x.length)) {
   const n = x.length;
-  const dx = new Float32Array(n);
   if (op === 'relu') {
     for (let i = 0; i < n; i += 1) {
       const v = x[i];
@@ -119,31 +124,22 @@ export function maskGrad(dy, x, op, min = 0, max = 6) {
 }
 
 const channelsOf = (shape) => shape[shape.length - 1];
-const vector = (backend, values) => ({ dataId: backend.write(values, [values.length], 'float32'),
-  shape: [values.length], dtype: 'float32' });
 
-/** kernelFuncs of the three kernels, the same on cpu and wasm (typed arrays in and out). */
+/** kernelFuncs of the three kernels, the same on cpu and wasm (outputs allocated, then computed into). */
 export const NORM_KERNEL_FUNCS = {
-  [BN_TRAINING]: ({ inputs, backend, attrs }) => {
-    const { x, gamma, beta } = inputs;
+  [BN_TRAINING]: ({ inputs: { x, gamma, beta }, backend, attrs }) => {
     const C = channelsOf(x.shape);
-    const { y, mean, variance } = batchNormTraining(read(backend, x), read(backend, gamma), read(backend, beta),
-      C, attrs.epsilon);
-    return [{ dataId: backend.write(y, x.shape, 'float32'), shape: [...x.shape], dtype: 'float32' },
-      vector(backend, mean), vector(backend, variance)];
+    return computeInto(backend, [x.shape, [C], [C], [C]], (y, mean, variance, meanLow) => batchNormTraining(
+      read(backend, x), read(backend, gamma), read(backend, beta), C, attrs.epsilon, { y, mean, meanLow, variance }));
   },
-  [BN_TRAINING_GRAD]: ({ inputs, backend, attrs }) => {
-    const { dy, x, mean, variance, gamma } = inputs;
-    const { dx, dgamma, dbeta } = batchNormTrainingGrad(read(backend, dy), read(backend, x), read(backend, mean),
-      read(backend, variance), read(backend, gamma), channelsOf(x.shape), attrs.epsilon);
-    return [{ dataId: backend.write(dx, x.shape, 'float32'), shape: [...x.shape], dtype: 'float32' },
-      vector(backend, dgamma), vector(backend, dbeta)];
+  [BN_TRAINING_GRAD]: ({ inputs: { dy, x, mean, meanLow, variance, gamma }, backend, attrs }) => {
+    const C = channelsOf(x.shape);
+    return computeInto(backend, [x.shape, [C], [C]], (dx, dgamma, dbeta) => batchNormTrainingGrad(read(backend, dy),
+      read(backend, x), read(backend, mean), read(backend, meanLow), read(backend, variance), read(backend, gamma), C,
+      attrs.epsilon, { dx, dgamma, dbeta }));
   },
-  [MASK_GRAD]: ({ inputs, backend, attrs }) => {
-    const { dy, x } = inputs;
-    const dx = maskGrad(read(backend, dy), read(backend, x), attrs.op, attrs.min, attrs.max);
-    return { dataId: backend.write(dx, x.shape, 'float32'), shape: [...x.shape], dtype: 'float32' };
-  },
+  [MASK_GRAD]: ({ inputs: { dy, x }, backend, attrs }) => computeInto(backend, [x.shape],
+    (dx) => maskGrad(read(backend, dy), read(backend, x), attrs.op, attrs.min, attrs.max, dx))[0],
 };
 
 // The mask gradients' settings per stock kernel: the op of maskGrad and its bounds.
@@ -167,12 +163,12 @@ export function normGradients(tf, stockGradient) {
   const bnGrad = {
     kernelName: BN_TRAINING,
     inputsToSave: ['x', 'gamma'],
-    outputsToSave: [false, true, true],
+    outputsToSave: [false, true, true, true],
     gradFunc: (dys, saved, attrs) => {
-      const [x, gamma, mean, variance] = saved;
+      const [x, gamma, mean, variance, meanLow] = saved;
       // computed here, once: each closure runs in a tidy of its own, which would dispose the others
-      const [dx, dgamma, dbeta] = tf.engine().runKernel(BN_TRAINING_GRAD, { dy: dys[0], x, mean, variance, gamma },
-        attrs);
+      const [dx, dgamma, dbeta] = tf.engine().runKernel(BN_TRAINING_GRAD,
+        { dy: dys[0], x, mean, meanLow, variance, gamma }, attrs);
       return { x: () => dx, gamma: () => dgamma, beta: () => dbeta };
     },
   };
