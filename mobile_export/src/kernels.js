@@ -26,10 +26,10 @@
 //     (~15 elementwise ops each way)     |   each way (norm_kernels.js), cpu and wasm
 //   Relu, Relu6, ClipByValue gradients   | added: SplitkerasMaskGrad, one pass (both backends)
 //
-// The fused BatchNorm kernels are reached through the layers: TF.js' BatchNormalization class
-// is replaced (for loading, under its own class name) by a subclass that trains through them
-// (layers/normalization.js), and the Relu, Relu6 and ClipByValue gradients are registered anew
-// (tf.registerGradient) to run SplitkerasMaskGrad, the stock gradient on other backends.
+// The fused BatchNorm kernels are reached through the layers: the training call of TF.js'
+// BatchNormalization (its prototype's `call`, so every instance) and SplitkerasBatchNormalization's
+// run them (layers/normalization.js); the Relu, Relu6 and ClipByValue gradients are registered
+// anew (tf.registerGradient) to run SplitkerasMaskGrad, the stock gradient on other backends.
 //
 // Everything else a conv/depthwise/pooling/BatchNorm/Dense model needs to train is stock on
 // both backends (test/kernels.test.js trains such a model on each). The kernels are plain loops
@@ -55,11 +55,12 @@ import { CONV_FACTORIES } from './conv_kernels.js';
 import { DEPTHWISE_FACTORIES } from './depthwise_kernels.js';
 import { BINARY_KERNELS, REDUCE_KERNELS, UNARY_KERNELS, binaryKernel, reduceKernel, segmentSumKernel, tileKernel,
   unaryKernel, untransposedMatMulKernel } from './generic_kernels.js';
-import { defineFusedBatchNormalization } from './layers/normalization.js';
+import { fusedBatchNormCall } from './layers/normalization.js';
 import { BN_TRAINING, BN_TRAINING_GRAD, MASK_GRAD, MASK_GRADIENTS, NORM_KERNEL_FUNCS, normGradients }
   from './norm_kernels.js';
 import { POOL_FACTORIES } from './pool_kernels.js';
 
+const FUSED = Symbol.for('splitkeras.fusedBatchNormCall');
 const NORM = [BN_TRAINING, BN_TRAINING_GRAD, MASK_GRAD];
 
 // The kernels registered for each backend.
@@ -95,25 +96,29 @@ const startedBackend = (tf, backendName) => tf.engine?.().registry?.[backendName
 // and `paths`: the stock gradient configs and BatchNormalization class it replaced.
 const REGISTERED = new WeakMap();
 
-const classMap = (tf) => tf.serialization.SerializationMap.getMap().classNameMap;
-
 // The gradients of norm_kernels.js (for every backend: they fall back to the stock gradient
-// where the backend lacks SplitkerasMaskGrad) and the fused-training BatchNormalization class.
+// where the backend lacks SplitkerasMaskGrad) and the fused training call of TF.js'
+// BatchNormalization, on its prototype (instances loaded before registering train through it too).
 function registerTrainingPaths(tf, state) {
   if (state.paths) return;
   const gradients = Object.fromEntries(MASK_GRADIENTS.map((name) => [name, tf.getGradient(name)]));
   for (const config of normGradients(tf, (name) => gradients[name])) tf.registerGradient(config);
-  const Stock = classMap(tf).BatchNormalization?.[0];
-  // the class map only (as registerClass does, without a 'Custom>' name for serializing)
-  if (Stock) tf.serialization.SerializationMap.register(defineFusedBatchNormalization(tf, Stock));
-  state.paths = { gradients, Stock };
+  const prototype = Object.getPrototypeOf(tf.layers.batchNormalization({}));
+  const stockCall = prototype.call;
+  if (stockCall[FUSED]) { // another namespace object of the same TF.js has put it there
+    state.paths = { gradients, prototype: null };
+    return;
+  }
+  prototype.call = fusedBatchNormCall(tf, stockCall);
+  prototype.call[FUSED] = true;
+  state.paths = { gradients, prototype, stockCall };
 }
 
 function restoreTrainingPaths(tf, state) {
   if (!state.paths) return;
-  const { gradients, Stock } = state.paths;
+  const { gradients, prototype, stockCall } = state.paths;
   for (const config of Object.values(gradients)) if (config) tf.registerGradient(config);
-  if (Stock) tf.serialization.SerializationMap.register(Stock);
+  if (prototype) prototype.call = stockCall;
   delete state.paths;
 }
 

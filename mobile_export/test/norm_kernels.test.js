@@ -3,7 +3,7 @@
 // make_norm_fixtures.py: y, every gradient, the moving statistics), against TF.js' stock
 // composition (tf.moments + tf.batchNorm, the stock gradients: NaN, 0 and the clip bounds
 // included) on small shapes (batch 1, channel 1, non-square, rank 2), and through the layers
-// (the BatchNormalization class a bundle loads as).
+// (TF.js' BatchNormalization, whose training call registerTrainingKernels replaces).
 
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -40,7 +40,7 @@ const close = (actual, expected, what, tolerance = 1e-5) => {
 };
 const bits = (t) => Array.from(new Uint32Array(Float32Array.from(t.dataSync()).buffer));
 
-const batchNormClass = () => tf.serialization.SerializationMap.getMap().classNameMap.BatchNormalization[0];
+const batchNormCall = () => Object.getPrototypeOf(tf.layers.batchNormalization({})).call;
 
 /** A BatchNormalization layer as a bundle loads it (the class map's), with the fixture's weights. */
 function fixtureLayer(c) {
@@ -59,6 +59,22 @@ function layerGradients(layer, x, dy) {
   return { y: value, dx: grads[0], dgamma: grads[1], dbeta: grads[2] };
 }
 
+/** fn's result and how many times it ran the fused BatchNorm kernel. */
+function countingFused(fn) {
+  const engine = tf.engine();
+  const run = engine.runKernel;
+  let fused = 0;
+  engine.runKernel = function counted(name, ...rest) {
+    if (name === BN_TRAINING) fused += 1;
+    return run.call(this, name, ...rest);
+  };
+  try {
+    return { result: fn(), fused };
+  } finally {
+    engine.runKernel = run;
+  }
+}
+
 async function onBackends(fn) {
   for (const backend of ['cpu', 'wasm']) {
     await tf.setBackend(backend);
@@ -72,13 +88,13 @@ async function onBackends(fn) {
 
 test('BatchNormalization in training through the fused kernels equals Keras (y, dx, dgamma, dbeta, the '
   + 'moving statistics) to 1e-5 relative, on cpu and wasm', async () => {
+  const { restore } = registerTrainingKernels(tf);
+  restore();
+  const stockCall = batchNormCall();
   registerTrainingKernels(tf);
-  assert.notEqual(batchNormClass(), tf.layers.batchNormalization({}).constructor, 'the fused class loads');
+  assert.notEqual(batchNormCall(), stockCall, 'TF.js\' BatchNormalization trains through the fused call');
   await onBackends(async (backend) => {
-    let fused = 0;
-    const run = tf.engine().runKernel.bind(tf.engine());
-    tf.engine().runKernel = (name, ...rest) => { if (name === BN_TRAINING) fused += 1; return run(name, ...rest); };
-    try {
+    const { fused } = countingFused(() => {
       for (const c of fixtures.batch_norm) {
         tf.tidy(() => {
           const layer = fixtureLayer(c);
@@ -99,22 +115,38 @@ test('BatchNormalization in training through the fused kernels equals Keras (y, 
           }
         });
       }
-    } finally {
-      tf.engine().runKernel = run;
-    }
+    });
     assert.equal(fused, fixtures.batch_norm.length, `${backend}: every case ran the fused kernel`);
   });
 });
 
-test('the fused class is TF.js\' own in inference mode, and restore() puts TF.js\' class back', () => {
+test('the fused call is TF.js\' own in inference mode; restore() puts TF.js\' call back, also for a layer '
+  + 'made before', () => {
   const { restore } = registerTrainingKernels(tf);
   const c = fixtures.batch_norm[0];
-  const ours = tf.tidy(() => fixtureLayer(c).apply(decode(c.x), { training: false }).dataSync());
+  const layer = fixtureLayer(c);
+  const ours = tf.tidy(() => layer.apply(decode(c.x), { training: false }).dataSync());
+  const fusedCall = batchNormCall();
   restore();
   try {
-    assert.equal(batchNormClass(), tf.layers.batchNormalization({}).constructor);
-    const stock = tf.tidy(() => fixtureLayer(c).apply(decode(c.x), { training: false }).dataSync());
-    assert.deepEqual(Array.from(ours), Array.from(stock));
+    assert.notEqual(batchNormCall(), fusedCall);
+    const inference = tf.tidy(() => layer.apply(decode(c.x), { training: false }).dataSync());
+    assert.deepEqual(Array.from(ours), Array.from(inference));
+    // training: the stock composition now (no fused kernel runs), the same numbers to 1e-5
+    const before = layer.getWeights().map((w) => w.clone());
+    const stock = countingFused(() => tf.tidy(() => {
+      const got = layerGradients(layer, decode(c.x), decode(c.dy));
+      return [got.y, got.dx, got.dgamma, got.dbeta, layer.movingVariance.read()].map((t) => tf.keep(t.clone()));
+    }));
+    assert.equal(stock.fused, 0, 'restored: the stock composition');
+    layer.setWeights(before);
+    registerTrainingKernels(tf);
+    const again = countingFused(() => tf.tidy(() => {
+      const got = layerGradients(layer, decode(c.x), decode(c.dy));
+      [got.y, got.dx, got.dgamma, got.dbeta, layer.movingVariance.read()].forEach((t, i) => close(t, stock.result[i],
+        `the same layer, registered again: ${['y', 'dx', 'dgamma', 'dbeta', 'moving variance'][i]}`));
+    }));
+    assert.equal(again.fused, 1, 'registered again: the fused kernel, for a layer made before');
   } finally {
     registerTrainingKernels(tf);
   }

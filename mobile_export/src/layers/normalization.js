@@ -32,26 +32,23 @@ function trainingBatchNorm(tf, layer, x, gamma, beta) {
 }
 
 /**
- * TF.js' own BatchNormalization (what the exporter writes for a Keras BatchNormalization over
- * the last axis, with gamma and beta), training through the fused kernel and moving its
- * statistics as Keras 3 does; inference and every other case are TF.js' own. Registered under
- * TF.js' class name by registerTrainingKernels (kernels.js), which restore() undoes.
+ * The training call of TF.js' own BatchNormalization (what the exporter writes for a Keras
+ * BatchNormalization over the last axis, with gamma and beta) through the fused kernel, moving
+ * the statistics as Keras 3 does; inference and every other case go to `stockCall`, TF.js' own.
+ * registerTrainingKernels (kernels.js) puts it on the class's prototype, so that every
+ * instance, loaded before or after, trains through it; restore() puts `stockCall` back.
  * @param {object} tf the @tensorflow/tfjs module
- * @param {Function} Stock TF.js' BatchNormalization class
+ * @param {Function} stockCall TF.js' BatchNormalization.prototype.call
  */
-export function defineFusedBatchNormalization(tf, Stock) {
-  class FusedBatchNormalization extends Stock {
-    call(inputs, kwargs) {
-      const x = single(inputs);
-      const rank = x.shape.length;
-      if (!kwargs?.training || positiveAxis(this.axis, rank) !== rank - 1 || !this.gamma || !this.beta) {
-        return super.call(inputs, kwargs);
-      }
-      return tf.tidy(() => trainingBatchNorm(tf, this, x, this.gamma.read(), this.beta.read()));
+export function fusedBatchNormCall(tf, stockCall) {
+  return function call(inputs, kwargs) {
+    const x = single(inputs);
+    const rank = x.shape.length;
+    if (!kwargs?.training || positiveAxis(this.axis, rank) !== rank - 1 || !this.gamma || !this.beta) {
+      return stockCall.call(this, inputs, kwargs);
     }
-  }
-  FusedBatchNormalization.className = Stock.className;
-  return FusedBatchNormalization;
+    return tf.tidy(() => trainingBatchNorm(tf, this, x, this.gamma.read(), this.beta.read()));
+  };
 }
 
 const KERAS_EPSILON = 1e-7; // keras.backend.epsilon()
