@@ -25,11 +25,13 @@
 //   BatchNormalization in training       | added: SplitkerasBatchNormTraining(Grad), one fused kernel
 //     (~15 elementwise ops each way)     |   each way (norm_kernels.js), cpu and wasm
 //   Relu, Relu6, ClipByValue gradients   | added: SplitkerasMaskGrad, one pass (both backends)
+//   ReLU(maxValue) layer: relu + clip    | added: SplitkerasReluClip, one pass each way (both)
 //
 // The fused BatchNorm kernels are reached through the layers: the training call of TF.js'
 // BatchNormalization (its prototype's `call`, so every instance) and SplitkerasBatchNormalization's
-// run them (layers/normalization.js); the Relu, Relu6 and ClipByValue gradients are registered
-// anew (tf.registerGradient) to run SplitkerasMaskGrad, the stock gradient on other backends.
+// run them (layers/normalization.js), TF.js' ReLU layer with a maxValue runs SplitkerasReluClip;
+// the Relu, Relu6 and ClipByValue gradients are registered anew (tf.registerGradient) to run
+// SplitkerasMaskGrad, the stock gradient on other backends.
 //
 // Everything else a conv/depthwise/pooling/BatchNorm/Dense model needs to train is stock on
 // both backends (test/kernels.test.js trains such a model on each). The kernels are plain loops
@@ -56,12 +58,12 @@ import { DEPTHWISE_FACTORIES } from './depthwise_kernels.js';
 import { BINARY_KERNELS, REDUCE_KERNELS, UNARY_KERNELS, binaryKernel, reduceKernel, segmentSumKernel, tileKernel,
   unaryKernel, untransposedMatMulKernel } from './generic_kernels.js';
 import { fusedBatchNormCall } from './layers/normalization.js';
-import { BN_TRAINING, BN_TRAINING_GRAD, MASK_GRAD, MASK_GRADIENTS, NORM_KERNEL_FUNCS, normGradients }
-  from './norm_kernels.js';
+import { BN_TRAINING, BN_TRAINING_GRAD, MASK_GRAD, MASK_GRADIENTS, NORM_KERNEL_FUNCS, RELU_CLIP, fusedReluCall,
+  normGradients } from './norm_kernels.js';
 import { POOL_FACTORIES } from './pool_kernels.js';
 
 const FUSED = Symbol.for('splitkeras.fusedBatchNormCall');
-const NORM = [BN_TRAINING, BN_TRAINING_GRAD, MASK_GRAD];
+const NORM = [BN_TRAINING, BN_TRAINING_GRAD, MASK_GRAD, RELU_CLIP];
 
 // The kernels registered for each backend.
 export const TRAINING_KERNELS = {
@@ -96,29 +98,36 @@ const startedBackend = (tf, backendName) => tf.engine?.().registry?.[backendName
 // and `paths`: the stock gradient configs and BatchNormalization class it replaced.
 const REGISTERED = new WeakMap();
 
+// The calls of TF.js' layers that train through norm_kernels.js, put on their prototypes (so
+// instances loaded before registering train through them too), each falling back to the stock call.
+const LAYER_CALLS = [
+  [(tf) => tf.layers.batchNormalization({}), fusedBatchNormCall],
+  [(tf) => tf.layers.reLU({}), fusedReluCall],
+];
+
 // The gradients of norm_kernels.js (for every backend: they fall back to the stock gradient
-// where the backend lacks SplitkerasMaskGrad) and the fused training call of TF.js'
-// BatchNormalization, on its prototype (instances loaded before registering train through it too).
+// where the backend lacks SplitkerasMaskGrad) and the LAYER_CALLS.
 function registerTrainingPaths(tf, state) {
   if (state.paths) return;
   const gradients = Object.fromEntries(MASK_GRADIENTS.map((name) => [name, tf.getGradient(name)]));
   for (const config of normGradients(tf, (name) => gradients[name])) tf.registerGradient(config);
-  const prototype = Object.getPrototypeOf(tf.layers.batchNormalization({}));
-  const stockCall = prototype.call;
-  if (stockCall[FUSED]) { // another namespace object of the same TF.js has put it there
-    state.paths = { gradients, prototype: null };
-    return;
+  const calls = [];
+  for (const [make, fused] of LAYER_CALLS) {
+    const prototype = Object.getPrototypeOf(make(tf));
+    const stockCall = prototype.call;
+    if (stockCall[FUSED]) continue; // another namespace object of the same TF.js has put it there
+    prototype.call = fused(tf, stockCall);
+    prototype.call[FUSED] = true;
+    calls.push({ prototype, stockCall });
   }
-  prototype.call = fusedBatchNormCall(tf, stockCall);
-  prototype.call[FUSED] = true;
-  state.paths = { gradients, prototype, stockCall };
+  state.paths = { gradients, calls };
 }
 
 function restoreTrainingPaths(tf, state) {
   if (!state.paths) return;
-  const { gradients, prototype, stockCall } = state.paths;
+  const { gradients, calls } = state.paths;
   for (const config of Object.values(gradients)) if (config) tf.registerGradient(config);
-  if (prototype) prototype.call = stockCall;
+  for (const { prototype, stockCall } of calls) prototype.call = stockCall;
   delete state.paths;
 }
 

@@ -10,7 +10,9 @@
 //                                    meanLow [C] (two passes for the statistics, one for y)
 //   SplitkerasBatchNormTrainingGrad  dy, x, mean, meanLow, variance, gamma -> dx, dgamma, dbeta
 //                                    (one pass for the two sums, one for dx)
-//   SplitkerasMaskGrad               dy, x -> dx of Relu, Relu6 or ClipByValue (one pass)
+//   SplitkerasMaskGrad               dy, x -> dx of Relu, Relu6, ClipByValue or ReluClip (one pass)
+//   SplitkerasReluClip               x -> clipByValue(relu(x), 0, max): TF.js' ReLU(maxValue) layer
+//                                    (ReLU6) in one pass each way
 //
 // Keras 3's semantics (keras/src/layers/normalization/batch_normalization.py): the batch mean
 // and the biased variance (the mean of squared differences) over every axis but the last;
@@ -28,6 +30,7 @@ import { computeInto, read } from './kernel_setup.js';
 export const BN_TRAINING = 'SplitkerasBatchNormTraining';
 export const BN_TRAINING_GRAD = 'SplitkerasBatchNormTrainingGrad';
 export const MASK_GRAD = 'SplitkerasMaskGrad';
+export const RELU_CLIP = 'SplitkerasReluClip';
 
 /**
  * Batch statistics and the normalized output of x viewed as [rows, C]. The mean is computed in
@@ -100,8 +103,10 @@ export function batchNormTrainingGrad(dy, x, mean32, meanLow, variance, gamma, C
 }
 
 /**
- * dx of relu ('relu'), relu6 ('relu6') or clipByValue(x, min, max) ('clip'), as the stock
- * gradients compute it: dy * step(x), dy * (x <= 6) * step(x), where(min <= x <= max, dy, 0).
+ * dx of relu ('relu'), relu6 ('relu6'), clipByValue(x, min, max) ('clip') or
+ * clipByValue(relu(x), 0, max) ('reluClip'), as the stock gradients compute it:
+ * dy * step(x), dy * (x <= 6) * step(x), where(min <= x <= max, dy, 0), and the product of the
+ * last two, where(x > max, 0, dy * step(x)).
  */
 export function maskGrad(dy, x, op, min = 0, max = 6, dx = new Float32Array(x.length)) {
   const n = x.length;
@@ -115,12 +120,30 @@ export function maskGrad(dy, x, op, min = 0, max = 6, dx = new Float32Array(x.le
       const v = x[i];
       dx[i] = dy[i] * ((v <= 6 ? 1 : 0) * (v > 0 ? 1 : (v !== v ? NaN : 0))); // eslint-disable-line no-self-compare
     }
+  } else if (op === 'reluClip') { // clipByValue(relu(x), 0, max): where(x > max, 0, dy * step(x))
+    for (let i = 0; i < n; i += 1) {
+      const v = x[i];
+      dx[i] = v > max ? 0 : dy[i] * (v > 0 ? 1 : (v !== v ? NaN : 0)); // eslint-disable-line no-self-compare
+    }
   } else if (op === 'clip') {
     for (let i = 0; i < n; i += 1) dx[i] = x[i] >= min && x[i] <= max ? dy[i] : 0;
   } else {
-    throw new Error(`maskGrad: unknown op '${op}' (relu, relu6 or clip)`);
+    throw new Error(`maskGrad: unknown op '${op}' (relu, relu6, reluClip or clip)`);
   }
   return dx;
+}
+
+/**
+ * clipByValue(relu(x), 0, max), as the two stock kernels give it: NaN stays NaN (cpu), or
+ * becomes 0 (`nanToZero`: wasm's relu is fmax(0, x)).
+ */
+export function reluClip(x, max, y = new Float32Array(x.length), nanToZero = false) {
+  const nan = nanToZero ? 0 : NaN;
+  for (let i = 0; i < x.length; i += 1) {
+    const v = x[i];
+    y[i] = v > max ? max : (v > 0 ? v : (v !== v ? nan : 0)); // eslint-disable-line no-self-compare
+  }
+  return y;
 }
 
 const channelsOf = (shape) => shape[shape.length - 1];
@@ -138,6 +161,8 @@ export const NORM_KERNEL_FUNCS = {
       read(backend, x), read(backend, mean), read(backend, meanLow), read(backend, variance), read(backend, gamma), C,
       attrs.epsilon, { dx, dgamma, dbeta }));
   },
+  [RELU_CLIP]: ({ inputs: { x }, backend, attrs }) => computeInto(backend, [x.shape],
+    (y) => reluClip(read(backend, x), attrs.max, y, attrs.nanToZero))[0],
   [MASK_GRAD]: ({ inputs: { dy, x }, backend, attrs }) => computeInto(backend, [x.shape],
     (dx) => maskGrad(read(backend, dy), read(backend, x), attrs.op, attrs.min, attrs.max, dx))[0],
 };
@@ -185,7 +210,29 @@ export function normGradients(tf, stockGradient) {
       },
     };
   });
-  return [bnGrad, ...masks];
+  const reluClipGrad = {
+    kernelName: RELU_CLIP,
+    inputsToSave: ['x'],
+    gradFunc: (dy, saved, attrs) => ({ x: () => tf.engine().runKernel(MASK_GRAD, { dy, x: saved[0] },
+      { op: 'reluClip', max: attrs.max }) }),
+  };
+  return [bnGrad, reluClipGrad, ...masks];
+}
+
+/**
+ * The call of TF.js' ReLU layer with a maxValue (Keras' ReLU(max_value), as ReLU6) as one
+ * SplitkerasReluClip kernel each way where the backend has it (TF.js: relu, then clipByValue,
+ * and their two gradients); `stockCall` otherwise. registerTrainingKernels puts it on the
+ * layer's prototype.
+ */
+export function fusedReluCall(tf, stockCall) {
+  return function call(inputs, kwargs) {
+    const x = Array.isArray(inputs) ? inputs[0] : inputs;
+    if (this.maxValue == null || x.dtype !== 'float32' || !onBackend(tf, RELU_CLIP)) {
+      return stockCall.call(this, inputs, kwargs);
+    }
+    return tf.engine().runKernel(RELU_CLIP, { x }, { max: this.maxValue, nanToZero: tf.getBackend() === 'wasm' });
+  };
 }
 
 /**

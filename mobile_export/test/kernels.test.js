@@ -292,7 +292,8 @@ test('wasm: a conv/depthwise/separable/pooling/BatchNorm model trains, with the 
     assert.deepEqual(registered.filter((r) => r.backendName === 'wasm' && !r.replaced)
       .map((r) => r.kernelName).sort(), ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
       'DepthwiseConv2dNativeBackpropInput', 'SplitkerasBatchNormTraining', 'SplitkerasBatchNormTrainingGrad',
-      'SplitkerasMaskGrad', 'UnsortedSegmentSum'], 'the kernels wasm lacks, and the fused ones of norm_kernels.js');
+      'SplitkerasMaskGrad', 'SplitkerasReluClip', 'UnsortedSegmentSum'],
+    'the kernels wasm lacks, and the fused ones of norm_kernels.js');
     assert.deepEqual(registered.filter((r) => r.backendName === 'wasm').map((r) => r.kernelName),
       TRAINING_KERNELS.wasm);
     const grads = gradsOn(model, x, g);
