@@ -100,10 +100,8 @@ const REGISTERED = new WeakMap();
 
 // The calls of TF.js' layers that train through norm_kernels.js, put on their prototypes (so
 // instances loaded before registering train through them too), each falling back to the stock call.
-const LAYER_CALLS = [
-  [(tf) => tf.layers.batchNormalization({}), fusedBatchNormCall],
-  [(tf) => tf.layers.reLU({}), fusedReluCall],
-];
+// (The classes from TF.js' class map: making an instance would move its automatic layer names.)
+const LAYER_CALLS = [['BatchNormalization', fusedBatchNormCall], ['ReLU', fusedReluCall]];
 
 // The gradients of norm_kernels.js (for every backend: they fall back to the stock gradient
 // where the backend lacks SplitkerasMaskGrad) and the LAYER_CALLS.
@@ -112,8 +110,10 @@ function registerTrainingPaths(tf, state) {
   const gradients = Object.fromEntries(MASK_GRADIENTS.map((name) => [name, tf.getGradient(name)]));
   for (const config of normGradients(tf, (name) => gradients[name])) tf.registerGradient(config);
   const calls = [];
-  for (const [make, fused] of LAYER_CALLS) {
-    const prototype = Object.getPrototypeOf(make(tf));
+  const classes = tf.serialization.SerializationMap.getMap().classNameMap;
+  for (const [className, fused] of LAYER_CALLS) {
+    const prototype = classes[className]?.[0]?.prototype;
+    if (!prototype) continue;
     const stockCall = prototype.call;
     if (stockCall[FUSED]) continue; // another namespace object of the same TF.js has put it there
     prototype.call = fused(tf, stockCall);

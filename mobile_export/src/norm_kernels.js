@@ -7,7 +7,7 @@
 // LogicalAnd, Select, ZerosLike, Step and Multiply. Here:
 //
 //   SplitkerasBatchNormTraining      x [..., C], gamma [C], beta [C] -> y, mean [C], variance [C],
-//                                    meanLow [C] (two passes for the statistics, one for y)
+//                                    meanLow [C] (one pass for the statistics, one for y)
 //   SplitkerasBatchNormTrainingGrad  dy, x, mean, meanLow, variance, gamma -> dx, dgamma, dbeta
 //                                    (one pass for the two sums, one for dx)
 //   SplitkerasMaskGrad               dy, x -> dx of Relu, Relu6, ClipByValue or ReluClip (one pass)
@@ -42,21 +42,26 @@ export const RELU_CLIP = 'SplitkerasReluClip';
 export function batchNormTraining(x, gamma, beta, C, epsilon, { y = new Float32Array(x.length),
   mean = new Float32Array(C), meanLow = new Float32Array(C), variance = new Float32Array(C) } = {}) {
   const rows = x.length / C;
-  const sum = new Float64Array(C);
-  for (let base = 0; base < x.length; base += C) for (let c = 0; c < C; c += 1) sum[c] += x[base + c];
-  for (let c = 0; c < C; c += 1) sum[c] /= rows;
+  // one pass: the sums of d = x - shift and d^2, shift = the first row (near the mean, so
+  // that the float64 sums lose nothing to cancellation)
+  const shift = Float64Array.from(x.subarray(0, C));
+  const sums = new Float64Array(C);
   const squares = new Float64Array(C);
   for (let base = 0; base < x.length; base += C) {
     for (let c = 0; c < C; c += 1) {
-      const d = x[base + c] - sum[c];
+      const d = x[base + c] - shift[c];
+      sums[c] += d;
       squares[c] += d * d;
     }
   }
-  mean.set(sum);
+  const sum = new Float64Array(C); // the mean, float64
   const scale = new Float64Array(C);
   for (let c = 0; c < C; c += 1) {
+    const m = sums[c] / rows;
+    sum[c] = shift[c] + m;
+    mean[c] = sum[c];
     meanLow[c] = sum[c] - mean[c];
-    variance[c] = squares[c] / rows;
+    variance[c] = Math.max(squares[c] / rows - m * m, 0);
     scale[c] = gamma[c] / Math.sqrt(variance[c] + epsilon);
   }
   for (let base = 0; base < x.length; base += C) {
