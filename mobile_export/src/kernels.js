@@ -149,7 +149,8 @@ export function registerTrainingKernels(tf, { backends = ['cpu', 'wasm'] } = {})
     state = {};
     REGISTERED.set(tf, state);
   }
-  const unknown = backends.find((backendName) => !Object.hasOwn(TRAINING_KERNELS, backendName));
+  const known = (backendName) => Object.prototype.hasOwnProperty.call(TRAINING_KERNELS, backendName);
+  const unknown = backends.find((backendName) => !known(backendName));
   if (unknown !== undefined) {
     throw new Error(`registerTrainingKernels: no kernels for backend '${unknown}'; `
       + `known: ${Object.keys(TRAINING_KERNELS).join(', ')}`);
