@@ -14,30 +14,10 @@ import '@tensorflow/tfjs-backend-wasm';
 import { registerTrainingKernels } from '../src/kernels.js';
 import { registerLayers } from '../src/layers/index.js';
 import { BN_TRAINING, batchNormTrainingOp } from '../src/norm_kernels.js';
+import { close, decoder, relative } from './compare.js';
 
 const fixtures = JSON.parse(readFileSync(new URL('./fixtures/norm_fixtures.json', import.meta.url)));
-const decode = ({ shape, data }) => {
-  const bytes = Buffer.from(data, 'base64');
-  return tf.tensor(new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4), shape);
-};
-
-/** max |a - b| / max |b|, after checking the shapes. */
-function relative(actual, expected, what) {
-  assert.deepEqual(actual.shape, expected.shape, `${what}: shape`);
-  const a = actual.dataSync();
-  const e = expected.dataSync();
-  let diff = 0;
-  let scale = 0;
-  for (let i = 0; i < e.length; i += 1) {
-    diff = Math.max(diff, Math.abs(a[i] - e[i]));
-    scale = Math.max(scale, Math.abs(e[i]));
-  }
-  return diff / (scale || 1);
-}
-const close = (actual, expected, what, tolerance = 1e-5) => {
-  const rel = relative(actual, expected, what);
-  assert.ok(rel <= tolerance, `${what}: relative difference ${rel.toExponential(2)} > ${tolerance}`);
-};
+const decode = decoder(tf);
 const bits = (t) => Array.from(new Uint32Array(Float32Array.from(t.dataSync()).buffer));
 
 const batchNormCall = () => Object.getPrototypeOf(tf.layers.batchNormalization({})).call;
