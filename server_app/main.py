@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from server_app import health, routes
+from server_app import fleet_routes, health, routes
 from server_app.errors import install_error_handlers
 from server_app.limits import BodyLimits
 from server_app.settings import ServerSettings
@@ -74,6 +74,7 @@ def create_app(settings: ServerSettings | None = None, service: SegmentService |
                            expose_headers=["retry-after"], max_age=CORS_MAX_AGE)
     app.include_router(health.router)
     app.include_router(routes.router)
+    app.include_router(fleet_routes.router)
     if configured is not None and configured.device_page:  # the browser page (off by default)
         app.include_router(_device_page(configured))
     return app

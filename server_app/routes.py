@@ -119,6 +119,7 @@ class SessionOpened(BaseModel):
     next_step: int
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    aggregation: dict[str, Any] | None = None  # rounds of device aggregation (server_app.fleet_routes)
 
 
 class SessionState(BaseModel):

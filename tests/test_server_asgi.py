@@ -819,6 +819,9 @@ def test_openapi_documents_every_route(u_app: LiveApp) -> None:
         "/v1/sessions/{session_id}/backward": {"post"},
         "/v1/sessions/{session_id}/train": {"post"},
         "/v1/sessions/{session_id}/predict": {"post"},
+        "/v1/sessions/{session_id}/fleet": {"get"},  # fleet rounds (server_app/fleet_routes.py)
+        "/v1/sessions/{session_id}/fleet/weights": {"get"},
+        "/v1/sessions/{session_id}/fleet/rounds/{round_number}/weights": {"post"},
     }
     assert set(paths) == set(expected)
     for path, methods in expected.items():

@@ -73,7 +73,16 @@ export interface CreateOptions {
   sleep?: (ms: number) => Promise<void>;
   /** Register the runtime's training kernels for cpu and wasm (default true). */
   kernels?: boolean;
+  /** Privacy defences for the training steps (src/privacy.js, docs/privacy.md). */
+  defences?: Defence[];
 }
+
+/** A privacy defence of the device (the Python client's splitkeras.privacy, NoPeek aside). */
+export type Defence =
+  | { name: 'max-norm'; strength?: number; seed?: number }
+  | { name: 'gradient-noise'; scale: number; seed?: number }
+  | { name: 'activation-noise'; clip?: number | null; sigma?: number; seed?: number }
+  | { name: 'randomized-response'; epsilon: number; seed?: number };
 
 /** A model input: a tensor, an array of them in model-input order, or {inputName: tensor}. */
 export type Inputs = Tensor | Tensor[] | Record<string, Tensor> | number[] | number[][];
@@ -129,6 +138,29 @@ export interface FitOptions extends FitCallbacks {
   validationBatchSize?: number;
   initialEpoch?: number;
   callbacks?: FitCallbacks | FitCallbacks[];
+  /** Take part in the server's fleet rounds (`splitkeras serve --aggregate`): default when the
+   * server announces them; false: this device keeps its own segments; true: refuse a server
+   * without aggregation. */
+  rounds?: boolean;
+}
+
+/** Counters of the fleet rounds a device took part in (rounds.js). */
+export interface RoundStats {
+  rounds: number;
+  uploadedBytes: number;
+  downloadedBytes: number;
+  droppedUploads: number;
+}
+
+/** Fleet rounds of device aggregation: fit adds one to its callbacks (rounds.js). */
+export class FleetRounds implements FitCallbacks {
+  static forDevice(device: SplitDevice, rounds?: boolean): Promise<FleetRounds | null>;
+  readonly mode: 'fedavg' | 'relay';
+  readonly roundSteps: number | null;
+  /** The round of the global device weights the device holds. */
+  readonly round: number;
+  readonly stats: RoundStats;
+  sync(): Promise<void>;
 }
 
 export interface FitResult {
@@ -185,6 +217,8 @@ export class SplitDevice {
   readonly sessions: SplitSession[];
   readonly session: SplitSession;
   readonly stats: SessionStats;
+  /** The fleet rounds of the last fit against a server with `--aggregate` (else undefined). */
+  readonly rounds?: FleetRounds;
   readonly stageStats: Record<string, SessionStats>;
   openSession(): Promise<SessionInfo | Record<string, SessionInfo>>;
   closeSession(): Promise<void>;

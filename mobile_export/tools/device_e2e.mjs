@@ -11,6 +11,7 @@
 //    "servers": {"middle_1": "http://127.0.0.1:PORT", ...},   // instead of server_url: one
 //                                       //   URL per server stage (several server stages)
 //    "seed": 1,
+//    "defences": [{"name": "activation-noise", "clip": 1, "sigma": 0}],   // optional (privacy.js)
 //    "x": tensor, "y": tensor,          // the first step's batch (details: server gradients)
 //    "train_x": tensor, "train_y": tensor, "batch_size": 8, "epochs": 3,  // then fit()
 //    "predict_x": tensor,               // then predict() through the server
@@ -76,7 +77,8 @@ async function loadDevice(job, wireDtype, compress = null) {
     models[entry.name] = await loadLayersModelFromDir(tf, path.join(app, path.dirname(entry.tfjs)));
   }
   const device = await SplitDevice.create({ tf, manifest, models, serverUrl: job.server_url,
-    servers: job.servers, key: job.key, wireDtype, compress, seed: job.seed ?? 1 });
+    servers: job.servers, key: job.key, wireDtype, compress, seed: job.seed ?? 1,
+    defences: job.defences });
   return { device, models };
 }
 
@@ -91,6 +93,8 @@ async function run(job) {
     out.fit = await device.fit(decode(job.train_x), decode(job.train_y), {
       batchSize: job.batch_size ?? 8, epochs: job.epochs ?? 1, shuffle: false });
     out.fit.seconds = (Date.now() - started) / 1000;
+    // fleet rounds (a server with --aggregate): the round reached and the weights' traffic
+    out.rounds = device.rounds ? { round: device.rounds.round, ...device.rounds.stats } : null;
   }
   if (job.predict_x) out.prediction = encode(await device.predict(decode(job.predict_x)));
   out.weights = weightsOut(device);
