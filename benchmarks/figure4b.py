@@ -120,7 +120,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per (location, link)")
     parser.add_argument("--max-step-s", type=float, default=15.0,
                         help="measure a (location, link) only if its predicted step is shorter")
+    parser.add_argument("--compress", metavar="SPEC", default=None,
+                        help="codecs per direction (splitkeras.codecs), measured and predicted; results "
+                        "go to figure4b_<SPEC>.{json,md,png}")
     args = parser.parse_args()
+    spec = args.compress or "float32"
+    suffix = "" if args.compress is None else "_" + spec.replace("=", "-").replace(",", "_").replace(":", "")
 
     import keras
     from http_overhead import measure_loopback
@@ -175,13 +180,14 @@ def main() -> None:
             url = servers[name][1]
             if not loopback:
                 loopback = measure_loopback(url, key, folders[name])
-            client = DeviceClient(folders[name], url, key=key, wire_dtype="float32")
+            client = DeviceClient(folders[name], url, key=key, compress=spec)
             client.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
             client.train_on_batch(x[:BATCH], y[:BATCH])  # warm-up: traces device and server
             measured[(name, "loopback")] = steps_per_image(client, x, y, args.steps)
             for label, bandwidth, latency in NETWORKS:
                 conditions = Conditions(bandwidth_bps=bandwidth, latency_s=latency,
-                                        device_flops=speed, server_flops=speed, batch_size=BATCH)
+                                        device_flops=speed, server_flops=speed, batch_size=BATCH,
+                                        wire_dtype=spec)
                 plan = plan_pair(candidates[name], late, conditions)
                 if plan.total_seconds * BATCH > args.max_step_s:
                     continue
@@ -209,7 +215,7 @@ def main() -> None:
                 bandwidth_bps=1 / (1 / bandwidth + 1 / loopback.get("bandwidth_bps", 4e9))
                 if label != "loopback" else bandwidth,
                 latency_s=latency + loopback.get("latency_s", 0.0),
-                device_flops=speed, server_flops=speed, batch_size=BATCH)
+                device_flops=speed, server_flops=speed, batch_size=BATCH, wire_dtype=spec)
             plan = plan_pair(cut, late, conditions)
             m = measured.get((name, label))
             base = measured.get((name, "loopback"))
@@ -259,7 +265,8 @@ def main() -> None:
                f"communication: median {median(comm_ratios):.2f} (range {min(comm_ratios):.2f}-"
                f"{max(comm_ratios):.2f})") if ratios else "nothing measured"
     markdown = "\n".join([
-        "# Figure 4b at a small scale: InceptionResNetV2, time vs split location", "",
+        "# Figure 4b at a small scale: InceptionResNetV2, time vs split location"
+        + ("" if args.compress is None else f", codecs `{spec}`"), "",
         f"`{command}` ({total / 60:.1f} min). InceptionResNetV2, `weights=None`, {SIDE}x{SIDE}x3, "
         f"batch {BATCH}, U-shaped: first cut after the paper's stem layer, second after "
         f"`{LATE_CUT}`; real server on 127.0.0.1, `DeviceClient.train_on_batch` ({args.steps} "
@@ -277,8 +284,9 @@ def main() -> None:
         "loopback (same location, same client).", "",
         "![predicted vs measured](figure4b.png)",
     ])
-    write_results("figure4b", data, markdown)
-    plot(rows, RESULTS / "figure4b.png")
+    write_results("figure4b" + suffix, {**data, "compress": spec}, markdown.replace(
+        "(figure4b.png)", f"(figure4b{suffix}.png)"))
+    plot(rows, RESULTS / f"figure4b{suffix}.png")
     print(markdown)
 
 
