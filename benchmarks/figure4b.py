@@ -125,7 +125,7 @@ def main() -> None:
                         "go to figure4b_<SPEC>.{json,md,png}")
     args = parser.parse_args()
     spec = args.compress or "float32"
-    suffix = "" if args.compress is None else "_" + spec.replace("=", "-").replace(",", "_").replace(":", "")
+    suffix = "" if args.compress is None else "_" + "".join(c if c.isalnum() else "_" for c in spec)
 
     import keras
     from http_overhead import measure_loopback
