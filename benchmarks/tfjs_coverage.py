@@ -169,7 +169,7 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _float64_twin(model: keras.Model) -> keras.Model:
+def float64_twin(model: keras.Model) -> keras.Model:
     """The same segment computing in float64 (same config, float64 dtype policies, same weights)."""
     def to64(obj: Any) -> Any:
         if isinstance(obj, dict):
@@ -209,7 +209,7 @@ def keras_reference(model: keras.Model, inputs: list[np.ndarray], rng: np.random
     feed = inputs if len(inputs) > 1 else inputs[0]
     predict = [np.asarray(o) for o in _as_list(model(feed, training=False))]
     upstream = [rng.normal(size=p.shape).astype(np.float32) for p in predict]
-    twin = _float64_twin(model)  # before the float32 pass moves the statistics
+    twin = float64_twin(model)  # before the float32 pass moves the statistics
     training, grads, input_grads = _vjp(model, inputs, upstream)
     _, grads64, input_grads64 = _vjp(twin, [a.astype(np.float64) for a in inputs], upstream)
     twin_moving = [v for v in twin.weights if not v.trainable]  # same order as the model's
