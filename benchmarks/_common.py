@@ -95,24 +95,27 @@ def verdict(met: bool) -> str:
 # ---- a real server on loopback ------------------------------------------------------------------
 
 
-def start_server(split_dir: Path, key: str, *, extra_env: dict[str, str] | None = None,
-                 timeout: float = 180.0) -> tuple[subprocess.Popen[bytes], str]:
-    """`splitkeras serve SPLIT_DIR` in a subprocess on a free loopback port; waits for /readyz."""
+def start_server(split_dir: Path, key: str, *args: str, extra_env: dict[str, str] | None = None,
+                 timeout: float = 180.0, log_path: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`splitkeras serve SPLIT_DIR [ARGS]` in a subprocess on a free loopback port (this checkout's
+    code first on the path); waits for /readyz. The server's output goes to `log_path`
+    (default SPLIT_DIR/server.log)."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, SPLITKERAS_SERVER_KEY=key, TF_CPP_MIN_LOG_LEVEL="3", **(extra_env or {}))
-    log = open(split_dir / "server.log", "wb")
+    env = dict(os.environ, SPLITKERAS_SERVER_KEY=key, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT),
+               **(extra_env or {}))
+    log_path = log_path or split_dir / "server.log"
+    log = open(log_path, "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "splitkeras.cli", "serve", str(split_dir), "--port", str(port),
-         "--checkpoint-every", "1000000"],
+         "--checkpoint-every", "1000000", *args],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}; "
-                               f"see {split_dir / 'server.log'}")
+            raise RuntimeError(f"the server exited with status {process.returncode}; see {log_path}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
                 return process, url

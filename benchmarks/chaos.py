@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,41 +43,14 @@ server_environment()  # the allocator settings `splitkeras serve` runs with (bef
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import free_port, machine, median, table, write_results  # noqa: E402
+from _common import machine, median, start_server, stop_server, table, write_results  # noqa: E402
 from chaos_support import abandoned_sessions, many_devices, poison_battery, predictions, process_rss  # noqa: E402
 
 KEY = "chaos-key"
 
 
 def serve(folder: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, SPLITKERAS_SERVER_KEY=KEY, PYTHONPATH=str(ROOT))
-    log = open(folder.parent / f"{folder.name}-server.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "splitkeras.cli", "serve", str(folder), "--port", str(port),
-                                "--checkpoint-every", "1000000", *args], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return start_server(folder, KEY, *args, timeout=300, log_path=folder.parent / f"{folder.name}-server.log")
 
 
 def counters(client: httpx.Client) -> dict[str, Any]:
@@ -107,7 +79,7 @@ def run_poison(root: Path) -> dict[str, Any]:
                 results, carried[mode] = poison_battery(client, KEY, state, lambda a, b: a == b)
                 refused = counters(client)["refused_steps"]
         finally:
-            stop(process)
+            stop_server(process)
         for r in results:
             rows.append({"mode": mode, "case": r.case, "route": r.route, "status": r.status, "code": r.code,
                          "unchanged": r.unchanged, "step_kept": r.step_kept, "ok": r.ok})
@@ -124,7 +96,7 @@ def run_memory(root: Path, sessions: int) -> dict[str, Any]:
         with httpx.Client(base_url=url, timeout=60) as client:
             return abandoned_sessions(client, KEY, process_rss(process.pid), sessions=sessions, batch=64)
     finally:
-        stop(process)
+        stop_server(process)
 
 
 def run_devices(root: Path, devices: int, steps: int) -> dict[str, Any]:
@@ -138,7 +110,7 @@ def run_devices(root: Path, devices: int, steps: int) -> dict[str, Any]:
                                   steps=steps, retry_rate=0.25)
             refused = counters(client)["refused_steps"]
     finally:
-        stop(process)
+        stop_server(process)
     return {**result.__dict__, "refused": refused}
 
 

@@ -230,15 +230,19 @@ class ChainExecutor:
     def isolated(self) -> Iterator[None]:
         """Run a forward again to rebuild its tape without its side effects: the model's
         variables (BatchNorm moving statistics, seed generator states) are put back after it;
-        a checkpoint already holds them."""
-        variables = list(self.local.runner.model.variables if isinstance(self.local, _LabelRunner)
-                         else self.local.model.variables)
+        a checkpoint already holds them, and the guard's running scales, which counted it once."""
+        runner = self.local.runner if isinstance(self.local, _LabelRunner) else self.local
+        variables = list(runner.model.variables)
         saved = [v.numpy().copy() for v in variables]
+        guard = getattr(runner, "guard", None)
+        scales = guard.state() if guard is not None else None
         try:
             yield
         finally:
             for variable, value in zip(variables, saved):
                 variable.assign(value)
+            if guard is not None and scales is not None:
+                guard.restore(scales)
 
 
     def take_answers(self) -> list[bytes]:

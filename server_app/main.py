@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -70,7 +70,24 @@ def create_app(settings: ServerSettings | None = None, service: SegmentService |
                            allow_headers=["authorization", "content-type"], max_age=CORS_MAX_AGE)
     app.include_router(health.router)
     app.include_router(routes.router)
+    if configured is not None and configured.device_page:  # the browser page (off by default)
+        app.include_router(_device_page(configured))
     return app
+
+
+def _device_page(settings: ServerSettings) -> Any:
+    """The `/device` routes (server_app/device_page.py); `PageNotBuilt` without a built page."""
+    from fastapi import Request
+
+    from server_app.device_page import device_page_router
+    from splitkeras.manifest import Manifest
+
+    def key_matches(request: Request, given: str | None) -> bool:
+        service = getattr(request.app.state, "service", None)
+        return service is not None and bool(service.server_key.matches(given))
+
+    return device_page_router(settings.resolved_device_page_dir, settings.split_dir,
+                              Manifest.read(settings.split_dir), key_matches)
 
 
 async def _sweep(service: object) -> None:

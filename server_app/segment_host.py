@@ -100,13 +100,15 @@ class SegmentHost:
         return state
 
     def save_checkpoint(self, applied_steps: int, sessions: list[dict[str, Any]],
-                        downstream: dict[str, Any] | None = None, wal_seq: int = 0) -> None:
+                        downstream: dict[str, Any] | None = None, wal_seq: int = 0,
+                        guard: dict[str, Any] | None = None) -> None:
         """Write variables, optimizer state, `applied_steps`, `sessions`, (in a chain) each
-        session's session on the next server, and the last log record it includes, atomically."""
+        session's session on the next server, the last log record it includes and the guard's
+        running scales, atomically."""
         save_checkpoint(self.checkpoint_dir, *self._variables(),
                         {"applied_steps": applied_steps, "saved_at": time.time(),
                          "segment": self.entry.name, "sessions": sessions,
-                         "downstream": downstream or {}, "wal_seq": wal_seq})
+                         "downstream": downstream or {}, "wal_seq": wal_seq, "guard": guard or {}})
 
     def save_segment(self) -> None:
         """Write the trained segment back to its `.keras` file in the split folder (atomic)."""

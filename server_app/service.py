@@ -36,7 +36,7 @@ from server_app.settings import ServerSettings
 from server_app.step_machine import StepMachine
 from server_app.wal import Record, WriteAheadLog
 from splitkeras import wire
-from splitkeras.errors import GUARD_CODES, RequestRefused
+from splitkeras.errors import GUARD_CODES, ManifestError, RequestRefused
 from splitkeras.guard import UpdateGuard
 
 __all__ = ["SegmentService", "Session"]
@@ -80,6 +80,13 @@ class SegmentService:
         if state is not None:
             self.steps.restore(int(state.get("applied_steps", 0)), state.get("sessions", []))
             self.executor.restore(state.get("downstream", {}))
+            if self.guard is not None:  # the relative bounds go on where they were
+                try:
+                    self.guard.restore(state.get("guard") or {})
+                except (TypeError, ValueError, AttributeError) as error:
+                    raise ManifestError(f"The checkpoint in '{self.checkpoint_dir}' holds unreadable guard "
+                                        f"scales ({error}). Move it away to start fresh, or put back a good "
+                                        "copy.") from None
             self.resumed_from = self.steps.applied_steps
             wal_seq = int(state.get("wal_seq", 0))
         self._replay(wal_seq)
@@ -133,7 +140,8 @@ class SegmentService:
         """Write variables, optimizer state, sessions and the log position atomically, then
         start the log over (worker thread only)."""
         self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
-                                  self.executor.persisted(), wal_seq=self.wal.last_seq)
+                                  self.executor.persisted(), wal_seq=self.wal.last_seq,
+                                  guard=self.guard.state() if self.guard is not None else None)
         self.wal.reset()
         try:
             for record in self.steps.pending_records():  # their tapes are not in the checkpoint
@@ -262,11 +270,16 @@ class SegmentService:
 
     def _guarded(self, session: Session, step: int, route: Callable[[Session, int, bytes], bytes],
                  body: bytes) -> bytes:
+        if self.guard is not None:  # an answer it cannot encode refuses the step before its update
+            self.guard.answer_limit = wire.largest_value(session.wire_dtype)
         try:
             return route(session, step, body)
         except BaseException as error:
             self._after_failure(session, step, error)
             raise
+        finally:
+            if self.guard is not None:  # a replayed step was accepted once: no bound then
+                self.guard.answer_limit = None
 
     def _after_failure(self, session: Session, step: int, error: BaseException) -> None:
         """A step failed: if it consumed the pending forward, the session says so

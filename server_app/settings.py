@@ -62,6 +62,10 @@ class ServerSettings(BaseSettings):
                                  "server segment")
     next_key: str | None = Field(default=None, description="the next server's key; default: this "
                                  "server's")
+    device_page: bool = Field(default=False, description="serve the device page at /device/ (a browser "
+                              "tab trains the device segments); off by default")
+    device_page_dir: Path | None = Field(default=None, description="the built device page; default: "
+                                         "mobile_export/dist/device-page (`npm run build:page`)")
 
     def guard_config(self) -> GuardConfig | None:
         """The guards' bounds, or None when `guard` is off."""
@@ -78,6 +82,15 @@ class ServerSettings(BaseSettings):
             return self.checkpoint_dir
         base = Path(self.split_dir) / "checkpoints"
         return base / self.segment if self.segment else base
+
+    @property
+    def resolved_device_page_dir(self) -> Path:
+        """`device_page_dir`, else where `npm --prefix mobile_export run build:page` writes."""
+        if self.device_page_dir is not None:
+            return Path(self.device_page_dir)
+        from server_app.device_page import default_page_dir
+
+        return default_page_dir()
 
     @property
     def key_file(self) -> Path:

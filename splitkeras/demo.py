@@ -25,6 +25,7 @@ import numpy as np
 __all__ = ["DemoResult", "digits_data", "digits_model", "run_demo"]
 
 CUTS = ["conv_2", "dense_1"]
+DEMO_MODEL_FILE = "digits_cnn.keras"  # the split's source file: marks the demo's split (the device page's data)
 
 
 def digits_data(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -89,13 +90,13 @@ def run_demo(folder: str | Path = "splitkeras-demo", *, epochs: int = 5, batch_s
     folder.mkdir(parents=True)
     (x_train, y_train), (x_test, y_test) = digits_data()
     model = digits_model()
-    model.save(folder / "digits_cnn.keras")
+    model.save(folder / DEMO_MODEL_FILE)
     central = keras.models.clone_model(model)
     central.set_weights(model.get_weights())
     central.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                     metrics=["accuracy"])
 
-    split = splitkeras.split(model, at=CUTS, source={"file": "digits_cnn.keras", "sha256": None})
+    split = splitkeras.split(model, at=CUTS, source={"file": DEMO_MODEL_FILE, "sha256": None})
     try:
         split.save(folder, tfjs=True)
     except splitkeras.SplitKerasError:

@@ -23,7 +23,11 @@ sample weights a device sends; the outputs, input gradients and loss the segment
   batch of two);
 * sample weights non-negative;
 * after the update: every new weight, moving statistic and optimizer slot finite, and every
-  trainable weight `max|w| <= max_weight` (default 1e6); else the update is rolled back.
+  trainable weight `max|w| <= max_weight` (default 1e6); else the update is rolled back;
+* what the segment computes and sends back (outputs, input gradients) within the range of the
+  answer's wire dtype when the caller sets `answer_limit` (65504 for a float16 session): an
+  answer that cannot be encoded refuses the step before its update is applied, instead of
+  leaving an applied update without an answer.
 
 Optionally (`max_grad_norm`), the gradients a device sends with a backward are clipped to
 that global L2 norm (over all its tensors) before they are applied.
@@ -63,6 +67,9 @@ ROLES: dict[str, tuple[str, bool, bool]] = {
     "loss": ("the loss computed from it", False, False),
     "regularization": ("the regularization loss", False, False),
 }
+
+
+ANSWERED = ("output", "input_grad")  # computed tensors that travel back in the answer
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,9 @@ class UpdateGuard:
     def __init__(self, config: GuardConfig | None = None) -> None:
         self.config = config or GuardConfig()
         self.scales: dict[str, RunningScale] = {}
+        # the largest |x| the answer of the step at hand can carry (set per step by the caller:
+        # the session's wire dtype), None: no bound beyond max_abs
+        self.answer_limit: float | None = None
 
     # ---- the rules ---------------------------------------------------------------------------
     def refuse(self, role: str, message: str, step_kept: bool = False, **details: Any) -> UpdateRefused:
@@ -164,7 +174,13 @@ class UpdateGuard:
         if biggest > config.max_abs:
             raise self.refuse(role, f"The server refused the step: {what} holds |x| = {biggest:.3g}, over the "
                               f"server's limit of {config.max_abs:.3g}.", step_kept, tensor=name)
-        if not ROLES[role][1]:  # computed here: finite and within max_abs is all
+        if not ROLES[role][1]:  # computed here: finite, within max_abs and the answer's range
+            limit = self.answer_limit
+            if limit is not None and role in ANSWERED and biggest > limit:
+                raise self.refuse(role, f"The server refused the step: {what} holds |x| = {biggest:.3g}, "
+                                  f"beyond {limit:.6g}, the largest value this session's wire dtype can "
+                                  "carry back (float16). Open the session with wire_dtype 'float32', or "
+                                  "lower the learning rate.", step_kept, tensor=name)
             return None
         batch = int(array.shape[0]) if ROLES[role][2] and array.ndim else 1
         scale = biggest * batch
@@ -221,6 +237,18 @@ class UpdateGuard:
             raise UpdateRefused("update_refused", f"The server refused the step: the update would make a "
                                 f"weight |w| = {biggest:.3g}, over the server's limit of "
                                 f"{self.config.max_weight:.3g}. Nothing was applied.", step_kept=step_kept)
+
+    def state(self) -> dict[str, list[float]]:
+        """The running scales, exactly (for a checkpoint): key -> [log scale, accepted count]."""
+        return {key: [s.log_scale, s.count] for key, s in sorted(self.scales.items())}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back the running scales of `state()` (a server's checkpoint)."""
+        scales: dict[str, RunningScale] = {}
+        for key, (log_scale, count) in state.items():
+            scale = scales[str(key)] = RunningScale()
+            scale.log_scale, scale.count = float(log_scale), int(count)
+        self.scales = scales
 
     def describe(self) -> dict[str, Any]:
         """The settings and running scales (for the operator, `/readyz` with the key)."""

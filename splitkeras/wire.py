@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 __all__ = [
-    "MEDIA_TYPE", "ACCEPTED_MEDIA_TYPES", "WIRE_DTYPES", "DEFAULT_MAX_HEADER_BYTES",
+    "MEDIA_TYPE", "ACCEPTED_MEDIA_TYPES", "WIRE_DTYPES", "largest_value", "DEFAULT_MAX_HEADER_BYTES",
     "encode", "decode", "max_body_bytes", "is_wire_media_type",
 ]  # fmt: skip
 
@@ -90,6 +90,11 @@ def _wire_dtype(wire_dtype: str) -> np.dtype:
     if wire_dtype not in WIRE_DTYPES:
         raise WireFormatError(f"wire_dtype {wire_dtype!r} is not supported; use {WIRE_DTYPES}")
     return np.dtype(wire_dtype).newbyteorder("<")
+
+
+def largest_value(wire_dtype: str) -> float:
+    """The largest finite |x| a float tensor on the wire in `wire_dtype` can carry."""
+    return float(np.finfo(_wire_dtype(wire_dtype)).max)
 
 
 def encode(

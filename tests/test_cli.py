@@ -117,7 +117,7 @@ def test_help_loads_neither_tensorflow_nor_the_server() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == (
-        "['split', 'inspect', 'join', 'serve', 'demo', 'export', 'plan', 'train'] []")
+        "['split', 'inspect', 'join', 'serve', 'demo', 'export', 'plan', 'train', 'privacy'] []")
 
 
 def test_python_dash_m_runs_the_cli() -> None:

@@ -200,6 +200,39 @@ def test_an_adam_overflow_is_rolled_back_even_without_input_bounds() -> None:
     assert not runner.has_pending(100)  # its tape was used: the forward must come again
 
 
+@pytest.mark.parametrize("route", ["backward", "train"])
+def test_an_answer_beyond_the_wire_dtype_refuses_the_step_before_its_update(route: str) -> None:
+    """A float16 session's answer cannot carry |x| > 65504: a step whose input gradients go past
+    it is refused before its update (it would otherwise be applied with no answer to send)."""
+    if route == "backward":
+        runner = warmed_u(config=GuardConfig(factor=1e30))  # no relative bound in the way
+        x, g = u_batches(1)[0]
+        runner.forward(100, [x])
+        grads = [np.full_like(g, 3e5)]  # within max_abs (1e10); input gradients ~7e5
+        def run() -> Any:
+            return runner.backward(100, grads)
+    else:
+        runner = label_runner(UpdateGuard(GuardConfig(factor=1e30)))
+        x = RNG.standard_normal((BATCH, 12)).astype(np.float32)
+        y = np.zeros((BATCH,), np.int32)
+        def run() -> Any:  # input gradients ~5e5
+            return runner.train_step(1, [x], y, np.full((BATCH,), 1e7, np.float32))
+    before = state(runner)
+    runner.guard.answer_limit = float(np.finfo(np.float16).max)
+    with pytest.raises(UpdateRefused) as info:
+        run()
+    assert info.value.code == "update_refused"
+    assert "wire dtype" in info.value.message and "float32" in info.value.message, info.value.message
+    assert_same(before, state(runner))
+    runner.guard.answer_limit = None  # a float32 session: the same step is taken
+    if route == "backward":
+        runner.forward(101, [x])
+        runner.backward(101, grads)
+    else:
+        run()
+    assert not all(np.array_equal(a, b) for a, b in zip(before, state(runner)))
+
+
 def test_a_weight_over_max_weight_is_rolled_back() -> None:
     runner = u_runner(UpdateGuard(GuardConfig(max_weight=1e-3)))
     x, g = u_batches(1)[0]

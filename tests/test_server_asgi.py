@@ -278,6 +278,39 @@ def test_f16_body_is_accepted(u_app: LiveApp) -> None:
     assert metadata["step"] == "0"
 
 
+def test_a_float16_answer_out_of_range_refuses_the_step_and_changes_nothing(splits: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """The input gradients of a float16 session's backward past 65504 cannot be answered: the
+    step is refused before its update is applied (not applied without an answer). A fresh
+    server: its guards' relative bounds are still warming up."""
+    with LiveApp(settings_for(copy_split(splits["u_shaped"], tmp_path / "s"))) as u_app:
+        _float16_answer_out_of_range(u_app)
+
+
+def _float16_answer_out_of_range(u_app: LiveApp) -> None:
+    rng = np.random.default_rng(16)
+    h = rng.standard_normal((4, 3)).astype(np.float32)
+    g = (rng.standard_normal((4, 3)) * 1e6).astype(np.float32)  # within max_abs (1e10)
+    sid, token = u_app.open_session(wire_dtype="float16")
+    assert u_app.post(step_path(sid, 0, "forward"), tensors={"h": h}, token=token).status_code == 200
+    before = state(u_app)
+    response = u_app.post(step_path(sid, 0, "backward"), tensors={"m": g}, token=token)
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "update_refused" and "float16" in error["message"], error
+    after = state(u_app)
+    assert after["applied_steps"] == before["applied_steps"]
+    for a, b in zip(before["model"] + before["optimizer"], after["model"] + after["optimizer"]):
+        assert np.array_equal(a, b)
+    # the step's forward is spent (its tape was used): it comes again, and a float32 session
+    # takes the same gradients
+    sid32, token32 = u_app.open_session()
+    assert u_app.post(step_path(sid32, 0, "forward"), tensors={"h": h}, token=token32).status_code == 200
+    response = u_app.post(step_path(sid32, 0, "backward"), tensors={"m": g}, token=token32)
+    assert response.status_code == 200, response.text
+    assert float(np.max(np.abs(wire.decode(response.content)[0]["h"]))) > 65504
+
+
 @dataclass
 class Refusal:
     id: str

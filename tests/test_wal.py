@@ -4,6 +4,7 @@ failures that are refused loudly and recovered from."""
 from __future__ import annotations
 
 import errno
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,13 @@ def test_a_crash_replays_every_acknowledged_change_bitwise(templates: dict[str, 
     try:
         story = _interleaved_steps(live)
         before = snapshot(live.service)
+        scales = live.service.guard.state()
         assert live.service.wal.appended == 17  # 3 opens, 1 close, 7 forwards, 6 backwards
     finally:
         live.close(graceful=False)  # a crash: no shutdown checkpoint
     with LiveApp(settings_for(folder)) as again:
         after = snapshot(again.service)
+        assert scales and again.service.guard.state() == scales  # the guard's running scales too
         for key in ("iterations", "applied_steps", "sessions", "pending"):
             assert after[key] == before[key], key
         for key in ("model", "optimizer"):
@@ -120,6 +123,21 @@ def test_a_crash_replays_every_acknowledged_change_bitwise(templates: dict[str, 
         assert again.service.applied_steps == 7
         assert again.get(f"/v1/sessions/{story['closed']}", token=KEY).status_code == 404
         assert (again.service.checkpoint_dir / "wal.log").stat().st_size > 0  # the new step is logged
+
+
+def test_the_guards_running_scales_survive_a_restart(templates: dict[str, Path], tmp_path: Path) -> None:
+    """From the checkpoint (a clean stop), and from a checkpoint plus the log after it: the
+    relative bounds go on from where they were, bitwise, instead of warming up again."""
+    folder = copy_split(templates["u_shaped"], tmp_path / "u")
+    with LiveApp(settings_for(folder, checkpoint_every=4)) as live:
+        _interleaved_steps(live)  # 6 applied steps: a checkpoint after 4, the log after it
+        scales = live.service.guard.state()
+        accepted = {key: count for key, (_, count) in scales.items()}
+    assert accepted and all(count >= 6 for count in accepted.values()), accepted
+    with LiveApp(settings_for(folder)) as again:
+        assert again.service.guard.state() == scales
+    state = json.loads((folder / "ck" / "state.json").read_text())
+    assert state["guard"] == scales  # the clean stop's checkpoint holds them
 
 
 def test_labels_on_server_steps_replay_bitwise(templates: dict[str, Path], tmp_path: Path) -> None:

@@ -70,7 +70,16 @@ export interface CreateOptions {
   sleep?: (ms: number) => Promise<void>;
   /** Register the runtime's training kernels for cpu and wasm (default true). */
   kernels?: boolean;
+  /** Privacy defences for the training steps (src/privacy.js, docs/privacy.md). */
+  defences?: Defence[];
 }
+
+/** A privacy defence of the device (the Python client's splitkeras.privacy, NoPeek aside). */
+export type Defence =
+  | { name: 'max-norm'; strength?: number; seed?: number }
+  | { name: 'gradient-noise'; scale: number; seed?: number }
+  | { name: 'activation-noise'; clip?: number | null; sigma?: number; seed?: number }
+  | { name: 'randomized-response'; epsilon: number; seed?: number };
 
 /** A model input: a tensor, an array of them in model-input order, or {inputName: tensor}. */
 export type Inputs = Tensor | Tensor[] | Record<string, Tensor> | number[] | number[][];

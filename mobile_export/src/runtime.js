@@ -39,6 +39,7 @@
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
 import { registerTrainingKernels } from './kernels.js';
+import { createDefences } from './privacy.js';
 import { registerLayers } from './layers/index.js'; // the layers TF.js lacks (src/layers/)
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
@@ -73,12 +74,14 @@ export class SplitDevice {
    *   serverUrl?: string, servers?: Object<string, string|{url: string, key?: string}>,
    *   key?: string, wireDtype?: 'float32'|'float16', fetch?: Function,
    *   retries?: number, backoff?: number, maxBackoff?: number, timeoutMs?: number,
-   *   seed?: number, kernels?: boolean}} options
+   *   seed?: number, kernels?: boolean, defences?: object[]}} options
    *   `models` maps each device segment name (head, tail) to a tf.LayersModel, an
    *   IOHandler or a URL for `tf.loadLayersModel`. `serverUrl` is the server of a split
    *   with one server stage; `servers` maps each server stage (its first segment's name,
    *   or that segment's host) to its first server's URL (and key, default `key`).
    *   `backoff` in milliseconds. `seed` seeds the per-step Dropout masks (default: random).
+   *   `defences`: privacy defences for the training steps (privacy.js, docs/privacy.md), e.g.
+   *   [{name: 'max-norm', seed: 1}, {name: 'activation-noise', clip: 1, sigma: 0.5, seed: 2}].
    *   `kernels` (default true): register the runtime's training kernels (kernels.js) for the
    *   cpu and wasm backends: fast conv/depthwise gradients on cpu, the ones wasm lacks or
    *   gets wrong.
@@ -87,7 +90,7 @@ export class SplitDevice {
   static async create({
     tf, manifest, models = {}, serverUrl, servers, key, wireDtype = 'float32',
     fetch, retries = 12, backoff = 500, maxBackoff = 10000, jitter = 0.25, timeoutMs = 30000,
-    seed, sleep, kernels = true,
+    seed, sleep, kernels = true, defences,
   }) {
     if (!tf || typeof tf.tensor !== 'function') {
       throw new SplitDeviceError('pass the @tensorflow/tfjs module as tf (import * as tf from '
@@ -96,6 +99,7 @@ export class SplitDevice {
     if (kernels) registerTrainingKernels(tf);
     registerLayers(tf); // before a bundle loads; once per TF.js instance
     const topology = checkTopology(manifest);
+    const checkedDefences = createDefences(defences, topology.mode);
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
       serverUrl, servers, key, wireDtype, fetch, retries, backoff, maxBackoff, jitter, timeoutMs, sleep,
     });
@@ -109,8 +113,10 @@ export class SplitDevice {
       loaded[entry.name] = typeof source.apply === 'function' && Array.isArray(source.layers)
         ? source : await tf.loadLayersModel(source, { strict: true });
     }
-    return new SplitDevice(tf, manifest, topology, loaded, sessions,
+    const device = new SplitDevice(tf, manifest, topology, loaded, sessions,
       seed ?? Math.floor(Math.random() * 2 ** 31));
+    device.defences = checkedDefences;
+    return device;
   }
 
   constructor(tf, manifest, topology, models, stageSessions, seed) {

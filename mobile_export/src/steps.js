@@ -17,6 +17,9 @@
 // every other stage reports on its forward (`regularization_loss` from a server).
 
 import { metricValues } from './losses.js';
+import {
+  clipGradients, flipLabels, noiseActivations, perturbGradients,
+} from './privacy.js';
 import { addGrads, fromWire, labelTensor, namedInputs, wireTensors } from './tensors.js';
 
 const LABEL_PREFIX = 'label:';
@@ -36,10 +39,21 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
   const label = runners[runners.length - 1];
   const others = runners.slice(0, -1);
   let labels = null;
+  const defences = device.defences ?? [];
+  const clipStates = new Map(); // stage -> what activation-noise clipped (for its Jacobian)
+  const made = []; // tensors the defences made, disposed at the end
+  // the tensors sent to a server stage, through the activation defences
+  const sentTensors = async (stage) => {
+    const { sent, made: noised, state } = noiseActivations(tf, defences, specNames(stage.inputs), store);
+    made.push(...noised);
+    if (state) clipStates.set(stage.name, state);
+    return wireTensors(specNames(stage.inputs), sent);
+  };
 
   const takeInputGrads = (runner, answer) => {
     const specs = runner.stage.inputs.filter((s) => s.name in answer.tensors);
-    const fromServer = fromWire(tf, answer, specs, 'backward');
+    const fromServer = clipGradients(tf, clipStates.get(runner.stage.name),
+      fromWire(tf, answer, specs, 'backward'));
     if (received) {
       received.set(runner.stage.name, Object.fromEntries([...fromServer].map(([name, t]) => [name,
         { shape: t.shape, data: Float32Array.from(t.dataSync()) }])));
@@ -57,7 +71,7 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
         segment.outputNames.forEach((name, i) => store.set(name, outputs[i]));
         regularization.push(reg);
       } else {
-        const answer = await session.forward(step, await wireTensors(specNames(stage.inputs), store));
+        const answer = await session.forward(step, await sentTensors(stage));
         regularization.push(Number(answer.metadata.regularization_loss ?? 0));
         for (const [name, t] of fromWire(tf, answer, stage.outputs, 'forward')) store.set(name, t);
       }
@@ -75,9 +89,12 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
       result.metricCounts = Object.fromEntries(Object.entries(out.metrics)
         .map(([name, { count }]) => [name, count]));
     } else {
-      const tensors = await wireTensors(specNames(label.stage.inputs), store);
+      const tensors = await sentTensors(label.stage);
       const labelName = LABEL_PREFIX + device.manifest.model_outputs[0].name;
-      tensors.push(...await wireTensors([labelName], new Map([[labelName, labels]])));
+      const output = device.manifest.model_outputs[0];
+      const sentLabels = flipLabels(tf, defences, labels, Number(output.shape[output.shape.length - 1]));
+      if (sentLabels !== labels) made.push(sentLabels);
+      tensors.push(...await wireTensors([labelName], new Map([[labelName, sentLabels]])));
       const answer = await label.session.train(step, tensors);
       const meta = answer.metadata;
       result.loss = Number(meta.loss);
@@ -104,6 +121,7 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
           grads.delete(spec.name);
           return [spec.name, g];
         }));
+        perturbGradients(tf, defences, gradStore);
         const body = await wireTensors([...gradStore.keys()], gradStore);
         for (const g of gradStore.values()) g.dispose();
         takeInputGrads(runner, await session.backward(step, body));
@@ -113,6 +131,7 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
     for (const { segment } of others) segment?.drop(step);
     for (const t of store.values()) t.dispose();
     for (const t of grads.values()) t.dispose();
+    for (const t of made) t.dispose();
     labels?.dispose();
   }
   if (received) result.details = gradientDetails(received);

@@ -11,6 +11,7 @@
 //    "servers": {"middle_1": "http://127.0.0.1:PORT", ...},   // instead of server_url: one
 //                                       //   URL per server stage (several server stages)
 //    "seed": 1,
+//    "defences": [{"name": "activation-noise", "clip": 1, "sigma": 0}],   // optional (privacy.js)
 //    "x": tensor, "y": tensor,          // the first step's batch (details: server gradients)
 //    "train_x": tensor, "train_y": tensor, "batch_size": 8, "epochs": 3,  // then fit()
 //    "predict_x": tensor,               // then predict() through the server
@@ -74,7 +75,7 @@ async function loadDevice(job, wireDtype) {
     models[entry.name] = await loadLayersModelFromDir(tf, path.join(app, path.dirname(entry.tfjs)));
   }
   const device = await SplitDevice.create({ tf, manifest, models, serverUrl: job.server_url,
-    servers: job.servers, key: job.key, wireDtype, seed: job.seed ?? 1 });
+    servers: job.servers, key: job.key, wireDtype, seed: job.seed ?? 1, defences: job.defences });
   return { device, models };
 }
 

@@ -16,12 +16,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from splitkeras.cli import demo, export, inspect, join, plan, serve, split, train
+from splitkeras.cli import demo, export, inspect, join, plan, privacy, serve, split, train
 from splitkeras.cli._common import CliError, Parser, quiet_tensorflow
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (split, inspect, join, serve, demo, export, plan, train)
+COMMANDS = (split, inspect, join, serve, demo, export, plan, train, privacy)
 
 
 def build_parser() -> argparse.ArgumentParser:

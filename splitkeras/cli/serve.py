@@ -12,6 +12,7 @@ Example:
     $ splitkeras serve out4 --segment middle_2 --port 8001              # a chain's second server
     $ splitkeras serve out4 --segment middle_1 --port 8000 --next http://127.0.0.1:8001
     $ splitkeras serve out --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem
+    $ splitkeras serve splitkeras-demo --device-page                    # open the printed /device/ URL
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def _settings(args: argparse.Namespace) -> Any:
         "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
         "cors_origins": args.cors_origin,
     }.items() if v is not None}
+    if args.device_page:
+        overrides["device_page"] = True
     if args.no_guard:
         overrides["guard"] = False
     try:
@@ -78,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     manifest = Manifest.read(settings.split_dir)  # a wrong folder fails here, in one line
     served = choose_segment(manifest, settings.segment, settings.next_url)  # likewise a wrong --segment
+    if settings.device_page:
+        _check_device_page(settings, manifest)
     with ServerLock(settings.split_dir, served.segment):
         service = load_service(settings)  # a bad .keras or checkpoint: one line, before uvicorn
         where = "SPLITKERAS_SERVER_KEY" if settings.key else settings.key_file
@@ -85,11 +90,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheme = "https" if args.tls_cert else "http"
         print(f"splitkeras server for segment '{served.segment}'{chain} of {settings.split_dir} on "
               f"{scheme}://{args.host}:{args.port} (docs: /docs; key: {where})", flush=True)
+        if settings.device_page:  # the key rides in the fragment, which the browser never sends
+            print(f"device page: {scheme}://{args.host}:{args.port}/device/#key={service.server_key.value}",
+                  flush=True)
         config = uvicorn_config(create_app(settings, service), args.host, args.port,
                                 read_timeout=settings.read_timeout_seconds, tls_cert=args.tls_cert,
                                 tls_key=args.tls_key, log_level=args.log_level)
         uvicorn.Server(config).run()
     return 0
+
+
+def _check_device_page(settings: Any, manifest: Any) -> None:
+    from server_app.device_page import PageNotBuilt, check_page_dir, missing_bundles
+
+    try:
+        check_page_dir(settings.resolved_device_page_dir)
+    except PageNotBuilt as error:
+        raise CliError(f"serve: {error}") from None
+    missing = missing_bundles(settings.split_dir, manifest)
+    if missing:
+        raise CliError(f"serve: --device-page: device segment '{missing[0]}' has no TF.js bundle in "
+                       f"{settings.split_dir} for the page to train; split again without --no-tfjs "
+                       "(`splitkeras split` writes the bundles by default)")
 
 
 def _number(kind: Callable[[str], Any], low: float, inclusive: bool = True,
@@ -182,6 +204,10 @@ def register(sub: Any) -> None:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="let pages of ORIGIN (e.g. https://app.example.org) call the server from a "
                    "browser (CORS); repeatable; off by default")
+    p.add_argument("--device-page", action="store_true",
+                   help="also serve a device page at /device/: a browser tab trains the device segments "
+                   "(the digits set for the `splitkeras demo` split); the URL with the key is printed; "
+                   "needs the built page (`npm --prefix mobile_export run build:page`)")
     p.add_argument("--max-grad-norm", type=_number(float, 0, inclusive=False),
                    help="clip the gradients a device sends to this global L2 norm (default: no clip)")
     p.add_argument("--max-refused-steps", type=_number(int, 1),

@@ -93,6 +93,19 @@ def _check_shapes(x: Any, specs: list[Any]) -> None:
                            f"the model takes {expected}")
 
 
+def _defences(args: argparse.Namespace) -> list[Any]:
+    """The `--defence SPEC` options as defences (`splitkeras.privacy.parse_defence`)."""
+    if not args.defence:
+        return []
+    from splitkeras.errors import TrainingError
+    from splitkeras.privacy.defences.spec import parse_defence
+
+    try:
+        return [parse_defence(spec, seed=args.defence_seed) for spec in args.defence]
+    except TrainingError as error:
+        raise CliError(f"train: --defence: {error}") from None
+
+
 def server_urls(values: list[str]) -> str | dict[str, str]:
     """`--server URL` (one server stage), or `--server NAME=URL` once per server stage."""
     if len(values) == 1 and "=" not in values[0].split("://", 1)[0]:
@@ -125,10 +138,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                        f"server's machine where {Path(args.split_dir) / '.splitkeras' / 'server.key'} "
                        "exists (written by `splitkeras serve`)")
     optimizer = _optimizer(args, manifest.training)
+    defences = _defences(args)
     text = args.format == "text"
     servers = server_urls(args.server)
     with DeviceClient(args.split_dir, servers, key=key, wire_dtype=args.wire_dtype,
-                      unsafe_deserialization=args.unsafe_deserialization) as client:
+                      unsafe_deserialization=args.unsafe_deserialization, defences=defences) as client:
         client.compile(optimizer=optimizer)
         if text:
             where = ", ".join(t.base_url for t in client.transports.values())
@@ -176,6 +190,11 @@ def register(sub: Any) -> None:
                    "SPLIT_DIR/.splitkeras/server.key)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="keep the samples in file order")
+    p.add_argument("--defence", action="append", metavar="SPEC",
+                   help="a privacy defence for the training steps (repeatable): max-norm[:STRENGTH], "
+                   "gradient-noise:SCALE, activation-noise:CLIP,SIGMA, nopeek:ALPHA, "
+                   "randomized-response:EPSILON (docs/privacy.md)")
+    p.add_argument("--defence-seed", type=int, help="seed of the defences' noise (default: fresh)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     add_unsafe(p)
     p.set_defaults(func=cmd_train)

@@ -100,6 +100,10 @@ class DeviceClient:
         transport: a ready `Transport` (then `server_url`, `key` and `network` are unused;
             one server stage only).
         unsafe_deserialization: allow Lambda layers in the device segments.
+        defences: privacy defences applied to what crosses to each server stage during
+            training (`splitkeras.privacy`: `MaxNorm`, `GradientNoise`, `ActivationNoise`,
+            `NoPeek`, `RandomizedResponse`; see docs/privacy.md). None or empty: off,
+            the step is exactly the step without them.
 
     Example:
         >>> with DeviceClient("out", "http://127.0.0.1:8000") as client:   # doctest: +SKIP
@@ -110,7 +114,8 @@ class DeviceClient:
     def __init__(self, split: str | os.PathLike[str] | Split, server_url: str | Mapping[str, str], *,
                  key: str | None = None, wire_dtype: str = "float32",
                  network: NetworkConditions | None = None, jit_compile: bool | str = "auto",
-                 transport: Transport | None = None, unsafe_deserialization: bool = False) -> None:
+                 transport: Transport | None = None, unsafe_deserialization: bool = False,
+                 defences: Sequence[Any] | None = None) -> None:
         if isinstance(split, Split):
             self.split, self.folder = split, None
         else:
@@ -131,6 +136,7 @@ class DeviceClient:
             raise ValueError(f"wire_dtype must be 'float32' or 'float16', got {wire_dtype!r}.")
         self.wire_dtype = wire_dtype
         self.jit_compile = jit_compile
+        self.defences = list(defences or [])
         if transport is not None and len(self.stages) != 1:
             raise TrainingError(f"transport= serves one server stage; this split has {len(self.stages)}"
                                 f" ({[s.name for s in self.stages]}): pass server_url={{stage: url}}.")
@@ -203,6 +209,11 @@ class DeviceClient:
                 self.split[stage.name], config, model_inputs, jit_compile=self.jit_compile,
                 loss=loss if stage.name == last else None, metrics=metrics, loss_weights=loss_weights)
             for stage in self.topology.stages]
+        if self.defences:
+            from splitkeras.privacy.defences.base import apply_defences
+
+            self.runners = apply_defences(self.runners, [s.kind for s in self.topology.stages],
+                                          [s.mode for s in self.topology.stages], self.defences, model_inputs)
         if self.labels_on_server:
             self.label_runner = SegmentRunner(_prediction_segment(self.split), new_optimizer(config),
                                               jit_compile=False, loss=loss, metrics=metrics,
