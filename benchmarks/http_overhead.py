@@ -309,6 +309,7 @@ def measure_loopback(url: str, key: str, folder: Path) -> dict[str, float]:
 
     from splitkeras import wire
     from splitkeras.manifest import Manifest
+    from splitkeras.protocol import STEP_HEADER, step_path
 
     manifest = Manifest.read(folder)
     entry = next(s for s in manifest.segments if s.placement == "server")
@@ -318,8 +319,8 @@ def measure_loopback(url: str, key: str, folder: Path) -> dict[str, float]:
         session = client.post("/v1/sessions", json={"wire_dtype": "float32"},
                               headers={"Authorization": f"Bearer {key}"}).json()
         headers = {"Authorization": f"Bearer {session['token']}",
-                   "Content-Type": wire.MEDIA_TYPE}
-        path = f"/v1/sessions/{session['session_id']}/steps/{session['next_step']}/forward"
+                   "Content-Type": wire.MEDIA_TYPE, STEP_HEADER: str(session["next_step"])}
+        path = step_path(session["session_id"], "forward")
         response = client.post(path, content=body, headers=headers)  # computes once
         pings, transfers = [], []
         for _ in range(15):

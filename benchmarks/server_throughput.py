@@ -39,6 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 from _common import machine, median, process_cpu_seconds, start_server, stop_server, table, verdict, write_results
 
+from splitkeras.protocol import STEP_HEADER, step_path
+
 BATCH = 32
 CONCURRENCY = (1, 8, 32)
 FLOOR = 0.85
@@ -147,7 +149,7 @@ class Device:
                                     headers={"Authorization": f"Bearer {key}"})
         response.raise_for_status()
         session = response.json()
-        self.path = f"/v1/sessions/{session['session_id']}/steps"
+        self.session_id = str(session["session_id"])
         self.headers = {"Authorization": f"Bearer {session['token']}",
                         "Content-Type": "application/vnd.splitkeras.safetensors"}
         self.step = int(session["next_step"])
@@ -156,8 +158,8 @@ class Device:
         """forward, then backward with g or -g in turn (the weights oscillate, not drift)."""
         backward_body = backward_bodies[self.step % 2]
         for route, body in (("forward", forward_body), ("backward", backward_body)):
-            response = self.client.post(f"{self.path}/{self.step}/{route}", content=body,
-                                        headers=self.headers)
+            response = self.client.post(step_path(self.session_id, route), content=body,
+                                        headers={**self.headers, STEP_HEADER: str(self.step)})
             if response.status_code != 200:
                 raise RuntimeError(f"{route} {self.step}: HTTP {response.status_code} {response.text[:300]}")
         self.step += 1

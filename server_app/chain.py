@@ -268,7 +268,7 @@ class ChainExecutor:
             if notify:
                 transport.close()
             else:
-                transport._client.close()
+                transport.close_connection()
 
     def persisted(self) -> dict[str, dict[str, Any]]:
         """The next server's session of each device session, for this server's checkpoint."""
@@ -287,7 +287,7 @@ class ChainExecutor:
         """At shutdown: close the connections, keep the downstream sessions (a restart resumes
         them from the checkpoint)."""
         for transport in self._transports.values():
-            transport._client.close()
+            transport.close_connection()
         self._transports.clear()
         self._loops.clear()
 

@@ -16,12 +16,15 @@ from typing import Any
 
 from server_app.errors import refusal_response
 from splitkeras.errors import RequestRefused
+from splitkeras.protocol import TENSOR_ROUTES
 
 __all__ = ["BodyLimits", "JSON_LIMIT", "NO_BODY_LIMIT", "body_limit", "too_large"]
 
 JSON_LIMIT = 16 * 1024  # POST /v1/sessions: {"wire_dtype": ..., "client": <= 200 characters}
 NO_BODY_LIMIT = 1024  # routes that take no body
-_TENSOR_ROUTE = re.compile(r"^/v1/sessions/[^/]+/(?:steps/[^/]+/(forward|backward|train)|(predict))/?$")
+# POST /v1/sessions/{id}/forward|backward|train|predict (the step number is a header)
+_TENSOR_ROUTE = re.compile(rf"^/v1/sessions/[^/]+/({'|'.join(TENSOR_ROUTES)})/?$")
+_FLEET_UPLOAD = re.compile(r"^/v1/sessions/[^/]+/fleet/rounds/[^/]+/weights/?$")  # server_app.fleet_routes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,7 +50,9 @@ def body_limit(scope: Scope) -> tuple[int, bool]:
         match = _TENSOR_ROUTE.match(path)
         service = getattr(getattr(scope.get("app"), "state", None), "service", None)
         if match and service is not None:
-            return int(service.body_limits[match.group(1) or match.group(2)]), True
+            return int(service.body_limits[match.group(1)]), True
+        if _FLEET_UPLOAD.match(path) and service is not None and "fleet_weights" in service.body_limits:
+            return int(service.body_limits["fleet_weights"]), True
     return NO_BODY_LIMIT, False
 
 

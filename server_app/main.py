@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from server_app import health, routes
+from server_app import fleet_routes, health, routes
 from server_app.errors import install_error_handlers
 from server_app.limits import BodyLimits
 from server_app.settings import ServerSettings
+from splitkeras.protocol import STEP_HEADER
 
 if TYPE_CHECKING:
     from server_app.service import SegmentService
@@ -66,10 +67,14 @@ def create_app(settings: ServerSettings | None = None, service: SegmentService |
     if origins:  # pages of these origins may call the server (off by default)
         from starlette.middleware.cors import CORSMiddleware
 
+        # A step's URL is the same at every step (its number is the Splitkeras-Step header), so
+        # a page pays one preflight per route of a session, cached max_age seconds.
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["authorization", "content-type"], max_age=CORS_MAX_AGE)
+                           allow_headers=["authorization", "content-type", STEP_HEADER.lower()],
+                           expose_headers=["retry-after"], max_age=CORS_MAX_AGE)
     app.include_router(health.router)
     app.include_router(routes.router)
+    app.include_router(fleet_routes.router)
     if configured is not None and configured.device_page:  # the browser page (off by default)
         app.include_router(_device_page(configured))
     return app

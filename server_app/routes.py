@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from server_app.limits import JSON_LIMIT, too_large
 from server_app.service import SegmentService, Session
-from splitkeras import wire
+from splitkeras import protocol, wire
 from splitkeras.errors import RequestRefused
 
 __all__ = ["router", "get_service"]
@@ -113,6 +113,7 @@ class SessionOpened(BaseModel):
     next_step: int
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    aggregation: dict[str, Any] | None = None  # rounds of device aggregation (server_app.fleet_routes)
 
 
 class SessionState(BaseModel):
@@ -179,29 +180,50 @@ async def close_session(service: ServiceDep, session: SessionDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/sessions/{session_id}/steps/{step}/forward", openapi_extra=TENSOR_BODY,
-             responses=TENSOR_RESPONSE, response_class=Response)
-async def forward(request: Request, service: ServiceDep, session: SessionDep,
-                  step: Annotated[int, Path(ge=0, le=2**53)]) -> Response:
-    """Training-mode forward of step `step` (U-shaped splits); a retry returns the same bytes."""
+def step_dep(request: Request) -> int:
+    """The step number from the `Splitkeras-Step` header (400 `bad_request` when it is
+    missing or not a whole number in 0..2**53); checked after the token, before the body."""
+    return protocol.parse_step(request.headers.getlist(protocol.STEP_HEADER))
+
+
+StepDep = Annotated[int, Depends(step_dep)]
+
+STEP_HEADER_PARAMETER = {"parameters": [{
+    "name": protocol.STEP_HEADER, "in": "header", "required": True,
+    "schema": {"type": "integer", "minimum": 0, "maximum": protocol.MAX_STEP},
+    "description": "The step number (the session's steps count from 0). It travels in a header so "
+                   "that the route's URL does not change from step to step: a browser caches one CORS "
+                   "preflight per route."}]}
+STEP_OPENAPI = {**TENSOR_BODY, **STEP_HEADER_PARAMETER}
+STEP_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **TENSOR_RESPONSE,
+    400: {"description": "Malformed tensor body (bad_tensor), or the Splitkeras-Step header missing or "
+                         "not a whole number in 0..2**53 (bad_request)."}}
+
+
+@router.post("/sessions/{session_id}/forward", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,
+             response_class=Response)
+async def forward(request: Request, service: ServiceDep, session: SessionDep, step: StepDep) -> Response:
+    """Training-mode forward of step `Splitkeras-Step` (U-shaped splits); a retry returns the
+    same bytes."""
     body = await read_tensor_body(request, service.body_limits["forward"])
     return _tensors(await service.run(service.forward, session, step, body))
 
 
-@router.post("/sessions/{session_id}/steps/{step}/backward", openapi_extra=TENSOR_BODY,
-             responses=TENSOR_RESPONSE, response_class=Response)
-async def backward(request: Request, service: ServiceDep, session: SessionDep,
-                   step: Annotated[int, Path(ge=0, le=2**53)]) -> Response:
-    """Apply step `step`'s update from the output gradients, once; returns input gradients."""
+@router.post("/sessions/{session_id}/backward", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,
+             response_class=Response)
+async def backward(request: Request, service: ServiceDep, session: SessionDep, step: StepDep) -> Response:
+    """Apply step `Splitkeras-Step`'s update from the output gradients, once; returns input
+    gradients."""
     body = await read_tensor_body(request, service.body_limits["backward"])
     return _tensors(await service.run(service.backward, session, step, body))
 
 
-@router.post("/sessions/{session_id}/steps/{step}/train", openapi_extra=TENSOR_BODY,
-             responses=TENSOR_RESPONSE, response_class=Response)
-async def train(request: Request, service: ServiceDep, session: SessionDep,
-                step: Annotated[int, Path(ge=0, le=2**53)]) -> Response:
-    """One step with the labels on the server: loss, update, input gradients; metrics in metadata."""
+@router.post("/sessions/{session_id}/train", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,
+             response_class=Response)
+async def train(request: Request, service: ServiceDep, session: SessionDep, step: StepDep) -> Response:
+    """One step (`Splitkeras-Step`) with the labels on the server: loss, update, input gradients;
+    metrics in metadata."""
     body = await read_tensor_body(request, service.body_limits["train"])
     return _tensors(await service.run(service.train, session, step, body))
 

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from server_app import keys
 from server_app.bodies import TensorBodies
@@ -38,6 +38,9 @@ from server_app.wal import Record, WriteAheadLog
 from splitkeras import wire
 from splitkeras.errors import GUARD_CODES, ManifestError, RequestRefused
 from splitkeras.guard import UpdateGuard
+
+if TYPE_CHECKING:
+    from server_app.fleet_host import FleetHost
 
 __all__ = ["SegmentService", "Session"]
 
@@ -75,6 +78,12 @@ class SegmentService:
         self.refused_steps = 0  # refused by the guards since the start
         self.resumed_from: int | None = None
         self.replayed = 0
+        self.fleet: FleetHost | None = None  # rounds of device aggregation (--aggregate), server_app.fleet_host
+        if settings.aggregate != "off":
+            from server_app.fleet_host import FleetHost
+
+            self.fleet = FleetHost(settings, host.manifest, self.checkpoint_dir, self._journal, self.clock)
+            self.body_limits["fleet_weights"] = self.fleet.aggregator.body_limit
         state = host.load_checkpoint()
         wal_seq = 0
         if state is not None:
@@ -96,6 +105,10 @@ class SegmentService:
         """Redo what the log holds past the checkpoint, then checkpoint (the log starts over)."""
         for record in self.wal.records(after=after):
             try:
+                if record.kind.startswith("fleet_"):
+                    if self.fleet is not None:
+                        self.fleet.aggregator.replay(record)
+                    continue
                 self.steps.replay(record)
             except RequestRefused as refusal:  # cannot happen for a log this server wrote
                 log.error("Could not replay log record %d (%s): %s", record.seq, record.kind, refusal)
@@ -139,6 +152,8 @@ class SegmentService:
     def save_checkpoint(self) -> None:
         """Write variables, optimizer state, sessions and the log position atomically, then
         start the log over (worker thread only)."""
+        if self.fleet is not None:  # first: a crash before the next file replays the rest from the log
+            self.fleet.aggregator.save(self.checkpoint_dir, self.wal.last_seq)
         self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
                                   self.executor.persisted(), wal_seq=self.wal.last_seq,
                                   guard=self.guard.state() if self.guard is not None else None)
@@ -180,6 +195,8 @@ class SegmentService:
         except OSError as error:  # still write the .keras below; /readyz already said 503
             log.error("Could not write the checkpoint at shutdown: %s", error)
         self.save_segment()
+        if self.fleet is not None:
+            self.fleet.save_segments()
         self.executor.close()
         self.wal.close()
 
@@ -252,11 +269,18 @@ class SegmentService:
         """What this server serves: its segment and, in a chain, the rest of the chain."""
         return {"segment": self.entry.name, "mode": self.mode, "max_batch": self.settings.max_batch,
                 "inputs": [s.to_json() for s in self.served.inputs],
-                "outputs": [s.to_json() for s in self.served.outputs]}
+                "outputs": [s.to_json() for s in self.served.outputs],
+                "aggregation": None if self.fleet is None else self.fleet.aggregator.describe()}
 
     # ---- the steps (worker thread) -----------------------------------------------------------
     def sweep_expired(self) -> int:
-        """Drop pending steps older than the TTL. Returns how many."""
+        """Drop pending steps older than the TTL (and close a round past its deadline). Returns
+        how many steps."""
+        if self.fleet is not None:
+            try:
+                self.fleet.aggregator.sweep()
+            except RequestRefused:  # the log refuses: the round closes at a later sweep
+                pass
         return self.steps.sweep_expired()
 
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
@@ -315,6 +339,8 @@ class SegmentService:
             "refused_steps": self.refused_steps}
         if self.guard is not None:
             body["guard"] = self.guard.describe()
+        if self.fleet is not None:
+            body["aggregation"] = self.fleet.aggregator.state()
         return ready, body
 
     def predict(self, session: Session, body: bytes) -> bytes:

@@ -4,6 +4,7 @@ injected into routes with `Depends` and overridden in tests."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,18 @@ class ServerSettings(BaseSettings):
                               "tab trains the device segments); off by default")
     device_page_dir: Path | None = Field(default=None, description="the built device page; default: "
                                          "mobile_export/dist/device-page (`npm run build:page`)")
+
+    # rounds of device aggregation (server_app.aggregation, docs/protocol.md "Fleet rounds")
+    aggregate: Literal["off", "fedavg", "relay"] = Field(default="off", description="average the devices' "
+                                                         "segments each round (fedavg) or pass them on (relay)")
+    round_steps: int | None = Field(default=None, ge=1, description="steps a device trains per round; "
+                                    "None: one epoch")
+    round_quorum: int = Field(default=2, ge=1, description="uploads that close a fedavg round")
+    round_deadline_seconds: float = Field(default=60.0, gt=0, allow_inf_nan=False,
+                                          description="a fedavg round closes this long after its first upload")
+    round_norm_factor: float = Field(default=10.0, gt=1, allow_inf_nan=False,
+                                     description="refuse an upload whose update norm is over this times the "
+                                     "median of accepted ones")
 
     def guard_config(self) -> GuardConfig | None:
         """The guards' bounds, or None when `guard` is off."""

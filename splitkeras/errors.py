@@ -106,6 +106,9 @@ REFUSAL_CODES: dict[str, str] = {
     "update_refused": "the step's result (outputs, input gradients, loss, new weights) is non-finite "
                       "or out of bounds: nothing was applied",
     "not_durable": "the server cannot make the step durable (its log or checkpoint cannot be written)",
+    "round_closed": "a fleet upload names a round that is not open (see current_round)",
+    "already_uploaded": "the session already uploaded other weights for this round",
+    "aggregation_off": "a fleet route on a server started without --aggregate",
 }
 
 # The refusals of the guards (`splitkeras.guard`): a session that collects too many is closed.

@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from splitkeras import wire
+from splitkeras.protocol import STEP_HEADER, step_path
 
 __all__ = ["Session", "poison_battery", "predictions", "abandoned_sessions", "process_rss", "many_devices",
            "LossyTransport"]
@@ -43,10 +44,10 @@ class Session:
         self.step = 0
 
     def post(self, route: str, tensors: dict[str, Any], step: int | None = None) -> httpx.Response:
-        path = f"/v1/sessions/{self.id}/" + (f"steps/{self.step if step is None else step}/{route}"
-                                              if route != "predict" else "predict")
-        return self.client.post(path, content=wire.encode(tensors),
-                                headers={"Authorization": f"Bearer {self.token}", "content-type": wire.MEDIA_TYPE})
+        headers = {"Authorization": f"Bearer {self.token}", "content-type": wire.MEDIA_TYPE}
+        if route != "predict":
+            headers[STEP_HEADER] = str(self.step if step is None else step)
+        return self.client.post(step_path(self.id, route), content=wire.encode(tensors), headers=headers)
 
     def x(self, batch: int) -> dict[str, np.ndarray]:
         return {s["name"]: self.rng.standard_normal((batch, *s["shape"][1:])).astype(np.float32)
@@ -237,7 +238,7 @@ class LossyTransport(httpx.BaseTransport):
         self.requests += 1
         if response.status_code >= 500:
             self.server_errors += 1
-        if "/steps/" in request.url.path and self.rng.random() < self.rate:
+        if STEP_HEADER in request.headers and self.rng.random() < self.rate:  # a step's answer
             response.read()
             response.close()
             self.lost += 1

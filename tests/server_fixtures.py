@@ -9,7 +9,7 @@ Example:
     >>> folder = make_split(tmp_path / "u", "u_shaped")                      # doctest: +SKIP
     >>> with LiveApp(settings_for(folder)) as live:                            # doctest: +SKIP
     ...     sid, token = live.open_session()
-    ...     r = live.post(f"/v1/sessions/{sid}/steps/0/forward", tensors={"h": x}, token=token)
+    ...     r = live.post(f"/v1/sessions/{sid}/forward", tensors={"h": x}, token=token, step=0)
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import numpy as np
 import splitkeras
 from server_app import ServerSettings, create_app
 from splitkeras import wire
+from splitkeras.protocol import STEP_HEADER
 
 __all__ = ["KEY", "MAX_BATCH", "make_split", "copy_split", "settings_for", "LiveApp", "ThreadedServer",
-           "snapshot", "assert_same_state", "bearer", "tensor_headers", "wide_model", "rss_bytes"]
+           "snapshot", "assert_same_state", "bearer", "tensor_headers", "step_header", "wide_model", "rss_bytes"]
 
 T = TypeVar("T")
 KEY = "test-key"
@@ -116,6 +117,11 @@ def bearer(token: str | None) -> dict[str, str]:
     return {} if token is None else {"Authorization": f"Bearer {token}"}
 
 
+def step_header(step: int) -> dict[str, str]:
+    """The header that carries a step's number (`docs/protocol.md`)."""
+    return {STEP_HEADER: str(step)}
+
+
 def tensor_headers(token: str | None) -> dict[str, str]:
     return {**bearer(token), "content-type": wire.MEDIA_TYPE}
 
@@ -156,7 +162,11 @@ class LiveApp:
         return self.call(self.client.request(method, path, **kwargs))
 
     def post(self, path: str, *, tensors: dict[str, Any] | None = None, token: str | None = None,
-             **kwargs: Any) -> httpx.Response:
+             step: int | None = None, **kwargs: Any) -> httpx.Response:
+        """POST `tensors` (a safetensors body) with the session `token`; `step`: its number,
+        sent as the `Splitkeras-Step` header."""
+        if step is not None:
+            kwargs["headers"] = {**step_header(step), **kwargs.get("headers", {})}
         if tensors is not None:
             kwargs["content"] = wire.encode(tensors)
             kwargs["headers"] = {**tensor_headers(token), **kwargs.get("headers", {})}

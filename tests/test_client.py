@@ -21,7 +21,8 @@ import pytest
 
 from splitkeras import wire
 from splitkeras.client import NetworkConditions, Transport
-from splitkeras.errors import ProtocolError
+from splitkeras.errors import ProtocolError, RequestRefused
+from splitkeras.protocol import STEP_HEADER, parse_step
 
 KEY = "test-key"
 URL = "http://splitkeras.test"
@@ -40,6 +41,7 @@ class FakeServer:
         self.applied = 0
         self.opened = 0
         self.log: list[tuple[str, str, bytes]] = []
+        self.steps: list[str | None] = []  # the Splitkeras-Step header of each request in the log
         self.before: list[Callable[[httpx.Request], Any]] = []
         self.drop: list[str] = []
 
@@ -55,6 +57,7 @@ class FakeServer:
     def handler(self, request: httpx.Request) -> httpx.Response:
         body = request.read()
         self.log.append((request.method, request.url.path, body))
+        self.steps.append(request.headers.get(STEP_HEADER))
         if self.before:
             fault = self.before.pop(0)(request)
             if isinstance(fault, Exception):
@@ -108,8 +111,11 @@ class FakeServer:
         if parts[3] == "predict":
             tensors, _ = wire.decode(body)
             return self.tensors({"b": 2 * tensors["a"]})
-        step, route = int(parts[4]), parts[5]
-        return getattr(self, route)(session, step, body)
+        try:  # the step number, refused as the server refuses it
+            step = parse_step(request.headers.get_list(STEP_HEADER))
+        except RequestRefused as refusal:
+            return self.error(400, refusal.code, refusal.message)
+        return getattr(self, parts[3])(session, step, body)
 
     def out_of_order(self, session: dict[str, Any], step: int, route: str) -> httpx.Response:
         if route == "backward" and step == session["lost"]:
@@ -160,7 +166,9 @@ class FakeServer:
         return session["last_backward"][1]
 
     def routes(self) -> list[str]:
-        return [f"{method} {path}" for method, path, _ in self.log]
+        """Each request as "METHOD PATH", and " step K" for its Splitkeras-Step header."""
+        return [f"{method} {path}" + ("" if step is None else f" step {step}")
+                for (method, path, _), step in zip(self.log, self.steps, strict=True)]
 
 
 @pytest.fixture
@@ -172,7 +180,7 @@ def make_transport(fake: FakeServer, **options: Any) -> tuple[Transport, list[fl
     options = {"backoff": 0.2, "jitter": 0.0, **options}  # exact waits (the defaults are tested apart)
     transport = Transport(URL, key=KEY, http_transport=httpx.MockTransport(fake.handler), **options)
     sleeps: list[float] = []
-    transport._sleep = sleeps.append  # record the backoff instead of sleeping
+    transport._http.sleep = sleeps.append  # record the backoff instead of sleeping
     return transport, sleeps
 
 
@@ -196,8 +204,8 @@ def test_session_uses_the_key_then_the_token_and_counts_bytes(fake: FakeServer) 
     assert transport.session_state()["next_step"] == 1
     transport.close()
     assert fake.sessions == {}
-    assert fake.routes()[:3] == ["POST /v1/sessions", "POST /v1/sessions/s1/steps/0/forward",
-                                 "POST /v1/sessions/s1/steps/0/backward"]
+    assert fake.routes()[:3] == ["POST /v1/sessions", "POST /v1/sessions/s1/forward step 0",
+                                 "POST /v1/sessions/s1/backward step 0"]
     assert transport.stats.bytes_sent == sum(len(body) for _, _, body in fake.log)  # bodies only
     assert transport.stats.bytes_received > 2 * A.nbytes
     assert transport.stats.requests == 5 and transport.stats.retries == 0
@@ -210,7 +218,11 @@ def test_device_steps_map_onto_the_session_steps(fake: FakeServer) -> None:
     transport, _ = make_transport(fake)
     for step in (10, 11, 12):  # a device that has trained before starts a new session at 0
         one_step(transport, step)
-    assert [p for p in fake.routes() if "steps" in p][-1].endswith("/steps/2/backward")
+    steps = [p for p in fake.routes() if " step " in p]
+    assert steps[-1] == "POST /v1/sessions/s1/backward step 2"
+    # one URL per route, whatever the step: the number is the Splitkeras-Step header
+    assert {p.split(" step ")[0] for p in steps} == {"POST /v1/sessions/s1/forward", "POST /v1/sessions/s1/backward"}
+    assert [p.split(" step ")[1] for p in steps] == ["0", "0", "1", "1", "2", "2"]
     assert fake.applied == 3
 
 
@@ -246,8 +258,8 @@ def test_the_default_retry_budget_outlasts_a_restart_of_a_minute(fake: FakeServe
     transport = Transport(URL, key=KEY, http_transport=httpx.MockTransport(fake.handler))
     assert (transport.retries, transport.backoff, transport.max_backoff, transport.jitter) == (12, 0.5, 10.0, 0.25)
     sleeps: list[float] = []
-    transport._sleep = sleeps.append
-    transport._random.seed(1)
+    transport._http.sleep = sleeps.append
+    transport._http.random.seed(1)
     transport.open_session()
     fake.before = [lambda r: httpx.ConnectError("connection refused", request=r)] * 12
     one_step(transport, 0)  # the 13th attempt gets through
@@ -297,7 +309,7 @@ def test_a_refusal_is_not_retried_and_carries_the_servers_message(fake: FakeServ
     with pytest.raises(ProtocolError) as info:
         transport.train(0, {"a": A})  # no label: 400 bad_tensor
     assert info.value.status_code == 400
-    assert str(info.value) == ("The server refused train of step 0 (POST /v1/sessions/s1/steps/0/train) "
+    assert str(info.value) == ("The server refused train of step 0 (POST /v1/sessions/s1/train, Splitkeras-Step: 0) "
                                "(400 bad_tensor): The body lacks 'label:out'.")
     assert sleeps == [] and sum("train" in r for r in fake.routes()) == 1
 
@@ -339,10 +351,10 @@ def test_an_unknown_session_is_reopened_and_the_step_resent(fake: FakeServer) ->
     grads = transport.backward(1, {"b": np.ones_like(A)})
     np.testing.assert_array_equal(grads["a"], np.full_like(A, 2.0))
     assert transport.session["session_id"] == "s2"
-    assert fake.routes()[-3:] == ["POST /v1/sessions", "POST /v1/sessions/s2/steps/0/forward",
-                                  "POST /v1/sessions/s2/steps/0/backward"]
+    assert fake.routes()[-3:] == ["POST /v1/sessions", "POST /v1/sessions/s2/forward step 0",
+                                  "POST /v1/sessions/s2/backward step 0"]
     one_step(transport, 2)  # device step 2 is the new session's step 1
-    assert fake.routes()[-1] == "POST /v1/sessions/s2/steps/1/backward"
+    assert fake.routes()[-1] == "POST /v1/sessions/s2/backward step 1"
     assert fake.applied == 3 and transport.stats.recoveries == 1
 
 
@@ -353,9 +365,9 @@ def test_forward_lost_resends_the_same_forward_bytes_then_backward(fake: FakeSer
     transport.backward(0, {"b": np.ones_like(A)})
     forwards = [body for _, path, body in fake.log if path.endswith("/forward")]
     assert len(forwards) == 2 and forwards[0] == forwards[1]
-    assert fake.routes()[-3:] == ["POST /v1/sessions/s1/steps/0/backward",
-                                  "POST /v1/sessions/s1/steps/0/forward",
-                                  "POST /v1/sessions/s1/steps/0/backward"]
+    assert fake.routes()[-3:] == ["POST /v1/sessions/s1/backward step 0",
+                                  "POST /v1/sessions/s1/forward step 0",
+                                  "POST /v1/sessions/s1/backward step 0"]
     assert fake.applied == 1
 
 
@@ -365,11 +377,11 @@ def test_a_server_behind_the_device_is_resynced_to_its_expected_step(fake: FakeS
     one_step(transport, 1)
     fake.sessions["s1"]["next"] = 5  # e.g. the server's counters moved on
     one_step(transport, 2)
-    assert fake.routes()[-4:] == ["POST /v1/sessions/s1/steps/2/forward", "GET /v1/sessions/s1",
-                                  "POST /v1/sessions/s1/steps/5/forward",
-                                  "POST /v1/sessions/s1/steps/5/backward"]
+    assert fake.routes()[-4:] == ["POST /v1/sessions/s1/forward step 2", "GET /v1/sessions/s1",
+                                  "POST /v1/sessions/s1/forward step 5",
+                                  "POST /v1/sessions/s1/backward step 5"]
     one_step(transport, 3)
-    assert fake.routes()[-1] == "POST /v1/sessions/s1/steps/6/backward"
+    assert fake.routes()[-1] == "POST /v1/sessions/s1/backward step 6"
 
 
 def test_a_step_left_pending_by_an_interrupted_device_moves_to_a_new_session(fake: FakeServer) -> None:
@@ -377,7 +389,7 @@ def test_a_step_left_pending_by_an_interrupted_device_moves_to_a_new_session(fak
     transport.forward(0, {"a": A})  # ... and the device crashed before the backward
     one_step(transport, 1)
     assert "DELETE /v1/sessions/s1" in fake.routes()
-    assert fake.routes()[-1] == "POST /v1/sessions/s2/steps/0/backward"
+    assert fake.routes()[-1] == "POST /v1/sessions/s2/backward step 0"
     assert fake.applied == 1
 
 
@@ -442,12 +454,13 @@ class DroppingTransport(httpx.BaseTransport):
 
     def __init__(self, inner: httpx.BaseTransport) -> None:
         self.inner = inner
-        self.seen: set[str] = set()
+        self.seen: set[tuple[str, str | None]] = set()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self.inner.handle_request(request)
-        if "/steps/" in request.url.path and request.url.path not in self.seen:
-            self.seen.add(request.url.path)
+        step = (request.url.path, request.headers.get(STEP_HEADER))
+        if step[1] is not None and step not in self.seen:
+            self.seen.add(step)
             response.read()
             raise httpx.ReadError("connection reset by peer", request=request)
         return response
@@ -551,7 +564,7 @@ def test_train_command_needs_a_key_and_a_reachable_server(templates: dict[str, P
             "--data", str(tmp_path / "data.npz")]
     assert main(args) == 2
     assert "error: train: no server key; pass --key, set SPLITKERAS_SERVER_KEY" in capsys.readouterr().err
-    monkeypatch.setattr("splitkeras.client.transport.time.sleep", lambda s: None)
+    monkeypatch.setattr("splitkeras.client.retries.time.sleep", lambda s: None)
     assert main([*args, "--key", KEY]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Could not complete POST /v1/sessions on http://127.0.0.1:9" in err

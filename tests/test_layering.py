@@ -10,7 +10,8 @@ Read from the source with `ast` (nothing is imported, so this runs without Tenso
   `splitkeras/client/__init__.py` import nothing of the project at module level (their
   public names load lazily), checked below, so that implicit import cannot close a circle.
 * the core `splitkeras` imports no web framework, server or HTTP client, nor `server_app`:
-  `splitkeras/client/transport.py` is the one module that talks HTTP (httpx), and
+  the client's HTTP modules (`splitkeras/client/transport.py`, `retries.py`,
+  `local_server.py`) are the only ones that talk HTTP (httpx), and
   `splitkeras serve` starts the server, so `splitkeras/cli/serve.py` imports `server_app`
   and `uvicorn` inside its command function (see EXCEPTIONS).
 * `converters` imports from `splitkeras` only `splitkeras.errors`: the core uses the
@@ -36,8 +37,9 @@ EXCEPTIONS = {
                                             "so the core still runs (and --help works) without it",
     ("splitkeras.cli.serve", "uvicorn"): "`splitkeras serve` runs the server app under uvicorn",
 }
-# The one module of the core that may import httpx, at any level.
-HTTP_CLIENT = "splitkeras.client.transport"
+# The modules of the core that may import httpx, at any level: the device's HTTP client.
+HTTP_CLIENT = frozenset({"splitkeras.client.transport", "splitkeras.client.retries",
+                         "splitkeras.client.local_server"})
 # Modules of `splitkeras` that `converters` may import.
 CONVERTERS_MAY_IMPORT = {"splitkeras.errors"}
 
@@ -280,7 +282,7 @@ def core_problems(imports: Iterable[Import]) -> list[str]:
         top = imp.target.split(".")[0]
         if imp.module.split(".")[0] != "splitkeras" or top not in WEB | {"server_app"}:
             continue
-        if (top == "httpx" and imp.module == HTTP_CLIENT) or ((imp.module, top) in EXCEPTIONS and imp.lazy):
+        if (top == "httpx" and imp.module in HTTP_CLIENT) or ((imp.module, top) in EXCEPTIONS and imp.lazy):
             continue
         problems.append(f"{imp.module} imports {imp.target} (line {imp.line})")
     return sorted(set(problems))
@@ -312,7 +314,8 @@ def test_the_boundary_checks_catch_what_they_are_for() -> None:
            imp("splitkeras.cli.split", "server_app.main", lazy=True),
            imp("converters.keras_io", "splitkeras.manifest"), imp("converters.tfjs_config", "splitkeras"),
            imp("splitkeras.cli.split", "splitkeras.cli")]
-    good = [imp("splitkeras.client.transport", "httpx"), imp("splitkeras.cli.serve", "server_app", lazy=True),
+    good = [imp("splitkeras.client.transport", "httpx"), imp("splitkeras.client.retries", "httpx"),
+            imp("splitkeras.cli.serve", "server_app", lazy=True),
             imp("splitkeras.cli.serve", "uvicorn", lazy=True), imp("converters.keras_io", "splitkeras.errors"),
             imp("splitkeras.cli.split", "splitkeras.cli._common"), imp("splitkeras.cli.__main__", "splitkeras.cli"),
             imp("server_app.main", "fastapi"), imp("server_app.service", "splitkeras.manifest")]

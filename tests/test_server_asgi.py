@@ -35,11 +35,12 @@ from server_fixtures import (
     make_split,
     settings_for,
     snapshot,
+    step_header,
     tensor_headers,
 )
 
 from server_app import checkpoint as checkpoint_module
-from splitkeras import wire
+from splitkeras import protocol, wire
 
 RNG = np.random.default_rng(0)
 
@@ -48,8 +49,8 @@ def act(batch: int = 2, width: int = 3) -> np.ndarray:
     return RNG.standard_normal((batch, width)).astype(np.float32)
 
 
-def step_path(sid: str, step: int, route: str) -> str:
-    return f"/v1/sessions/{sid}/steps/{step}/{route}"
+def step_path(sid: str, route: str) -> str:
+    return protocol.step_path(sid, route)
 
 
 def error_of(response: Any) -> dict[str, Any]:
@@ -222,12 +223,13 @@ def valid_tensors(route: str, batch: int = 2) -> dict[str, Any]:
     return {"h": act(batch), "label:logits": RNG.integers(0, 2, batch).astype(np.int32)}
 
 
-def send(live: LiveApp, route: str, path: str, token: str | None, built: Any) -> tuple[Any, list[int] | None]:
+def send(live: LiveApp, route: str, path: str, token: str | None, built: Any,
+         step: int) -> tuple[Any, list[int] | None]:
     """Post a case's body; returns the response and, for a streamed body, how much streamed."""
     if isinstance(built, (bytes, bytearray)):
         built = {"content": bytes(built)}
     kwargs = dict(built)
-    headers = {**tensor_headers(token), **kwargs.pop("headers", {})}
+    headers = {**tensor_headers(token), **step_header(step), **kwargs.pop("headers", {})}
     limit = live.service.body_limits[route]
     counter = None
     if "json" in kwargs:
@@ -247,10 +249,10 @@ def test_bad_input_is_a_4xx_that_changes_nothing(route: str, case: Bad, u_app: L
     live = l_app if route == "train" else u_app
     sid, token = live.open_session()
     if route == "backward":  # step 0 waits for its backward
-        assert live.post(step_path(sid, 0, "forward"), tensors=valid_tensors("forward"),
+        assert live.post(step_path(sid, "forward"), step=0, tensors=valid_tensors("forward"),
                          token=token).status_code == 200
     before = state(live)
-    response, streamed = send(live, route, step_path(sid, 0, route), token, case.build(valid_tensors(route)))
+    response, streamed = send(live, route, step_path(sid, route), token, case.build(valid_tensors(route)), step=0)
     assert response.status_code == case.status, response.text
     error = error_of(response)
     assert error["code"] == case.code
@@ -265,12 +267,12 @@ def test_bad_input_is_a_4xx_that_changes_nothing(route: str, case: Bad, u_app: L
         assert live.service.runner.has_pending((sid, 0))
     # The session still works afterwards.
     tensors = valid_tensors(route)
-    assert live.post(step_path(sid, 0, route), tensors=tensors, token=token).status_code == 200
+    assert live.post(step_path(sid, route), step=0, tensors=tensors, token=token).status_code == 200
 
 
 def test_f16_body_is_accepted(u_app: LiveApp) -> None:
     sid, token = u_app.open_session(wire_dtype="float16")
-    response = u_app.request("POST", step_path(sid, 0, "forward"), headers=tensor_headers(token),
+    response = u_app.request("POST", step_path(sid, "forward"), headers={**tensor_headers(token), **step_header(0)},
                              content=wire.encode({"h": act()}, wire_dtype="float16"))
     assert response.status_code == 200
     tensors, metadata = wire.decode(response.content)
@@ -292,9 +294,9 @@ def _float16_answer_out_of_range(u_app: LiveApp) -> None:
     h = rng.standard_normal((4, 3)).astype(np.float32)
     g = (rng.standard_normal((4, 3)) * 1e6).astype(np.float32)  # within max_abs (1e10)
     sid, token = u_app.open_session(wire_dtype="float16")
-    assert u_app.post(step_path(sid, 0, "forward"), tensors={"h": h}, token=token).status_code == 200
+    assert u_app.post(step_path(sid, "forward"), step=0, tensors={"h": h}, token=token).status_code == 200
     before = state(u_app)
-    response = u_app.post(step_path(sid, 0, "backward"), tensors={"m": g}, token=token)
+    response = u_app.post(step_path(sid, "backward"), step=0, tensors={"m": g}, token=token)
     assert response.status_code == 422, response.text
     error = error_of(response)
     assert error["code"] == "update_refused" and "float16" in error["message"], error
@@ -305,8 +307,8 @@ def _float16_answer_out_of_range(u_app: LiveApp) -> None:
     # the step's forward is spent (its tape was used): it comes again, and a float32 session
     # takes the same gradients
     sid32, token32 = u_app.open_session()
-    assert u_app.post(step_path(sid32, 0, "forward"), tensors={"h": h}, token=token32).status_code == 200
-    response = u_app.post(step_path(sid32, 0, "backward"), tensors={"m": g}, token=token32)
+    assert u_app.post(step_path(sid32, "forward"), step=0, tensors={"h": h}, token=token32).status_code == 200
+    response = u_app.post(step_path(sid32, "backward"), step=0, tensors={"m": g}, token=token32)
     assert response.status_code == 200, response.text
     assert float(np.max(np.abs(wire.decode(response.content)[0]["h"]))) > 65504
 
@@ -325,7 +327,17 @@ class Refusal:
 def _forward(step: int, token: Callable[[str], str | None] = lambda t: t,
              sid: Callable[[str], str] = lambda s: s, route: str = "forward",
              tensors: Callable[[], dict[str, Any]] = lambda: valid_tensors("forward")) -> Any:
-    return lambda live, s, t: live.post(step_path(sid(s), step, route), tensors=tensors(), token=token(t))
+    return lambda live, s, t: live.post(step_path(sid(s), route), step=step, tensors=tensors(), token=token(t))
+
+
+def _step_header(values: list[str], route: str, token: Callable[[str], str | None] = lambda t: t) -> Any:
+    """A valid body for `route` with the `Splitkeras-Step` header given as `values` (none,
+    one, several)."""
+    tensors = {"forward": lambda: {"h": act()}, "backward": lambda: {"m": act()},
+               "train": lambda: valid_tensors("train")}[route]
+    return lambda live, s, t: live.request(
+        "POST", step_path(s, route), content=wire.encode(tensors()),
+        headers=[*tensor_headers(token(t)).items(), *((protocol.STEP_HEADER, v) for v in values)])
 
 
 REFUSALS = [
@@ -370,7 +382,31 @@ REFUSALS = [
     Refusal("train_finished_step", "l_two_done",
             _forward(0, route="train", tensors=lambda: valid_tensors("train")), 409, "step_out_of_order",
             r"Expected train for step 2 or later, got train for step 0", expected_step=2),
-    Refusal("negative_step", "u", _forward(-1), 422, "bad_request", r"step.*greater than or equal to 0"),
+    Refusal("negative_step", "u", _forward(-1), 400, "bad_request",
+            r"Splitkeras-Step header is '-1', not a step number: send the step number as "
+            r"`Splitkeras-Step: <k>` \(a whole number in 0\.\.2\*\*53\)"),
+    *[Refusal(f"step_header_{name}", app, _step_header(values, route), 400, "bad_request", pattern)
+      for name, app, route, values, pattern in [
+          ("missing", "u", "forward", [], r"Splitkeras-Step header is missing: send the step number"),
+          ("missing_backward", "u_pending", "backward", [], r"Splitkeras-Step header is missing"),
+          ("missing_train", "l", "train", [], r"Splitkeras-Step header is missing"),
+          ("empty", "u", "forward", [""], r"Splitkeras-Step header is '', not a step number"),
+          ("not_a_number", "u", "forward", ["abc"], r"'abc', not a step number"),
+          ("fraction", "u", "forward", ["1.5"], r"'1.5', not a step number"),
+          ("plus_sign", "u", "forward", ["+1"], r"'\+1', not a step number"),
+          ("underscore", "u", "forward", ["1_0"], r"'1_0', not a step number"),
+          ("negative_backward", "u_pending", "backward", ["-1"], r"'-1', not a step number"),
+          ("over_2_53", "u", "forward", [str(2**53 + 1)], r"'9007199254740993', not a step number"),
+          ("huge", "l", "train", ["9" * 40], r"not a step number"),
+          ("repeated", "u", "forward", ["0", "0"], r"came 2 times \('0', '0'\); send it once"),
+      ]],
+    Refusal("step_header_2_53_is_a_step", "u_pending", _forward(2**53, route="backward",
+            tensors=lambda: {"m": act()}), 409, "step_out_of_order", r"Step 0 is waiting for its backward",
+            expected_step=0),
+    Refusal("token_before_step_header", "u", _step_header([], "forward", token=lambda t: t[:-2] + "xx"),
+            401, "unauthorized", r"Bearer <token>"),
+    Refusal("old_per_step_url", "u", lambda live, s, t: live.post(f"/v1/sessions/{s}/steps/0/forward",
+            tensors={"h": act()}, token=t), 404, "not_found", r"Not Found"),
     Refusal("train_on_u_shaped", "u", _forward(0, route="train", tensors=lambda: valid_tensors("train")), 409,
             "wrong_mode", r"mode 'u_shaped': use forward/backward, not train"),
     Refusal("forward_on_labels_on_server", "l", _forward(0), 409, "wrong_mode",
@@ -390,13 +426,13 @@ def test_refusal_is_a_4xx_that_changes_nothing(case: Refusal, u_app: LiveApp, l_
     if case.app in ("u_pending", "u_two_done"):
         steps = 1 if case.app == "u_pending" else 2
         for k in range(steps):
-            assert live.post(step_path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
+            assert live.post(step_path(sid, "forward"), step=k, tensors={"h": act()}, token=token).status_code == 200
             if case.app == "u_two_done":
-                response = live.post(step_path(sid, k, "backward"), tensors={"m": act()}, token=token)
+                response = live.post(step_path(sid, "backward"), step=k, tensors={"m": act()}, token=token)
                 assert response.status_code == 200
     if case.app == "l_two_done":
         for k in range(2):
-            response = live.post(step_path(sid, k, "train"), tensors=valid_tensors("train"), token=token)
+            response = live.post(step_path(sid, "train"), step=k, tensors=valid_tensors("train"), token=token)
             assert response.status_code == 200
     before = state(live)
     response = case.request(live, sid, token)
@@ -413,11 +449,11 @@ def test_refusal_is_a_4xx_that_changes_nothing(case: Refusal, u_app: LiveApp, l_
 
 def test_closed_session_is_unknown(u_app: LiveApp) -> None:
     sid, token = u_app.open_session()
-    assert u_app.post(step_path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+    assert u_app.post(step_path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
     assert u_app.service.runner.has_pending((sid, 0))
     assert u_app.request("DELETE", f"/v1/sessions/{sid}", headers=bearer(token)).status_code == 204
     assert not u_app.service.runner.has_pending((sid, 0))  # its tape was freed
-    response = u_app.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token)
+    response = u_app.post(step_path(sid, "backward"), step=0, tensors={"m": act()}, token=token)
     assert response.status_code == 404 and error_of(response)["code"] == "unknown_session"
 
 
@@ -443,7 +479,7 @@ def test_label_encodings_are_accepted_in_any_order(l_app: LiveApp) -> None:
     for k, labels in enumerate(encodings):
         extra = {"sample_weight": np.array([1, 2, 1], np.int32)} if k % 2 else {}
         tensors = {"h": act(3), "label:logits": labels, **extra}
-        response = l_app.post(step_path(sid, k, "train"), tensors=tensors, token=token)
+        response = l_app.post(step_path(sid, "train"), step=k, tensors=tensors, token=token)
         assert response.status_code == 200, (k, response.text)
         assert np.isfinite(wire.decode(response.content)[0]["h"]).all()
     assert all(np.isfinite(v).all() for v in state(l_app)["model"])
@@ -458,23 +494,23 @@ def test_forward_and_backward_retries_return_same_bytes_and_run_once(u_app: Live
     sid, token = u_app.open_session()
     x, g = act(4), act(4)
     mean0 = bn.moving_mean.numpy().copy()
-    first_ = u_app.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
+    first_ = u_app.post(step_path(sid, "forward"), step=0, tensors={"h": x}, token=token)
     assert first_.status_code == 200
     after_forward = state(u_app)
     mean1 = bn.moving_mean.numpy().copy()
     assert not np.array_equal(mean0, mean1)  # the forward moved the statistics once...
-    retry = u_app.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
+    retry = u_app.post(step_path(sid, "forward"), step=0, tensors={"h": x}, token=token)
     assert retry.status_code == 200 and retry.content == first_.content
     assert np.array_equal(bn.moving_mean.numpy(), mean1)  # ...and the retry did not
     assert_same_state(after_forward, state(u_app))
 
-    back = u_app.post(step_path(sid, 0, "backward"), tensors={"m": g}, token=token)
+    back = u_app.post(step_path(sid, "backward"), step=0, tensors={"m": g}, token=token)
     assert back.status_code == 200
     after_backward = state(u_app)
     assert after_backward["iterations"] == after_forward["iterations"] + 1
     assert after_backward["applied_steps"] == after_forward["applied_steps"] + 1
     for retry_route, body, expected in (("backward", {"m": g}, back), ("forward", {"h": x}, first_)):
-        again = u_app.post(step_path(sid, 0, retry_route), tensors=body, token=token)
+        again = u_app.post(step_path(sid, retry_route), step=0, tensors=body, token=token)
         assert again.status_code == 200 and again.content == expected.content
     assert_same_state(after_backward, state(u_app))
     assert u_app.get(f"/v1/sessions/{sid}", token=token).json()["next_step"] == 1
@@ -484,13 +520,13 @@ def test_a_retry_with_a_bad_body_is_refused(u_app: LiveApp) -> None:
     """A retry's body is checked too: garbage is a 400, not the cached answer."""
     sid, token = u_app.open_session()
     x = act()
-    first_ = u_app.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
+    first_ = u_app.post(step_path(sid, "forward"), step=0, tensors={"h": x}, token=token)
     before = state(u_app)
-    bad = u_app.request("POST", step_path(sid, 0, "forward"), content=wire.encode({"h": x})[:-4],
-                        headers=tensor_headers(token))
+    bad = u_app.request("POST", step_path(sid, "forward"), content=wire.encode({"h": x})[:-4],
+                        headers={**tensor_headers(token), **step_header(0)})
     assert bad.status_code == 400 and error_of(bad)["code"] == "bad_tensor"
     assert_same_state(before, state(u_app))
-    assert u_app.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token).content == first_.content
+    assert u_app.post(step_path(sid, "forward"), step=0, tensors={"h": x}, token=token).content == first_.content
 
 
 def test_a_job_for_a_session_closed_meanwhile_is_refused(u_app: LiveApp) -> None:
@@ -516,7 +552,8 @@ def test_concurrent_duplicates_run_once(u_app: LiveApp) -> None:
 
     async def twice(route: str, tensors: dict[str, Any]) -> list[Any]:
         body = wire.encode(tensors)
-        return await asyncio.gather(*(u_app.client.post(step_path(sid, 0, route), content=body, headers=headers)
+        return await asyncio.gather(*(u_app.client.post(step_path(sid, route), content=body,
+                                                        headers={**headers, **step_header(0)})
                                       for _ in range(3)))
 
     before = state(u_app)
@@ -533,13 +570,13 @@ def test_train_retry_returns_same_bytes_and_applies_once(l_app: LiveApp) -> None
     sid, token = l_app.open_session()
     tensors = valid_tensors("train", 4)
     before = state(l_app)
-    first_ = l_app.post(step_path(sid, 0, "train"), tensors=tensors, token=token)
+    first_ = l_app.post(step_path(sid, "train"), step=0, tensors=tensors, token=token)
     assert first_.status_code == 200
     after = state(l_app)
     assert after["iterations"] == before["iterations"] + 1
     _, metadata = wire.decode(first_.content)
     assert {"step", "loss", "accuracy"} <= set(metadata)
-    retry = l_app.post(step_path(sid, 0, "train"), tensors=tensors, token=token)
+    retry = l_app.post(step_path(sid, "train"), step=0, tensors=tensors, token=token)
     assert retry.status_code == 200 and retry.content == first_.content
     assert_same_state(after, state(l_app))
 
@@ -562,11 +599,12 @@ def test_eight_devices_train_at_once(u_app: LiveApp, retried: bool) -> None:
             for route, body in (("forward", {"h": x}), ("backward", {"m": g})):
                 content = wire.encode(body)
                 copies = 2 if retried and (index + k) % 2 else 1
-                responses = await asyncio.gather(*(u_app.client.post(step_path(sid, k, route), content=content,
-                                                                     headers=headers) for _ in range(copies)))
+                step_headers = {**headers, **step_header(k)}
+                responses = await asyncio.gather(*(u_app.client.post(step_path(sid, route), content=content,
+                                                                     headers=step_headers) for _ in range(copies)))
                 if retried and index % 3 == 0:  # a late retry, after the answer was lost
-                    responses.append(await u_app.client.post(step_path(sid, k, route), content=content,
-                                                             headers=headers))
+                    responses.append(await u_app.client.post(step_path(sid, route), content=content,
+                                                             headers={**headers, **step_header(k)}))
                 assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
                 assert len({r.content for r in responses}) == 1
 
@@ -591,7 +629,7 @@ def test_pending_step_expires(fresh_split: Callable[[str], Path]) -> None:
     with LiveApp(settings_for(folder, step_ttl_seconds=0.3)) as live:
         sid, token = live.open_session()
         x = act()
-        first_ = live.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
+        first_ = live.post(step_path(sid, "forward"), step=0, tensors={"h": x}, token=token)
         assert first_.status_code == 200 and live.service.runner.has_pending((sid, 0))
         deadline = time.monotonic() + 10
         while live.service.runner.has_pending((sid, 0)) and time.monotonic() < deadline:
@@ -599,16 +637,16 @@ def test_pending_step_expires(fresh_split: Callable[[str], Path]) -> None:
         assert not live.service.runner.has_pending((sid, 0))  # the tape is freed
         assert live.get(f"/v1/sessions/{sid}", token=token).json()["pending_step"] is None
         before = state(live)
-        response = live.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token)
+        response = live.post(step_path(sid, "backward"), step=0, tensors={"m": act()}, token=token)
         assert response.status_code == 409
         error = error_of(response)
         assert error["code"] == "step_expired" and error["expected_step"] == 0
         assert re.search(r"longer than 0.3 s.*Send forward for step 0 again", error["message"])
         assert_same_state(before, state(live))
         live.service.steps.ttl_seconds = 60.0  # so that a slow machine cannot expire it again
-        again = live.post(step_path(sid, 0, "forward"), tensors={"h": x}, token=token)
+        again = live.post(step_path(sid, "forward"), step=0, tensors={"h": x}, token=token)
         assert again.status_code == 200
-        back = live.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token)
+        back = live.post(step_path(sid, "backward"), step=0, tensors={"m": act()}, token=token)
         assert back.status_code == 200, back.text
         assert live.service.applied_steps == 1
 
@@ -628,9 +666,9 @@ def test_graceful_restart_resumes(fresh_split: Callable[[str], Path]) -> None:
     live = LiveApp(settings_for(folder))
     try:
         sid, token = live.open_session()
-        assert live.post(step_path(sid, 0, "forward"), tensors={"h": x0}, token=token).status_code == 200
-        assert live.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token).status_code == 200
-        pending = live.post(step_path(sid, 1, "forward"), tensors={"h": x1}, token=token)
+        assert live.post(step_path(sid, "forward"), step=0, tensors={"h": x0}, token=token).status_code == 200
+        assert live.post(step_path(sid, "backward"), step=0, tensors={"m": act()}, token=token).status_code == 200
+        pending = live.post(step_path(sid, "forward"), step=1, tensors={"h": x1}, token=token)
         assert pending.status_code == 200
         before = state(live)
     finally:
@@ -649,9 +687,9 @@ def test_graceful_restart_resumes(fresh_split: Callable[[str], Path]) -> None:
         data = again.get(f"/v1/sessions/{sid}", token=token).json()  # the same token works
         # the pending forward was logged again after the shutdown checkpoint: its tape is back
         assert (data["next_step"], data["pending_step"], data["applied_steps"]) == (1, 1, 1)
-        resent = again.post(step_path(sid, 1, "forward"), tensors={"h": x1}, token=token)
+        resent = again.post(step_path(sid, "forward"), step=1, tensors={"h": x1}, token=token)
         assert resent.status_code == 200 and resent.content == pending.content  # a retry: same bytes
-        assert again.post(step_path(sid, 1, "backward"), tensors={"m": act()}, token=token).status_code == 200
+        assert again.post(step_path(sid, "backward"), step=1, tensors={"m": act()}, token=token).status_code == 200
         assert again.service.applied_steps == 2
 
 
@@ -662,8 +700,8 @@ def test_crash_resumes_from_the_last_checkpoint(fresh_split: Callable[[str], Pat
     try:
         sid, token = live.open_session()
         for k in range(2):
-            assert live.post(step_path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
-            response = live.post(step_path(sid, k, "backward"), tensors={"m": act()}, token=token)
+            assert live.post(step_path(sid, "forward"), step=k, tensors={"h": act()}, token=token).status_code == 200
+            response = live.post(step_path(sid, "backward"), step=k, tensors={"m": act()}, token=token)
             assert response.status_code == 200
         state_file = folder / "ck" / checkpoint_module.STATE
         assert json.loads(state_file.read_text())["applied_steps"] == 2
@@ -677,8 +715,8 @@ def test_crash_resumes_from_the_last_checkpoint(fresh_split: Callable[[str], Pat
             real(path, data)
 
         monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", arrays_only)
-        assert live.post(step_path(sid, 2, "forward"), tensors={"h": act()}, token=token).status_code == 200
-        back = live.post(step_path(sid, 2, "backward"), tensors={"m": act()}, token=token)
+        assert live.post(step_path(sid, "forward"), step=2, tensors={"h": act()}, token=token).status_code == 200
+        back = live.post(step_path(sid, "backward"), step=2, tensors={"m": act()}, token=token)
         assert back.status_code == 200  # the step was applied; a failed checkpoint does not hide that
         before = state(live)
     finally:
@@ -701,8 +739,8 @@ def test_atomic_write_crash_keeps_previous_checkpoint(u_app: LiveApp, monkeypatc
     names = (checkpoint_module.ARRAYS, checkpoint_module.STATE)
     previous = {name: (folder / name).read_bytes() for name in names}
     sid, token = u_app.open_session()
-    assert u_app.post(step_path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
-    assert u_app.post(step_path(sid, 0, "backward"), tensors={"m": act()}, token=token).status_code == 200
+    assert u_app.post(step_path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
+    assert u_app.post(step_path(sid, "backward"), step=0, tensors={"m": act()}, token=token).status_code == 200
 
     def crash(*_: Any) -> None:
         raise OSError("simulated crash during rename")
@@ -754,7 +792,7 @@ def test_train_route_matches_split_trainer(fresh_split: Callable[[str], Path], f
             h = np.array(head([x], training=True))  # what the device sends: the head's output
             trainer.label_model.reset_metrics()  # the server reports each step's own values
             logs = {key: float(value) for key, value in trainer.train_batch(x, y).items()}
-            response = live.post(step_path(sid, k, "train"), tensors={"h": h, "label:logits": y}, token=token)
+            response = live.post(step_path(sid, "train"), step=k, tensors={"h": h, "label:logits": y}, token=token)
             assert response.status_code == 200, response.text
             tensors, metadata = wire.decode(response.content)
             assert abs(float(metadata["loss"]) - logs["loss"]) < 1e-6
@@ -776,10 +814,13 @@ def test_openapi_documents_every_route(u_app: LiveApp) -> None:
     expected = {
         "/healthz": {"get"}, "/readyz": {"get"}, "/v1/sessions": {"post"},
         "/v1/sessions/{session_id}": {"get", "delete"},
-        "/v1/sessions/{session_id}/steps/{step}/forward": {"post"},
-        "/v1/sessions/{session_id}/steps/{step}/backward": {"post"},
-        "/v1/sessions/{session_id}/steps/{step}/train": {"post"},
+        "/v1/sessions/{session_id}/forward": {"post"},
+        "/v1/sessions/{session_id}/backward": {"post"},
+        "/v1/sessions/{session_id}/train": {"post"},
         "/v1/sessions/{session_id}/predict": {"post"},
+        "/v1/sessions/{session_id}/fleet": {"get"},  # fleet rounds (server_app/fleet_routes.py)
+        "/v1/sessions/{session_id}/fleet/weights": {"get"},
+        "/v1/sessions/{session_id}/fleet/rounds/{round_number}/weights": {"post"},
     }
     assert set(paths) == set(expected)
     for path, methods in expected.items():
@@ -789,6 +830,13 @@ def test_openapi_documents_every_route(u_app: LiveApp) -> None:
         assert wire.MEDIA_TYPE in operation["requestBody"]["content"], path
         assert operation["requestBody"]["content"][wire.MEDIA_TYPE]["schema"]["format"] == "binary"
         assert wire.MEDIA_TYPE in operation["responses"]["200"]["content"], path
+        headers = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "header"}
+        if path.endswith("predict"):
+            assert protocol.STEP_HEADER not in headers
+        else:  # the step number: a required integer header, not a part of the URL
+            assert headers[protocol.STEP_HEADER]["required"] is True, path
+            assert headers[protocol.STEP_HEADER]["schema"] == {"type": "integer", "minimum": 0,
+                                                               "maximum": 2**53}, path
         assert {"400", "401", "404", "409", "413", "415"} <= set(operation["responses"]), path
     assert "application/json" in paths["/v1/sessions"]["post"]["requestBody"]["content"]
 
@@ -887,7 +935,8 @@ def _fuzz_step(live: LiveApp, route: str, data: Any, valid: dict[str, Any],
     ids = st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=70)
     target = data.draw(st.one_of(st.just(sid), st.just(sid), st.just(sid), ids), label="session")
     before = state(live)
-    response = live.request("POST", step_path(target, step, route), content=body, headers=tensor_headers(token))
+    response = live.request("POST", step_path(target, route), content=body,
+                            headers={**tensor_headers(token), **step_header(step)})
     assert response.status_code < 500, response.text
     event(f"{response.status_code} {response.json()['error']['code'] if response.status_code >= 400 else ''}")
     after = state(live)
@@ -903,7 +952,7 @@ def test_fuzz_forward(u_app: LiveApp, data: Any) -> None:
     def prepare(sid: str, token: str) -> int:
         session = u_app.service.sessions[sid]
         if session.pending_step is not None:  # finish it so that forward has a fresh step to take
-            u_app.post(step_path(sid, session.pending_step, "backward"), tensors={"m": act()}, token=token)
+            u_app.post(step_path(sid, "backward"), step=session.pending_step, tensors={"m": act()}, token=token)
         return session.next_step
 
     _fuzz_step(u_app, "forward", data, {"h": act()}, prepare)
@@ -915,7 +964,7 @@ def test_fuzz_backward(u_app: LiveApp, data: Any) -> None:
     def prepare(sid: str, token: str) -> int:
         session = u_app.service.sessions[sid]
         if session.pending_step is None:
-            assert u_app.post(step_path(sid, session.next_step, "forward"), tensors={"h": act()},
+            assert u_app.post(step_path(sid, "forward"), step=session.next_step, tensors={"h": act()},
                               token=token).status_code == 200
         return session.pending_step
 

@@ -22,7 +22,7 @@ from splitkeras.errors import REFUSAL_CODES, ProtocolError, RequestRefused, Spli
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "server_app"
-HTTP_MODULES = {"routes", "health", "errors", "main"}
+HTTP_MODULES = {"routes", "health", "errors", "main", "fleet_routes", "device_page"}
 
 
 def raised_codes() -> dict[str, set[str]]:
@@ -152,11 +152,12 @@ def test_only_the_http_modules_import_fastapi_or_starlette() -> None:
 
 
 def test_the_step_machine_and_its_parts_load_no_tensorflow() -> None:
-    for name in ("step_machine", "sessions", "keys", "bodies"):
+    for name in ("step_machine", "sessions", "keys", "bodies", "aggregation"):
         heavy = {n for n in imported_modules(SERVER / f"{name}.py")
                  if n.split(".")[0] in ("tensorflow", "keras") or n == "splitkeras.engine"}
         assert not heavy, f"{name}.py imports {heavy}"
-    code = ("import sys, server_app.step_machine, server_app.sessions, server_app.keys, server_app.bodies; "
+    code = ("import sys, server_app.step_machine, server_app.sessions, server_app.keys, server_app.bodies, "
+            "server_app.aggregation; "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

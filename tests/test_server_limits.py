@@ -34,10 +34,11 @@ from server_fixtures import (
     make_split,
     settings_for,
     snapshot,
+    step_header,
     tensor_headers,
 )
 
-from splitkeras import wire
+from splitkeras import protocol, wire
 
 RNG = np.random.default_rng(3)
 
@@ -46,8 +47,8 @@ def act(batch: int = 2) -> np.ndarray:
     return RNG.standard_normal((batch, 3)).astype(np.float32)
 
 
-def path(sid: str, step: int, route: str) -> str:
-    return f"/v1/sessions/{sid}/steps/{step}/{route}"
+def path(sid: str, route: str) -> str:
+    return protocol.step_path(sid, route)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_every_route_has_a_body_cap(u_app: LiveApp) -> None:
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large", route
     sid, token = u_app.open_session()
     limit = u_app.service.body_limits["forward"]
-    over = u_app.request("POST", path(sid, 0, "forward"), headers={**tensor_headers(token),
+    over = u_app.request("POST", path(sid, "forward"), headers={**tensor_headers(token), **step_header(0),
                          "content-length": str(limit + 1)}, content=b"")
     assert over.status_code == 413 and over.json()["error"]["limit"] == limit
     assert u_app.post("/v1/sessions", json={"wire_dtype": "float16"}, headers=bearer(KEY)).status_code == 201
@@ -111,8 +112,8 @@ def test_every_route_has_a_body_cap(u_app: LiveApp) -> None:
 def _warm(live: LiveApp, steps: int = 12) -> None:
     sid, token = live.open_session()
     for k in range(steps):
-        assert live.post(path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
-        assert live.post(path(sid, k, "backward"), tensors={"m": act() / 2}, token=token).status_code == 200
+        assert live.post(path(sid, "forward"), step=k, tensors={"h": act()}, token=token).status_code == 200
+        assert live.post(path(sid, "backward"), step=k, tensors={"m": act() / 2}, token=token).status_code == 200
 
 
 def test_a_session_that_keeps_sending_bad_steps_is_closed(fresh: Callable[..., Path]) -> None:
@@ -121,7 +122,7 @@ def test_a_session_that_keeps_sending_bad_steps_is_closed(fresh: Callable[..., P
         sid, token = live.open_session()
         for attempt in range(1, 4):
             before = live.on_writer(snapshot, live.service)
-            response = live.post(path(sid, 0, "forward"), tensors={"h": act() * 1e30}, token=token)
+            response = live.post(path(sid, "forward"), step=0, tensors={"h": act() * 1e30}, token=token)
             assert response.status_code == 422 and response.json()["error"]["code"] == "out_of_bounds"
             error = response.json()["error"]
             if attempt < 3:
@@ -130,7 +131,7 @@ def test_a_session_that_keeps_sending_bad_steps_is_closed(fresh: Callable[..., P
                 assert_same_state(before, live.on_writer(snapshot, live.service))
             else:
                 assert error["session_closed"] is True and "it is closed" in error["message"]
-        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 404
+        assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 404
         assert live.get("/readyz", token=KEY).json()["refused_steps"] == 3
 
 
@@ -140,16 +141,16 @@ def test_a_refusal_after_the_tape_was_used_expires_the_step(fresh: Callable[...,
     a resent forward is taken."""
     with LiveApp(settings_for(fresh(), guard_max_weight=1e-6)) as live:
         sid, token = live.open_session()
-        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
         before = live.on_writer(snapshot, live.service)
-        refused = live.post(path(sid, 0, "backward"), tensors={"m": act()}, token=token)
+        refused = live.post(path(sid, "backward"), step=0, tensors={"m": act()}, token=token)
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "update_refused"
         after = live.on_writer(snapshot, live.service)
         assert_same_state({**before, "sessions": {}, "pending": []}, {**after, "sessions": {}, "pending": []})
         assert after["pending"] == [] and after["sessions"][sid][:2] == (0, None)
-        again = live.post(path(sid, 0, "backward"), tensors={"m": act()}, token=token)
+        again = live.post(path(sid, "backward"), step=0, tensors={"m": act()}, token=token)
         assert again.status_code == 409 and again.json()["error"]["code"] == "step_expired"
-        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
 
 
 def test_the_gradient_clip_applies_to_what_a_device_sends(fresh: Callable[..., Path]) -> None:
@@ -164,8 +165,8 @@ def test_the_gradient_clip_applies_to_what_a_device_sends(fresh: Callable[..., P
                             (settings_for(fresh(name="plain"), guard=False), (g * (0.01 / norm)).astype(np.float32))):
         with LiveApp(settings) as live:
             sid, token = live.open_session()
-            assert live.post(path(sid, 0, "forward"), tensors={"h": x}, token=token).status_code == 200
-            assert live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token).status_code == 200
+            assert live.post(path(sid, "forward"), step=0, tensors={"h": x}, token=token).status_code == 200
+            assert live.post(path(sid, "backward"), step=0, tensors={"m": grads}, token=token).status_code == 200
             results.append(live.on_writer(snapshot, live.service))
     for a, b in zip(results[0]["model"], results[1]["model"]):
         assert np.array_equal(a, b)
@@ -179,7 +180,7 @@ def test_idle_sessions_close_and_free_their_pending_forwards(fresh: Callable[...
         service = live.service
         opened = [live.open_session() for _ in range(5)]
         for sid, token in opened[:3]:
-            assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+            assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
         assert len(service.runner._pending) == 3
         now = service.clock()
         service.clock = lambda: now + 30
@@ -188,7 +189,7 @@ def test_idle_sessions_close_and_free_their_pending_forwards(fresh: Callable[...
         live.on_writer(service.sweep_idle)
         assert [s.session_id for s in service.sessions] == [opened[0][0]]
         assert list(service.runner._pending) == [(opened[0][0], 0)]
-        gone = live.post(path(opened[1][0], 0, "backward"), tensors={"m": act()}, token=opened[1][1])
+        gone = live.post(path(opened[1][0], "backward"), step=0, tensors={"m": act()}, token=opened[1][1])
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_session"
 
 
@@ -211,13 +212,14 @@ def test_a_restored_session_gets_a_full_ttl(fresh: Callable[..., Path]) -> None:
 def test_at_the_cap_the_least_recently_used_idle_session_makes_room(fresh: Callable[..., Path]) -> None:
     with LiveApp(settings_for(fresh(), max_sessions=3)) as live:
         a, b, c = (live.open_session() for _ in range(3))
-        assert live.post(path(a[0], 0, "forward"), tensors={"h": act()}, token=a[1]).status_code == 200  # busy
+        assert live.post(path(a[0], "forward"), step=0, tensors={"h": act()}, token=a[1]).status_code == 200  # busy
         live.get(f"/v1/sessions/{b[0]}", token=b[1])  # b seen after c
         d = live.open_session()  # c, the least recently used idle one, makes room
         ids = {s.session_id for s in live.service.sessions}
         assert ids == {a[0], b[0], d[0]}
         for session in (b, d):  # now every one is busy
-            assert live.post(path(session[0], 0, "forward"), tensors={"h": act()}, token=session[1]).status_code == 200
+            answer = live.post(path(session[0], "forward"), step=0, tensors={"h": act()}, token=session[1])
+            assert answer.status_code == 200
         full = live.post("/v1/sessions", json={}, headers=bearer(KEY))
         assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_sessions"
         assert "each has a step in progress" in full.json()["error"]["message"]
@@ -436,7 +438,7 @@ def test_wire_bodies_still_fit(u_app: LiveApp) -> None:
     """The middleware's caps are the routes' own: a body of max_batch samples passes."""
     sid, token = u_app.open_session()
     x = RNG.standard_normal((8, 3)).astype(np.float32)
-    response = u_app.request("POST", path(sid, 0, "forward"), headers=tensor_headers(token),
+    response = u_app.request("POST", path(sid, "forward"), headers={**tensor_headers(token), **step_header(0)},
                              content=wire.encode({"h": x}))
     assert response.status_code == 200
 
@@ -446,16 +448,22 @@ def test_cors_is_off_by_default_and_on_for_the_named_origins(fresh: Callable[...
     and may be cached for 2 h); any other origin, and every origin without the flag, gets no
     CORS headers, so the browser keeps the answer from the page."""
     preflight = {"Origin": "https://app.example.org", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+                 "Access-Control-Request-Headers": "authorization,content-type,splitkeras-step"}
     with LiveApp(settings_for(fresh(name="plain"))) as live:
         answer = live.request("OPTIONS", "/v1/sessions", headers=preflight)
         assert "access-control-allow-origin" not in answer.headers
     with LiveApp(settings_for(fresh(name="cors"), cors_origins=["https://app.example.org"])) as live:
-        answer = live.request("OPTIONS", "/v1/sessions/abc/steps/3/forward", headers=preflight)
-        assert answer.status_code == 200
+        answer = live.request("OPTIONS", "/v1/sessions/abc/forward", headers=preflight)
+        assert answer.status_code == 200, answer.text  # the step header is allowed
         assert answer.headers["access-control-allow-origin"] == "https://app.example.org"
         assert answer.headers["access-control-max-age"] == "7200"
-        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        allowed = {h.strip() for h in answer.headers["access-control-allow-headers"].lower().split(",")}
+        assert {"authorization", "content-type", "splitkeras-step"} <= allowed
+        # a 503 not_durable's Retry-After is readable by the page (not a safelisted header)
+        step = live.request("POST", "/v1/sessions/abc/forward", headers={"Origin": "https://app.example.org"})
+        assert step.status_code == 404  # no such session
+        assert step.headers["access-control-allow-origin"] == "https://app.example.org"
+        assert "retry-after" in step.headers["access-control-expose-headers"].lower()
         other = live.request("OPTIONS", "/v1/sessions", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
         ready = live.request("GET", "/readyz", headers={"Origin": "https://app.example.org"})

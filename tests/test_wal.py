@@ -14,6 +14,7 @@ import pytest
 from server_fixtures import KEY, LiveApp, bearer, copy_split, make_split, settings_for, snapshot
 
 from server_app.wal import Record, WriteAheadLog
+from splitkeras import protocol
 
 RNG = np.random.default_rng(3)
 
@@ -22,8 +23,8 @@ def act(batch: int = 2, width: int = 3) -> np.ndarray:
     return RNG.standard_normal((batch, width)).astype(np.float32)
 
 
-def path(sid: str, step: int, route: str) -> str:
-    return f"/v1/sessions/{sid}/steps/{step}/{route}"
+def path(sid: str, route: str) -> str:
+    return protocol.step_path(sid, route)
 
 
 # ---------------------------------------------------------------------------------- the file
@@ -80,11 +81,11 @@ def _interleaved_steps(live: LiveApp) -> dict[str, Any]:
     answers = {}
     for k in range(3):
         for sid, token in ((a, token_a), (b, token_b)):
-            assert live.post(path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
-            response = live.post(path(sid, k, "backward"), tensors={"m": act()}, token=token)
+            assert live.post(path(sid, "forward"), step=k, tensors={"h": act()}, token=token).status_code == 200
+            response = live.post(path(sid, "backward"), step=k, tensors={"m": act()}, token=token)
             assert response.status_code == 200
             answers[sid] = (k, response.content)
-    pending = live.post(path(a, 3, "forward"), tensors={"h": act()}, token=token_a)
+    pending = live.post(path(a, "forward"), step=3, tensors={"h": act()}, token=token_a)
     assert pending.status_code == 200
     closed, token_c = live.open_session()
     assert live.request("DELETE", f"/v1/sessions/{closed}", headers=bearer(token_c)).status_code == 204
@@ -115,11 +116,11 @@ def test_a_crash_replays_every_acknowledged_change_bitwise(templates: dict[str, 
         assert again.get("/readyz", token=KEY).json()["replayed"] == 17
         (a, token_a), (b, token_b) = story["a"], story["b"]
         step, answer = story["answers"][b]
-        retry = again.post(path(b, step, "backward"), tensors={"m": act()}, token=token_b)
+        retry = again.post(path(b, "backward"), step=step, tensors={"m": act()}, token=token_b)
         assert retry.status_code == 200 and retry.content == answer, "a retry gets the same bytes"
-        resent = again.post(path(a, 3, "forward"), tensors={"h": act()}, token=token_a)
+        resent = again.post(path(a, "forward"), step=3, tensors={"h": act()}, token=token_a)
         assert resent.content == story["pending"]  # the pending forward survived: no forward_lost
-        assert again.post(path(a, 3, "backward"), tensors={"m": act()}, token=token_a).status_code == 200
+        assert again.post(path(a, "backward"), step=3, tensors={"m": act()}, token=token_a).status_code == 200
         assert again.service.applied_steps == 7
         assert again.get(f"/v1/sessions/{story['closed']}", token=KEY).status_code == 404
         assert (again.service.checkpoint_dir / "wal.log").stat().st_size > 0  # the new step is logged
@@ -148,7 +149,7 @@ def test_labels_on_server_steps_replay_bitwise(templates: dict[str, Path], tmp_p
         answers = []
         for k in range(3):
             body = {"h": act(), "label:logits": np.array([0, 1])}
-            response = live.post(path(sid, k, "train"), tensors=body, token=token)
+            response = live.post(path(sid, "train"), step=k, tensors=body, token=token)
             assert response.status_code == 200, response.text
             answers.append(response.content)
         before = snapshot(live.service)
@@ -159,7 +160,7 @@ def test_labels_on_server_steps_replay_bitwise(templates: dict[str, Path], tmp_p
         assert after["iterations"] == before["iterations"] == 3
         for key in ("model", "optimizer"):
             assert all(np.array_equal(x, y) for x, y in zip(before[key], after[key])), key
-        retry = again.post(path(sid, 2, "train"), tensors={"h": act(), "label:logits": np.array([0, 1])},
+        retry = again.post(path(sid, "train"), step=2, tensors={"h": act(), "label:logits": np.array([0, 1])},
                            token=token)
         assert retry.content == answers[2]
 
@@ -187,24 +188,24 @@ def test_a_failed_log_write_is_refused_loudly_and_recovers(templates: dict[str, 
     folder = copy_split(templates["u_shaped"], tmp_path / "u")
     with LiveApp(settings_for(folder, checkpoint_every=10_000)) as live:
         sid, token = live.open_session()
-        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
         restore = _failing(live.service, monkeypatch)
         grads = act()
-        refused = live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token)
+        refused = live.post(path(sid, "backward"), step=0, tensors={"m": grads}, token=token)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_durable"
         assert refused.headers["retry-after"] == "2"
         assert "No space left on device" in refused.json()["error"]["message"]
         assert live.get("/readyz").status_code == 503
         assert live.get("/readyz", token=KEY).json()["status"] == "not_durable"
         # while the disk refuses, nothing is acknowledged, not even the cached answer
-        assert live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token).status_code == 503
+        assert live.post(path(sid, "backward"), step=0, tensors={"m": grads}, token=token).status_code == 503
         restore()
-        retry = live.post(path(sid, 0, "backward"), tensors={"m": grads}, token=token)
+        retry = live.post(path(sid, "backward"), step=0, tensors={"m": grads}, token=token)
         assert retry.status_code == 200  # a checkpoint made it durable; the update counted once
         assert live.service.applied_steps == 1 and live.get("/readyz").status_code == 200
-        assert live.post(path(sid, 1, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        assert live.post(path(sid, "forward"), step=1, tensors={"h": act()}, token=token).status_code == 200
         _failing(live.service, monkeypatch)
-        refused = live.post(path(sid, 1, "backward"), tensors={"m": act()}, token=token)
+        refused = live.post(path(sid, "backward"), step=1, tensors={"m": act()}, token=token)
         assert refused.status_code == 503
         monkeypatch.undo()
 
@@ -215,11 +216,11 @@ def test_a_forward_that_cannot_be_logged_leaves_nothing_pending(templates: dict[
     with LiveApp(settings_for(folder, checkpoint_every=10_000)) as live:
         sid, token = live.open_session()
         restore = _failing(live.service, monkeypatch)
-        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 503
+        assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 503
         assert live.service.runner._pending == {}
         assert live.get(f"/v1/sessions/{sid}", token=token).json()["pending_step"] is None
         restore()
-        assert live.post(path(sid, 0, "forward"), tensors={"h": act()}, token=token).status_code == 200
+        assert live.post(path(sid, "forward"), step=0, tensors={"h": act()}, token=token).status_code == 200
 
 
 def test_temporary_files_of_a_killed_write_are_removed_at_start(templates: dict[str, Path],
@@ -258,8 +259,8 @@ def test_a_full_disk_is_refused_loudly_and_training_carries_on_when_space_is_bac
     with LiveApp(settings_for(folder, checkpoint_dir=small_disk / "ck", checkpoint_every=3)) as live:
         sid, token = live.open_session()
         for k in range(2):
-            assert live.post(path(sid, k, "forward"), tensors={"h": act()}, token=token).status_code == 200
-            assert live.post(path(sid, k, "backward"), tensors={"m": act()}, token=token).status_code == 200
+            assert live.post(path(sid, "forward"), step=k, tensors={"h": act()}, token=token).status_code == 200
+            assert live.post(path(sid, "backward"), step=k, tensors={"m": act()}, token=token).status_code == 200
         filler = small_disk / "filler"
         with open(filler, "wb", buffering=0) as handle:  # fill the disk to the last byte
             try:
@@ -275,9 +276,9 @@ def test_a_full_disk_is_refused_loudly_and_training_carries_on_when_space_is_bac
         step, refused = 2, None
         while step < 200:  # the log's last page may still hold a few records: go on until it is full
             x, grads = act(), act()
-            answer = live.post(path(sid, step, "forward"), tensors={"h": x}, token=token)
+            answer = live.post(path(sid, "forward"), step=step, tensors={"h": x}, token=token)
             if answer.status_code == 200:
-                answer = live.post(path(sid, step, "backward"), tensors={"m": grads}, token=token)
+                answer = live.post(path(sid, "backward"), step=step, tensors={"m": grads}, token=token)
             if answer.status_code != 200:
                 refused = answer
                 break
@@ -290,8 +291,8 @@ def test_a_full_disk_is_refused_loudly_and_training_carries_on_when_space_is_bac
         route = "backward" if live.get(f"/v1/sessions/{sid}", token=token).json()["pending_step"] == step \
             else "forward"
         if route == "forward":
-            assert live.post(path(sid, step, "forward"), tensors={"h": x}, token=token).status_code == 200
-        assert live.post(path(sid, step, "backward"), tensors={"m": grads}, token=token).status_code == 200
+            assert live.post(path(sid, "forward"), step=step, tensors={"h": x}, token=token).status_code == 200
+        assert live.post(path(sid, "backward"), step=step, tensors={"m": grads}, token=token).status_code == 200
         assert live.get("/readyz").status_code == 200
         assert live.service.applied_steps in (applied, applied + 1) and live.service.applied_steps == step + 1
         assert not list((small_disk / "ck").glob(".*.tmp")), "no temporary file is left behind"

@@ -7,6 +7,11 @@
 // loop over contiguous memory. Each handles the common layouts only and hands every other
 // case (and dtype) to the stock kernel, so the results are the stock kernels' (float sums
 // in float64, as stock does): test/kernels.test.js compares them on random shapes.
+// Also: UnsortedSegmentSum (missing on wasm) and BatchMatMul with its operands transposed first
+// (wasm: XNNPACK's transposed paths are ~40x slower).
+
+import { transpose } from './gemm.js';
+import { output, read, stockOr } from './kernel_setup.js';
 
 const ARITHMETIC = {
   Add: (a, b) => a + b,
@@ -274,5 +279,62 @@ export function unaryKernel(kernelName, stock) {
     const values = backend.readSync(x.dataId);
     const out = unaryLoop(kernelName, values, new Float32Array(values.length), attrs ?? {});
     return { dataId: backend.write(out, [...x.shape], 'float32'), shape: [...x.shape], dtype: 'float32' };
+  };
+}
+
+/** out[s, ...] = sum of x[i, ...] over i with segmentIds[i] = s (ids outside [0, n) dropped). */
+export function unsortedSegmentSum(x, ids, numSegments, inner, Out = Float32Array) {
+  const out = new Out(numSegments * inner);
+  for (let i = 0; i < ids.length; i += 1) {
+    const s = ids[i];
+    if (s < 0 || s >= numSegments) continue;
+    const src = i * inner;
+    const dst = s * inner;
+    for (let j = 0; j < inner; j += 1) out[dst + j] += x[src + j];
+  }
+  return out;
+}
+
+/** UnsortedSegmentSum (Gather's and Embedding's gradient; missing on wasm) over axis 0. */
+export function segmentSumKernel(backendName, stock) {
+  return (call) => {
+    const { inputs: { x, segmentIds }, backend, attrs: { numSegments } } = call;
+    if (segmentIds.shape.length !== 1 || segmentIds.shape[0] !== x.shape[0]) {
+      // the op flattens nothing else: TF.js's unsortedSegmentSum takes 1-D ids over axis 0
+      return stockOr(stock, 'UnsortedSegmentSum', backendName, `segmentIds of shape [${segmentIds.shape}]`, call);
+    }
+    const inner = size(x.shape.slice(1));
+    const shape = [numSegments, ...x.shape.slice(1)];
+    const dtype = x.dtype === 'int32' ? 'int32' : 'float32';
+    const values = unsortedSegmentSum(read(backend, x), read(backend, segmentIds), numSegments, inner,
+      dtype === 'int32' ? Int32Array : Float32Array);
+    return { dataId: backend.write(values, shape, dtype), shape, dtype };
+  };
+}
+
+// wasm: XNNPACK's product runs ~40x slower with transposeA or transposeB (a Dense layer's
+// gradients ask for them): transpose the operand here, then the stock kernel untransposed.
+export function untransposedMatMulKernel(stock) {
+  return (call) => {
+    const { inputs: { a, b }, backend, attrs } = call;
+    const { transposeA, transposeB } = attrs;
+    if ((!transposeA && !transposeB) || a.dtype !== 'float32' || b.dtype !== 'float32') return stock.kernelFunc(call);
+    const made = [];
+    const untransposed = (t) => {
+      const rank = t.shape.length;
+      const [r, c] = t.shape.slice(rank - 2);
+      const values = read(backend, t);
+      const out = new Float32Array(values.length);
+      for (let i = 0; i < values.length; i += r * c) out.set(transpose(values.subarray(i, i + r * c), r, c), i);
+      const info = output(backend, [...t.shape.slice(0, rank - 2), c, r], out);
+      made.push(info);
+      return info;
+    };
+    try {
+      return stock.kernelFunc({ inputs: { a: transposeA ? untransposed(a) : a, b: transposeB ? untransposed(b) : b },
+        backend, attrs: { ...attrs, transposeA: false, transposeB: false } });
+    } finally {
+      made.forEach((info) => backend.disposeData(info.dataId));
+    }
   };
 }

@@ -135,6 +135,29 @@ export interface FitOptions extends FitCallbacks {
   validationBatchSize?: number;
   initialEpoch?: number;
   callbacks?: FitCallbacks | FitCallbacks[];
+  /** Take part in the server's fleet rounds (`splitkeras serve --aggregate`): default when the
+   * server announces them; false: this device keeps its own segments; true: refuse a server
+   * without aggregation. */
+  rounds?: boolean;
+}
+
+/** Counters of the fleet rounds a device took part in (rounds.js). */
+export interface RoundStats {
+  rounds: number;
+  uploadedBytes: number;
+  downloadedBytes: number;
+  droppedUploads: number;
+}
+
+/** Fleet rounds of device aggregation: fit adds one to its callbacks (rounds.js). */
+export class FleetRounds implements FitCallbacks {
+  static forDevice(device: SplitDevice, rounds?: boolean): Promise<FleetRounds | null>;
+  readonly mode: 'fedavg' | 'relay';
+  readonly roundSteps: number | null;
+  /** The round of the global device weights the device holds. */
+  readonly round: number;
+  readonly stats: RoundStats;
+  sync(): Promise<void>;
 }
 
 export interface FitResult {
@@ -191,6 +214,8 @@ export class SplitDevice {
   readonly sessions: SplitSession[];
   readonly session: SplitSession;
   readonly stats: SessionStats;
+  /** The fleet rounds of the last fit against a server with `--aggregate` (else undefined). */
+  readonly rounds?: FleetRounds;
   readonly stageStats: Record<string, SessionStats>;
   openSession(): Promise<SessionInfo | Record<string, SessionInfo>>;
   closeSession(): Promise<void>;

@@ -43,6 +43,7 @@ import { createDefences } from './privacy.js';
 import { registerLayers } from './layers/index.js'; // the layers TF.js lacks (src/layers/)
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
+import { FleetRounds } from './rounds.js';
 import { DeviceSegment } from './segment.js';
 import { StageSessions } from './servers.js';
 import { runEvaluate, runPredict, runTrainStep } from './steps.js';
@@ -50,6 +51,7 @@ import { SplitDeviceError, isFloat, namedInputs } from './tensors.js';
 import { deriveTopology, placements } from './topology.js';
 
 export { ProtocolError, SplitSession } from './session.js';
+export { FleetRounds } from './rounds.js';
 export { TRAINING_KERNELS, registerTrainingKernels } from './kernels.js';
 export { SegmentError } from './segment.js';
 export { UnsupportedTrainingConfigError } from './losses.js';
@@ -313,6 +315,8 @@ export class SplitDevice {
           + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
       }
       this.stopTraining = false;
+      const rounds = await FleetRounds.forDevice(this, options.rounds); // rounds.js: --aggregate
+      if (rounds) hooks.push(rounds);
       await emit('onTrainBegin', {});
       for (let epoch = initialEpoch; epoch < epochs && !this.stopTraining; epoch += 1) {
         await emit('onEpochBegin', epoch);

@@ -43,7 +43,8 @@ function protocolHandler() {
     for await (const chunk of req) chunks.push(chunk);
     const body = Buffer.concat(chunks);
     const answer = await server.fetch(`http://page${req.url}`, { method: req.method,
-      headers: { 'Content-Type': req.headers['content-type'], Authorization: req.headers.authorization },
+      headers: { 'Content-Type': req.headers['content-type'], Authorization: req.headers.authorization,
+        ...(req.headers['splitkeras-step'] === undefined ? {} : { 'Splitkeras-Step': req.headers['splitkeras-step'] }) },
       body: body.length ? new Uint8Array(body.buffer, body.byteOffset, body.byteLength) : undefined });
     const bytes = Buffer.from(await answer.arrayBuffer());
     res.writeHead(answer.status, answer.headers.get('content-type') ? { 'content-type': answer.headers.get('content-type') } : {});

@@ -10,35 +10,11 @@ import * as tf from '@tensorflow/tfjs';
 import '@tensorflow/tfjs-backend-wasm';
 
 import { TRAINING_KERNELS, registerTrainingKernels } from '../src/kernels.js';
+import { close, decoder } from './compare.js';
 
 const fixtures = JSON.parse(readFileSync(new URL('./fixtures/kernel_fixtures.json', import.meta.url)));
-const decode = ({ shape, data }) => {
-  const bytes = Buffer.from(data, 'base64');
-  return tf.tensor(new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4), shape);
-};
+const decode = decoder(tf);
 const pair = (v) => (Array.isArray(v) ? v : [v, v]);
-
-/** max |a - b| / max |b|, after checking the shapes. */
-function relative(actual, expected, what) {
-  assert.deepEqual(actual.shape, expected.shape, `${what}: shape`);
-  const a = actual.dataSync();
-  const e = expected.dataSync();
-  let diff = 0;
-  let scale = 0;
-  for (let i = 0; i < e.length; i += 1) {
-    if (Number.isNaN(a[i]) || Number.isNaN(e[i])) {
-      if (Number.isNaN(a[i]) !== Number.isNaN(e[i])) return Infinity; // NaN in one only
-      continue;
-    }
-    diff = Math.max(diff, Math.abs(a[i] - e[i]));
-    scale = Math.max(scale, Math.abs(e[i]));
-  }
-  return diff / (scale || 1);
-}
-const close = (actual, expected, what, tolerance = 1e-5) => {
-  const rel = relative(actual, expected, what);
-  assert.ok(rel <= tolerance, `${what}: relative difference ${rel.toExponential(2)} > ${tolerance}`);
-};
 
 // The gradients TF.js computes for one fixture case: {y?, dx, dkernel?}.
 function tfjsGradients(c) {
@@ -291,7 +267,9 @@ test('wasm: a conv/depthwise/separable/pooling/BatchNorm model trains, with the 
     const { registered } = registerTrainingKernels(tf);
     assert.deepEqual(registered.filter((r) => r.backendName === 'wasm' && !r.replaced)
       .map((r) => r.kernelName).sort(), ['Conv2DBackpropFilter', 'DepthwiseConv2dNativeBackpropFilter',
-      'DepthwiseConv2dNativeBackpropInput', 'UnsortedSegmentSum'], 'the kernels wasm lacks');
+      'DepthwiseConv2dNativeBackpropInput', 'SplitkerasBatchNormTraining', 'SplitkerasBatchNormTrainingGrad',
+      'SplitkerasMaskGrad', 'SplitkerasReluClip', 'UnsortedSegmentSum'],
+    'the kernels wasm lacks, and the fused ones of norm_kernels.js');
     assert.deepEqual(registered.filter((r) => r.backendName === 'wasm').map((r) => r.kernelName),
       TRAINING_KERNELS.wasm);
     const grads = gradsOn(model, x, g);

@@ -48,7 +48,8 @@ test('npm pack ships the runtime, its declarations and README, and no tests, fix
   () => {
     const files = packed.files.map((f) => f.path).sort();
     for (const needed of ['package.json', 'README.md', 'src/runtime.js', 'src/runtime.d.ts',
-      'src/kernels.js', 'src/node_io.js', 'src/node_io.d.ts', 'src/session.js', 'src/wire.js']) {
+      'src/kernels.js', 'src/node_io.js', 'src/node_io.d.ts', 'src/session.js', 'src/http.js',
+      'src/fetch_errors.js', 'src/protocol.js', 'src/wire.js']) {
       assert.ok(files.includes(needed), `${needed} is in the tarball: ${files.join(', ')}`);
     }
     const unwanted = files.filter((f) => /^(test|tools|examples|node_modules)\/|\.py$|fixtures|\.bin$/.test(f));

@@ -80,8 +80,9 @@ function fakeServer(mode, W) {
         segment: mode === 'u_shaped' ? 'middle' : 'rest', mode, max_batch: 16, next_step: next,
         inputs: [], outputs: [] }), { status: 201 });
     }
-    const step = Number(path.split('/')[5]);
+    const step = Number(init.headers['Splitkeras-Step']); // the URL is the same at every step
     const route = path.split('/').at(-1);
+    if (route !== 'predict' && path !== `/v1/sessions/s/${route}`) throw new Error(`unexpected ${path}`);
     if (route === 'forward') {
       assert.equal(step, next);
       return answer(tf.tidy(() => [out('m', tf.matMul(matrix(body.tensors.h), W))]),

@@ -25,7 +25,7 @@ function scripted(handlers) {
   const fetch = async (url, init) => {
     const body = init.body ? new Uint8Array(init.body) : null;
     calls.push({ url: url.replace(URL_BASE, ''), method: init.method, body,
-      auth: init.headers.Authorization });
+      auth: init.headers.Authorization, step: init.headers['Splitkeras-Step'] });
     const handler = handlers.shift();
     if (!handler) throw new Error(`unexpected request ${init.method} ${url}`);
     return handler(url, init);
@@ -69,8 +69,9 @@ test('a transient failure is retried with exponential backoff and the same bytes
   const { tensors: out } = await s.forward(0, ACT);
   assert.deepEqual([...out.m.data], [3, 4]);
   assert.deepEqual(sleeps, [200, 400]);
-  const posts = calls.filter((c) => c.url.endsWith('/steps/0/forward'));
+  const posts = calls.filter((c) => c.url.endsWith('/forward'));
   assert.equal(posts.length, 3);
+  assert.ok(posts.every((c) => c.url === '/v1/sessions/s1/forward' && c.step === '0'));
   assert.ok(posts.every((c) => c.auth === 'Bearer tok-s1'));
   assert.deepEqual(posts[1].body, posts[0].body);
   assert.deepEqual(posts[2].body, posts[0].body);
@@ -126,8 +127,9 @@ test('backward after forward_lost resends the forward with the same bytes, then 
   const { tensors: out } = await s.backward(0, [{ name: 'm', dtype: 'float32', shape: [1, 2],
     data: new Float32Array([1, 1]) }]);
   assert.deepEqual([...out.h.data], [5, 6]);
-  const routes = calls.slice(1).map((c) => c.url.split('/').slice(-2).join('/'));
+  const routes = calls.slice(1).map((c) => `${c.step}/${c.url.split('/').at(-1)}`);
   assert.deepEqual(routes, ['0/forward', '0/backward', '0/forward', '0/backward']);
+  assert.ok(calls.slice(1).every((c) => c.url.startsWith('/v1/sessions/s1/')));
   assert.deepEqual(calls[3].body, calls[1].body);
   assert.equal(s.stats.recoveries, 1);
 });
@@ -144,9 +146,9 @@ test('unknown_session reopens a session and continues at its next_step', async (
   await s.open();
   await s.forward(0, ACT);
   await s.backward(0, []);
-  assert.deepEqual(calls.map((c) => `${c.method} ${c.url}`).slice(2), [
-    'POST /v1/sessions/s1/steps/0/backward', 'DELETE /v1/sessions/s1', 'POST /v1/sessions',
-    'POST /v1/sessions/s2/steps/7/forward', 'POST /v1/sessions/s2/steps/7/backward']);
+  assert.deepEqual(calls.map((c) => `${c.method} ${c.url}${c.step === undefined ? '' : ` step ${c.step}`}`)
+    .slice(2), ['POST /v1/sessions/s1/backward step 0', 'DELETE /v1/sessions/s1', 'POST /v1/sessions',
+    'POST /v1/sessions/s2/forward step 7', 'POST /v1/sessions/s2/backward step 7']);
   assert.equal(calls.at(-1).auth, 'Bearer tok-s2');
 });
 
@@ -158,8 +160,8 @@ test('step_out_of_order on a forward resyncs to the expected step', async () => 
   const { s } = session(fetch);
   await s.open();
   await s.forward(0, ACT);
-  assert.deepEqual(calls.map((c) => c.url).slice(1),
-    ['/v1/sessions/s1/steps/3/forward', '/v1/sessions/s1', '/v1/sessions/s1/steps/5/forward']);
+  assert.deepEqual(calls.map((c) => `${c.url}${c.step === undefined ? '' : ` step ${c.step}`}`).slice(1),
+    ['/v1/sessions/s1/forward step 3', '/v1/sessions/s1', '/v1/sessions/s1/forward step 5']);
 });
 
 test('float16 sessions send half the float bytes', async () => {

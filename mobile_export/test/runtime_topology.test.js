@@ -108,7 +108,7 @@ function fakeServers(manifest, stages, { describe = (info) => info } = {}) {
     const route = path === '/v1/sessions' ? 'open' : (init.method === 'DELETE' ? 'close'
       : path.split('/').at(-1));
     const step = route === 'forward' || route === 'backward' || route === 'train'
-      ? Number(path.split('/')[5]) : null;
+      ? Number(init.headers['Splitkeras-Step']) : null; // the URL is the same at every step
     const entry = { server: base, route, step, tensors: body?.tensors };
     log.push(entry);
     const tensorOf = (name) => tf.tensor(body.tensors[name].data, body.tensors[name].shape);
@@ -220,7 +220,7 @@ function referenceStep(manifest, models, watch = []) {
 }
 
 const steps = (log) => log.filter((r) => r.step !== null)
-  .map((r) => `${r.route} ${new URL(r.server).host} ${Object.keys(r.tensors).sort().join(',')}`);
+  .map((r) => `${r.route} ${r.step} ${new URL(r.server).host} ${Object.keys(r.tensors).sort().join(',')}`);
 
 // head -> edge -> cloud -> tail: cloud reads a (from edge) and skip (from the head);
 // the tail reads b (from edge) and c (from cloud).
@@ -242,7 +242,7 @@ test('device,server,server,device: the chain is one remote stage, reached at its
     assert.deepEqual(dev.runners.map((r) => r.stage.name), ['head', 'edge', 'tail']);
     const result = await dev.trainStep(X, Y, { details: true });
     // a, handed from edge to cloud, never reaches the device
-    assert.deepEqual(steps(server.log), ['forward edge h,skip', 'backward edge b,c']);
+    assert.deepEqual(steps(server.log), ['forward 0 edge h,skip', 'backward 0 edge b,c']);
     assert.ok(Math.abs(result.loss - (reference.loss + 0.5)) < 1e-5,
       `${result.loss} vs ${reference.loss} + 0.5`);
     const diff = maxDiff(dev.getWeights(), weightsOf(reference.models));
@@ -298,8 +298,8 @@ test('device,server,device,server,device: two servers, forward s1, s2, backward 
   const dev = await SplitDevice.create({ tf, manifest: TWO, models, fetch: server.fetch, key: 'k',
     retries: 0, seed: 5, servers: { s1: 'http://one', two: 'http://two' } });
   const result = await dev.trainStep(X, Y, { details: true });
-  assert.deepEqual(steps(server.log), ['forward one h', 'forward two a,b', 'backward two c',
-    'backward one a']);
+  assert.deepEqual(steps(server.log), ['forward 0 one h', 'forward 0 two a,b', 'backward 0 two c',
+    'backward 0 one a']);
   // what s1 got for a = what mid yields for a + what s2 yields for a
   const [, , backwardTwo, backwardOne] = server.log.filter((r) => r.step !== null);
   closeTo(backwardOne.tensors.a.data, reference.grad('a'), 'dL/da sent to s1');
@@ -386,7 +386,7 @@ test('device,server,server: a chain holding the labels gets inputs + label:y on 
       serverUrl: 'http://edge', key: 'k', retries: 0 });
     assert.equal(dev.mode, 'labels_on_server');
     const result = await dev.trainStep(X, Y);
-    assert.deepEqual(steps(server.log), ['train edge h,label:y']);
+    assert.deepEqual(steps(server.log), ['train 0 edge h,label:y']);
     assert.ok(Math.abs(result.loss - reference.loss) < 1e-5, `${result.loss} vs ${reference.loss}`);
     assert.deepEqual(result.metrics, { mae: 0.125 });
     const diff = maxDiff(dev.getWeights(), weightsOf(reference.models));
@@ -406,7 +406,7 @@ test('device,device,server,device: consecutive device segments train as separate
     serverUrl: 'http://mid', key: 'k', retries: 0 });
   assert.deepEqual(dev.devices.map((s) => s.name), ['d1', 'd2', 'tail']);
   const result = await dev.trainStep(X, Y);
-  assert.deepEqual(steps(server.log), ['forward mid q', 'backward mid r']);
+  assert.deepEqual(steps(server.log), ['forward 0 mid q', 'backward 0 mid r']);
   assert.ok(Math.abs(result.loss - reference.loss) < 1e-5, `${result.loss} vs ${reference.loss}`);
   const diff = maxDiff(dev.getWeights(), weightsOf(reference.models));
   assert.ok(diff < 1e-5, `weights after one step: max |diff| ${diff}`);

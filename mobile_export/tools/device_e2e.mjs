@@ -94,6 +94,8 @@ async function run(job) {
     out.fit = await device.fit(decode(job.train_x), decode(job.train_y), {
       batchSize: job.batch_size ?? 8, epochs: job.epochs ?? 1, shuffle: false });
     out.fit.seconds = (Date.now() - started) / 1000;
+    // fleet rounds (a server with --aggregate): the round reached and the weights' traffic
+    out.rounds = device.rounds ? { round: device.rounds.round, ...device.rounds.stats } : null;
   }
   if (job.predict_x) out.prediction = encode(await device.predict(decode(job.predict_x)));
   out.weights = weightsOut(device);

@@ -1,7 +1,7 @@
 // A static file server on 127.0.0.1 for pages that run the runtime in a browser, which also
 // reverse-proxies `/v1/...` to a splitkeras server: the page and the protocol share one
-// origin, so the browser needs no CORS (the server has none of its own yet: `--cors-origin`
-// is being added). For the benchmarks and the browser tests; not part of the npm package.
+// origin, so the browser needs no CORS (a page of another origin needs `splitkeras serve
+// --cors-origin ORIGIN`). For the benchmarks and the browser tests; not part of the npm package.
 //
 //   const server = await startPageServer({ root: 'web', proxy: 'http://127.0.0.1:8000',
 //     isolate: true });          // COOP/COEP headers: crossOriginIsolated, wasm threads

@@ -33,7 +33,9 @@ FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-t
          "read_timeout_seconds": "--read-timeout", "guard_factor": "--guard-factor",
          "guard_warmup": "--guard-warmup", "guard_max_abs": "--guard-max-abs",
          "guard_max_weight": "--guard-max-weight", "max_grad_norm": "--max-grad-norm",
-         "max_refused_steps": "--max-refused-steps"}
+         "max_refused_steps": "--max-refused-steps", "aggregate": "--aggregate", "round_steps": "--round-steps",
+         "round_quorum": "--round-quorum", "round_deadline_seconds": "--round-deadline",
+         "round_norm_factor": "--round-norm-factor"}
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -49,8 +51,13 @@ def _settings(args: argparse.Namespace) -> Any:
         "guard_max_abs": args.guard_max_abs, "guard_max_weight": args.guard_max_weight,
         "max_grad_norm": args.max_grad_norm, "max_refused_steps": args.max_refused_steps,
         "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
-        "cors_origins": args.cors_origin,
+        "cors_origins": args.cors_origin, "aggregate": args.aggregate, "round_quorum": args.round_quorum,
+        "round_deadline_seconds": args.round_deadline, "round_norm_factor": args.round_norm_factor,
     }.items() if v is not None}
+    if args.round_steps is not None:
+        if args.aggregate in (None, "off"):
+            raise CliError("serve: --round-steps needs --aggregate fedavg or --aggregate relay")
+        overrides["round_steps"] = None if args.round_steps == "epoch" else args.round_steps
     if args.device_page:
         overrides["device_page"] = True
     if args.no_guard:
@@ -129,6 +136,11 @@ def _number(kind: Callable[[str], Any], low: float, inclusive: bool = True,
             raise argparse.ArgumentTypeError(f"expected a finite number {sign} {low:g}{top}, got {text!r}")
         return value
     return parse
+
+
+def _round_steps(text: str) -> int | str:
+    """An argparse type: a whole number >= 1, or 'epoch'."""
+    return "epoch" if text == "epoch" else _number(int, 1)(text)
 
 
 def server_environment() -> None:
@@ -212,6 +224,17 @@ def register(sub: Any) -> None:
                    help="clip the gradients a device sends to this global L2 norm (default: no clip)")
     p.add_argument("--max-refused-steps", type=_number(int, 1),
                    help="close a session after this many refused steps (10)")
+    p.add_argument("--aggregate", choices=["off", "fedavg", "relay"],
+                   help="rounds of device aggregation: fedavg averages the devices' segments each round "
+                   "(SplitFed), relay hands them from one device to the next (default off)")
+    p.add_argument("--round-steps", type=_round_steps, metavar="N|epoch",
+                   help="steps a device trains per round, or 'epoch' (default epoch)")
+    p.add_argument("--round-quorum", type=_number(int, 1), help="uploads that close a fedavg round (2)")
+    p.add_argument("--round-deadline", type=_number(float, 0, inclusive=False),
+                   help="seconds after its first upload a fedavg round closes with what came (60)")
+    p.add_argument("--round-norm-factor", type=_number(float, 1, inclusive=False),
+                   help="refuse an upload whose update norm is over this times the median of accepted "
+                   "ones (10)")
     p.add_argument("--no-guard", action="store_true", help="turn the guards off (not for a shared server)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])

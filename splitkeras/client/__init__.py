@@ -19,14 +19,15 @@ __all__ = ["DeviceClient", "NetworkConditions", "Transport", "free_port", "wait_
 
 if TYPE_CHECKING:
     from splitkeras.client.device import DeviceClient
+    from splitkeras.client.local_server import free_port, wait_until_ready
     from splitkeras.client.network import NetworkConditions
-    from splitkeras.client.transport import Transport, free_port, wait_until_ready
+    from splitkeras.client.transport import Transport
 
 _MODULES = {"DeviceClient": "splitkeras.client.device",
             "NetworkConditions": "splitkeras.client.network",
             "Transport": "splitkeras.client.transport",
-            "free_port": "splitkeras.client.transport",
-            "wait_until_ready": "splitkeras.client.transport"}
+            "free_port": "splitkeras.client.local_server",
+            "wait_until_ready": "splitkeras.client.local_server"}
 
 
 def __getattr__(name: str) -> Any:

@@ -44,6 +44,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from splitkeras.client.network import NetworkConditions
 from splitkeras.client.remote import RemoteSegment
+from splitkeras.client.rounds import FleetRounds
 from splitkeras.client.stages import open_stage, stage_segment, stage_urls
 from splitkeras.client.stats import BatchMeans, ClientStats, EpochMeter
 from splitkeras.client.transport import Transport
@@ -159,6 +160,7 @@ class DeviceClient:
         self._step = 0
         self._samples = 0
         self._device_seconds = 0.0
+        self.rounds: FleetRounds | None = None  # splitkeras.client.rounds, when the server aggregates
 
     def __repr__(self) -> str:
         servers = ", ".join(t.base_url for t in self.transports.values())
@@ -222,6 +224,17 @@ class DeviceClient:
             self.label_runner = self.runners[-1]
         self.loop = StepLoop(self.runners)
 
+    def fleet_rounds(self) -> FleetRounds | None:
+        """The rounds of device aggregation the (first) server announces, or None (kept
+        across fits, so that a second fit goes on at the round the first one ended)."""
+        announced = self.open_session().get("aggregation")
+        if not announced:
+            return None
+        if self.rounds is None or self.rounds.transport is not self.transport:
+            segments = [(s.name, s.model) for s in self.split.segments if s.placement == "device"]
+            self.rounds = FleetRounds(self.transport, segments, announced)
+        return self.rounds
+
     def _require_compiled(self) -> SegmentRunner:
         if self.label_runner is None:
             if not (self.split.training_config or {}).get("loss"):
@@ -265,8 +278,11 @@ class DeviceClient:
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = 32, epochs: int = 1,
             verbose: Any = "auto", validation_data: Any = None, shuffle: bool = True,
             callbacks: Any = None, sample_weight: Any = None, initial_epoch: int = 0,
-            steps_per_epoch: int | None = None) -> keras.callbacks.History:
+            steps_per_epoch: int | None = None, rounds: bool | None = None) -> keras.callbacks.History:
         """Train like `keras.Model.fit`; returns a `History`.
+
+        `rounds`: take part in the server's rounds of device aggregation (None: when the
+        server announces them, `splitkeras serve --aggregate`; `splitkeras.client.rounds`).
 
         Besides the loss and metrics, the logs (progress bar and History) carry this
         epoch's `sent_MB`, `received_MB` and wall-clock `ms_per_sample`.
@@ -278,6 +294,12 @@ class DeviceClient:
                                   steps=iterator.num_batches, add_history=True)
         self.stop_training = False
         callbacks.on_train_begin()
+        fleet_rounds = self.fleet_rounds() if rounds is not False else None
+        if rounds and fleet_rounds is None:
+            raise TrainingError("fit(rounds=True): the server does not aggregate device segments (start it "
+                                "with `splitkeras serve OUT --aggregate fedavg`).")
+        if fleet_rounds is not None:
+            fleet_rounds.begin()
         epoch_logs: dict[str, Any] = {}
         for epoch in range(initial_epoch, epochs):
             label.model.reset_metrics()
@@ -290,9 +312,13 @@ class DeviceClient:
                 logs = self.train_on_batch(bx, by, bsw)
                 if self.labels_on_server:  # per-step values from the server
                     logs = means.add(logs, self._samples - samples_before)
+                if fleet_rounds is not None:
+                    fleet_rounds.after_step(self._samples - samples_before)
                 callbacks.on_train_batch_end(end_step, {**logs, **meter.logs()})
                 if self.stop_training:
                     break
+            if fleet_rounds is not None:
+                fleet_rounds.end_epoch()
             if not self.labels_on_server:
                 logs = dict(label.model._get_metrics_result_or_logs(logs))
             epoch_logs = {**logs, **meter.logs()}
@@ -304,6 +330,8 @@ class DeviceClient:
             callbacks.on_epoch_end(epoch, epoch_logs)
             if self.stop_training:
                 break
+        if fleet_rounds is not None:
+            fleet_rounds.finish()
         for runner in self.runners:
             if isinstance(runner, SegmentRunner):
                 runner.optimizer.finalize_variable_values(runner.trainable)

@@ -1,16 +1,14 @@
 """`Transport`: the device's side of the split-learning protocol (`docs/protocol.md`).
 
-The only module of splitkeras that imports httpx. It sends safetensors bodies
-over one keep-alive connection, maps the device's step numbers onto the
-server session's, and recovers from what a flaky network and a restarting
-server do, in one place:
+It sends safetensors bodies over one keep-alive connection
+(`splitkeras.client.retries`, the only other module that imports httpx), maps the
+device's step numbers onto the server session's (a step's number travels in the
+`Splitkeras-Step` header, `splitkeras.protocol`), and recovers from what a flaky
+network and a restarting server do, in one place:
 
-* A connection error, a timeout, or 502/503/504: the same request again after
-  `min(backoff * 2**attempt, max_backoff)` seconds, times a random factor in
-  `[1 - jitter, 1 + jitter]` so that many devices do not retry in step (at most
-  `retries` times; a `Retry-After` header is honoured up to `max_backoff`). The
-  defaults (12 retries, 0.5 s doubling to 10 s, jitter 0.25) wait 64 to 107 s in
-  all (`retry_budget()`): a device rides out a server restart or redeploy of up
+* A connection error, a timeout, or 502/503/504: the same request again with a
+  jittered doubling backoff (`RetryingClient`): the defaults wait 64 to 107 s in
+  all (`retry_budget()`), so a device rides out a server restart or redeploy of up
   to a minute. Safe because the server's steps are idempotent per (session,
   step): a repeated forward or backward returns the same bytes and applies nothing.
 * 404 `unknown_session` (the server restarted without its session state): a new
@@ -28,9 +26,6 @@ One case cannot be told apart from the device: a backward whose update was
 applied, whose answer was lost *and* whose server then restarted without the
 answer, is applied again when the step is resent. It needs three failures at once.
 
-Bytes are counted as HTTP bodies (headers are not), time as wall-clock seconds
-inside requests, retries, backoff and emulated network delay included.
-
 Example:
     >>> transport = Transport("http://127.0.0.1:8000", key="s3cret")     # doctest: +SKIP
     >>> transport.open_session("float16")["mode"]                          # doctest: +SKIP
@@ -42,81 +37,33 @@ Example:
 from __future__ import annotations
 
 import json
-import random
-import socket
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import numpy as np
 
-from splitkeras import __version__, wire
+from splitkeras import __version__, protocol, wire
 from splitkeras.client.network import NetworkConditions
+from splitkeras.client.retries import (
+    DEFAULT_BACKOFF,
+    DEFAULT_JITTER,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    RETRY_STATUSES,
+    Refused,
+    RetryingClient,
+    TransportStats,
+    retry_budget,
+)
 from splitkeras.errors import ProtocolError, WireFormatError
 
 __all__ = ["Transport", "TransportStats", "DEFAULT_TIMEOUT", "RETRY_STATUSES", "DEFAULT_RETRIES",
            "DEFAULT_BACKOFF", "DEFAULT_MAX_BACKOFF", "DEFAULT_JITTER", "retry_budget"]
 
-DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-# The retry budget outlasts a server restart of up to a minute (see `retry_budget`).
-DEFAULT_RETRIES, DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_JITTER = 12, 0.5, 10.0, 0.25
-RETRY_STATUSES = frozenset({502, 503, 504})
-_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_LOST_FORWARD = frozenset({"forward_lost", "step_expired", "step_out_of_order"})
 _MAX_RECOVERIES = 4  # protocol recoveries (new session, resent forward) per call
 _Answer = tuple[dict[str, np.ndarray], dict[str, str]]  # tensors by name, metadata
-
-
-@dataclass
-class TransportStats:
-    """What the transport has cost so far.
-
-    Attributes:
-        bytes_sent, bytes_received: HTTP body bytes (retries included).
-        seconds: wall-clock seconds inside requests (backoff and emulated delay included).
-        requests: HTTP requests sent, retries included.
-        retries: requests repeated after a transient failure.
-        recoveries: protocol recoveries (new session, resent forward, step resync).
-    """
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-    requests: int = 0
-    retries: int = 0
-    recoveries: int = 0
-
-
-class _Refused(Exception):
-    """A 4xx answer, parsed; turned into `ProtocolError` unless the transport recovers."""
-
-    def __init__(self, status: int, code: str, message: str, body: Mapping[str, Any], what: str):
-        super().__init__(message)
-        self.status, self.code, self.message, self.body, self.what = status, code, message, body, what
-
-    @classmethod
-    def from_response(cls, response: httpx.Response, what: str) -> _Refused:
-        try:
-            error = response.json()["error"]
-            code, message = str(error["code"]), str(error["message"])
-        except (ValueError, KeyError, TypeError):
-            error = {}
-            code = "http_error"
-            text = " ".join(response.text.split())[:200]
-            message = f"HTTP {response.status_code} {response.reason_phrase}"
-            message += f": {text}" if text else ""
-        return cls(response.status_code, code, message, error, what)
-
-    @property
-    def expected_step(self) -> int | None:
-        value = self.body.get("expected_step")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    def error(self) -> ProtocolError:
-        return ProtocolError(
-            f"The server refused {self.what} ({self.status} {self.code}): {self.message}", self.status)
 
 
 class Transport:
@@ -156,29 +103,61 @@ class Transport:
         network: NetworkConditions | None = None,
         http_transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if retries < 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError("retries, backoff and max_backoff must be >= 0.")
-        if not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}.")
-        self.base_url = base_url.rstrip("/")
+        self._http = RetryingClient(base_url, timeout=timeout, retries=retries, backoff=backoff,
+                                    max_backoff=max_backoff, jitter=jitter, verify=verify,
+                                    network=network, http_transport=http_transport)
+        self.base_url = self._http.base_url
         self.key = key
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.jitter = jitter
-        self._random = random.Random()
-        self.network = network
         self.wire_dtype = "float32"
         self.session: dict[str, Any] | None = None
-        self.stats = TransportStats()
         self._offset: int | None = None  # server step - device step
         self._forward_bodies: dict[int, bytes] = {}  # the step awaiting its backward
-        self._sleep: Callable[[float], None] = time.sleep
-        self._client = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=http_transport, verify=verify,
-            headers={"User-Agent": f"splitkeras-python/{__version__}",
-                     "Accept": f"{wire.MEDIA_TYPE}, application/json"},
-        )
+
+    @property
+    def stats(self) -> TransportStats:
+        """What the transport has cost so far (bytes, seconds, requests, retries, recoveries)."""
+        return self._http.stats
+
+    @property
+    def network(self) -> NetworkConditions | None:
+        """The emulated link (`None`: none); may be changed between requests."""
+        return self._http.network
+
+    @network.setter
+    def network(self, value: NetworkConditions | None) -> None:
+        self._http.network = value
+
+    @property
+    def retries(self) -> int:
+        return self._http.retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self._http.retries = value
+
+    @property
+    def backoff(self) -> float:
+        return self._http.backoff
+
+    @backoff.setter
+    def backoff(self, value: float) -> None:
+        self._http.backoff = value
+
+    @property
+    def max_backoff(self) -> float:
+        return self._http.max_backoff
+
+    @max_backoff.setter
+    def max_backoff(self, value: float) -> None:
+        self._http.max_backoff = value
+
+    @property
+    def jitter(self) -> float:
+        return self._http.jitter
+
+    @jitter.setter
+    def jitter(self, value: float) -> None:
+        self._http.jitter = value
 
     def __repr__(self) -> str:
         session = self.session["session_id"] if self.session else None
@@ -190,6 +169,11 @@ class Transport:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    def close_connection(self) -> None:
+        """Close the connection only: the session stays open on the server (a chain's server
+        keeps its downstream sessions across its own restart)."""
+        self._http.close()
+
     def close(self) -> None:
         """Close the session (best effort) and the connection."""
         try:
@@ -197,7 +181,7 @@ class Transport:
         except ProtocolError:
             pass
         finally:
-            self._client.close()
+            self._http.close()
 
     # ---- sessions ------------------------------------------------------------------------------
     def open_session(self, wire_dtype: str = "float32") -> dict[str, Any]:
@@ -206,9 +190,9 @@ class Transport:
             raise ValueError(f"wire_dtype must be one of {wire.WIRE_DTYPES}, got {wire_dtype!r}.")
         body = json.dumps({"wire_dtype": wire_dtype, "client": f"splitkeras-python/{__version__}"})
         try:
-            response = self._send("POST", "/v1/sessions", body.encode(), "application/json",
+            response = self._http.send("POST", "/v1/sessions", body.encode(), "application/json",
                                   self.key, "POST /v1/sessions")
-        except _Refused as refusal:
+        except Refused as refusal:
             error = refusal.error()
             if refusal.status == 401 and not self.key:
                 error = ProtocolError(f"{error} No key was given: pass key=..., `--key`, or set "
@@ -226,17 +210,17 @@ class Transport:
         self.session, self._offset = None, None
         self._forward_bodies.clear()
         try:
-            self._send("DELETE", path, None, None, token, f"DELETE {path}")
-        except _Refused as refusal:
-            if refusal.code != "unknown_session":
+            self._http.send("DELETE", path, None, None, token, f"DELETE {path}")
+        except Refused as refusal:
+            if refusal.code != protocol.UNKNOWN_SESSION:
                 raise refusal.error() from None
 
     def session_state(self) -> dict[str, Any]:
         """The session's counters: `next_step`, `pending_step`, `applied_steps`."""
         path = self._session_path()
         try:
-            return dict(self._send("GET", path, None, None, self._token(), f"GET {path}").json())
-        except _Refused as refusal:
+            return dict(self._http.send("GET", path, None, None, self._token(), f"GET {path}").json())
+        except Refused as refusal:
             raise refusal.error() from None
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -250,15 +234,15 @@ class Transport:
     def backward(self, step: int, grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Send the gradients of the server outputs for `step`; returns the input gradients."""
         body = self._encode(grads)
-        refusal: _Refused | None = None
+        refusal: Refused | None = None
         for _ in range(_MAX_RECOVERIES):
             try:
                 data = self._step("backward", step, body)
-            except _Refused as error:
+            except Refused as error:
                 refusal = error
-                if error.code == "unknown_session":
+                if error.code == protocol.UNKNOWN_SESSION:
                     self._reopen(step)
-                elif error.code not in _LOST_FORWARD:
+                elif error.code not in protocol.LOST_FORWARD_CODES:
                     raise error.error() from None
                 forward_body = self._forward_bodies.get(step)
                 if forward_body is None:
@@ -291,15 +275,15 @@ class Transport:
         return self._with_session_recovery("forward", step, body)
 
     def _with_session_recovery(self, route: str, step: int | None, body: bytes) -> bytes:
-        refusal: _Refused | None = None
+        refusal: Refused | None = None
         for _ in range(_MAX_RECOVERIES):
             try:
                 return self._step(route, step, body)
-            except _Refused as error:
+            except Refused as error:
                 refusal = error
-                if error.code == "unknown_session":
+                if error.code == protocol.UNKNOWN_SESSION:
                     self._reopen(step)
-                elif error.code == "step_out_of_order" and step is not None:
+                elif error.code == protocol.STEP_OUT_OF_ORDER and step is not None:
                     self._resync(step, error)
                 else:
                     raise error.error() from None
@@ -320,7 +304,7 @@ class Transport:
         if step is not None:
             self._offset = int(session["next_step"]) - step
 
-    def _resync(self, step: int, refusal: _Refused) -> None:
+    def _resync(self, step: int, refusal: Refused) -> None:
         state = self.session_state()
         pending = state.get("pending_step")
         if pending is not None and pending != self._server_step(step):
@@ -330,10 +314,13 @@ class Transport:
         self._offset = (expected if expected is not None else int(state["next_step"])) - step
 
     # ---- HTTP ------------------------------------------------------------------------------------
-    def _session_path(self) -> str:
+    def _session_id(self) -> str:
         if self.session is None:
             raise ProtocolError("No session is open: call open_session() first.")
-        return f"/v1/sessions/{self.session['session_id']}"
+        return str(self.session["session_id"])
+
+    def _session_path(self) -> str:
+        return f"/v1/sessions/{self._session_id()}"
 
     def _token(self) -> str:
         if self.session is None:
@@ -350,60 +337,16 @@ class Transport:
         return step + self._offset
 
     def _step(self, route: str, step: int | None, body: bytes) -> bytes:
+        """POST a tensor route; a step's number goes in the `Splitkeras-Step` header, so the
+        URL is the same at every step (a browser would cache one CORS preflight for it)."""
         token = self._token()
-        path = self._session_path() + (f"/steps/{self._server_step(step)}/{route}"
-                                       if step is not None else f"/{route}")
-        what = f"{route} of step {step} (POST {path})" if step is not None else f"POST {path}"
-        return self._send("POST", path, body, wire.MEDIA_TYPE, token, what).content
-
-    def _send(self, method: str, path: str, body: bytes | None, content_type: str | None,
-              bearer: str | None, what: str) -> httpx.Response:
-        """One request, repeated on transient failures. Returns a 2xx response or raises
-        `_Refused` (4xx, other 5xx) or `ProtocolError` (retries exhausted)."""
-        headers = {}
-        if content_type:
-            headers["Content-Type"] = content_type
-        if bearer:
-            headers["Authorization"] = f"Bearer {bearer}"
-        size = len(body) if body else 0
-        started = time.perf_counter()
-        try:
-            for attempt in range(self.retries + 1):
-                if attempt:
-                    self.stats.retries += 1
-                if self.network is not None:
-                    self.network.wait(size)
-                self.stats.requests += 1
-                self.stats.bytes_sent += size
-                retry_after: float | None = None
-                try:
-                    response = self._client.request(method, path, content=body, headers=headers)
-                except _TRANSIENT as error:
-                    failure, status = f"{type(error).__name__}: {error}".rstrip(": "), 0
-                else:
-                    self.stats.bytes_received += len(response.content)
-                    if self.network is not None:
-                        self.network.wait(len(response.content))
-                    if response.is_success:
-                        return response
-                    if response.status_code not in RETRY_STATUSES:
-                        raise _Refused.from_response(response, what)
-                    failure, status = f"HTTP {response.status_code} {response.reason_phrase}", \
-                        response.status_code
-                    retry_after = _retry_after(response)
-                if attempt < self.retries:
-                    delay = min(self.backoff * 2 ** attempt, self.max_backoff)
-                    if self.jitter:
-                        delay *= 1 + self.jitter * (2 * self._random.random() - 1)
-                    if retry_after is not None:
-                        delay = max(delay, min(retry_after, self.max_backoff))
-                    self._sleep(delay)
-            raise ProtocolError(
-                f"Could not complete {what} on {self.base_url} after {self.retries + 1} attempts "
-                f"(last: {failure}). Is the server (`splitkeras serve`) running and reachable?",
-                status)
-        finally:
-            self.stats.seconds += time.perf_counter() - started
+        path = protocol.step_path(self._session_id(), route)
+        if step is None:
+            return self._http.send("POST", path, body, wire.MEDIA_TYPE, token, f"POST {path}").content
+        server_step = self._server_step(step)
+        what = f"{route} of step {step} (POST {path}, {protocol.STEP_HEADER}: {server_step})"
+        return self._http.send("POST", path, body, wire.MEDIA_TYPE, token, what,
+                               {protocol.STEP_HEADER: str(server_step)}).content
 
     # ---- bodies ----------------------------------------------------------------------------------
     def _encode(self, tensors: Mapping[str, Any]) -> bytes:
@@ -417,51 +360,3 @@ class Transport:
             raise ProtocolError(f"The server's {route} response is not a valid tensor body: {error}") \
                 from None
 
-
-def retry_budget(retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-                 max_backoff: float = DEFAULT_MAX_BACKOFF, jitter: float = DEFAULT_JITTER) -> tuple[float, float]:
-    """(least, most) seconds a `Transport` waits between attempts before it gives up on a
-    request (time spent in the attempts themselves comes on top)."""
-    total = sum(min(backoff * 2 ** attempt, max_backoff) for attempt in range(retries))
-    return total * (1 - jitter), total * (1 + jitter)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (for a local server)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_ready(base_url: str, *, timeout: float = 120.0,
-                     alive: Callable[[], bool] | None = None) -> None:
-    """Poll `GET /readyz` until the server answers 200.
-
-    Args:
-        base_url: e.g. `"http://127.0.0.1:8000"`.
-        timeout: seconds to wait in all.
-        alive: optional check (e.g. that the server process still runs); when it returns
-            False, waiting stops at once.
-
-    Raises:
-        ProtocolError: the server was not ready in time, or `alive()` turned False.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if alive is not None and not alive():
-            raise ProtocolError(f"The server at {base_url} stopped while starting.")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise ProtocolError(f"The server at {base_url} was not ready after {timeout:g} s.")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None

@@ -151,8 +151,11 @@ export function defineConvolutions(tf) {
   }
   SplitkerasConv1D.className = 'SplitkerasConv1D';
 
-  class SplitkerasDepthwiseConv2D extends Layer {
-    constructor(config) {
+  // The depthwise convolution of DepthwiseConv2D and SeparableConv2D (weight `depthwise_kernel`
+  // [kh, kw, channels, depthMultiplier], dilated as above), then `project` (SeparableConv2D: its
+  // 1x1 pointwise convolution), the bias and the activation.
+  class SplitkerasDepthwiseBase extends Layer {
+    constructor(config, regularizers) {
       super(config);
       this.kernelSize = tuple(config.kernelSize, 2);
       this.strides = tuple(config.strides ?? 1, 2);
@@ -161,20 +164,27 @@ export function defineConvolutions(tf) {
       this.depthMultiplier = config.depthMultiplier ?? 1;
       this.useBias = config.useBias ?? true;
       this.activation = activationOf(tf, config.activation);
-      this.depthwiseRegularizerConfig = config.depthwiseRegularizer ?? null;
-      this.biasRegularizerConfig = config.biasRegularizer ?? null;
+      this.regularizerConfigs = Object.fromEntries(regularizers.map((name) => [name,
+        config[`${name}Regularizer`] ?? null]));
+    }
+
+    addKernel(name, shape) {
+      const regularizer = regularizerOf(tf, this.regularizerConfigs[name.split('_')[0]]);
+      return this.addWeight(name, shape, 'float32', zeros(), regularizer, true);
     }
 
     build(inputShape) {
       const channels = inputShape[inputShape.length - 1];
-      this.depthwiseKernel = this.addWeight('depthwise_kernel',
-        [...this.kernelSize, channels, this.depthMultiplier], 'float32', zeros(),
-        regularizerOf(tf, this.depthwiseRegularizerConfig), true);
-      if (this.useBias) {
-        this.bias = this.addWeight('bias', [channels * this.depthMultiplier], 'float32', zeros(),
-          regularizerOf(tf, this.biasRegularizerConfig), true);
-      }
+      this.depthwiseKernel = this.addKernel('depthwise_kernel', [...this.kernelSize, channels, this.depthMultiplier]);
+      this.buildProjection(channels * this.depthMultiplier);
+      if (this.useBias) this.bias = this.addKernel('bias', [this.outChannels(channels)]);
       this.built = true;
+    }
+
+    buildProjection() {}
+
+    project(y) {
+      return y;
     }
 
     computeOutputShape(inputShape) {
@@ -183,14 +193,14 @@ export function defineConvolutions(tf) {
         const window = (this.kernelSize[i] - 1) * this.dilationRate[i] + 1;
         shape[i + 1] = windowOutput(shape[i + 1], window, this.strides[i], this.padding);
       }
-      shape[3] = shape[3] == null ? null : shape[3] * this.depthMultiplier;
+      shape[3] = this.outChannels(shape[3]);
       return shape;
     }
 
     call(inputs) {
       return tf.tidy(() => {
         const kernel = dilateKernel(tf, this.depthwiseKernel.read(), this.dilationRate);
-        let y = tf.depthwiseConv2d(single(inputs), kernel, this.strides, this.padding);
+        let y = this.project(tf.depthwiseConv2d(single(inputs), kernel, this.strides, this.padding));
         if (this.useBias) y = tf.add(y, this.bias.read());
         return this.activation.apply(y);
       });
@@ -206,81 +216,43 @@ export function defineConvolutions(tf) {
         depthMultiplier: this.depthMultiplier,
         useBias: this.useBias,
         activation: this.activation.getClassName(),
-        depthwiseRegularizer: this.depthwiseRegularizerConfig,
-        biasRegularizer: this.biasRegularizerConfig,
+        ...Object.fromEntries(Object.entries(this.regularizerConfigs).map(([name, value]) => [`${name}Regularizer`,
+          value])),
       };
+    }
+  }
+
+  class SplitkerasDepthwiseConv2D extends SplitkerasDepthwiseBase {
+    constructor(config) {
+      super(config, ['depthwise', 'bias']);
+    }
+
+    outChannels(channels) {
+      return channels == null ? null : channels * this.depthMultiplier;
     }
   }
   SplitkerasDepthwiseConv2D.className = 'SplitkerasDepthwiseConv2D';
 
-  class SplitkerasSeparableConv2D extends Layer {
+  class SplitkerasSeparableConv2D extends SplitkerasDepthwiseBase {
     constructor(config) {
-      super(config);
+      super(config, ['depthwise', 'pointwise', 'bias']);
       this.filters = config.filters;
-      this.kernelSize = tuple(config.kernelSize, 2);
-      this.strides = tuple(config.strides ?? 1, 2);
-      this.padding = config.padding ?? 'valid';
-      this.dilationRate = tuple(config.dilationRate ?? 1, 2);
-      this.depthMultiplier = config.depthMultiplier ?? 1;
-      this.useBias = config.useBias ?? true;
-      this.activation = activationOf(tf, config.activation);
-      this.regularizerConfigs = {
-        depthwise: config.depthwiseRegularizer ?? null,
-        pointwise: config.pointwiseRegularizer ?? null,
-        bias: config.biasRegularizer ?? null,
-      };
     }
 
-    build(inputShape) {
-      const channels = inputShape[inputShape.length - 1];
-      const regs = this.regularizerConfigs;
-      this.depthwiseKernel = this.addWeight('depthwise_kernel',
-        [...this.kernelSize, channels, this.depthMultiplier], 'float32', zeros(),
-        regularizerOf(tf, regs.depthwise), true);
-      this.pointwiseKernel = this.addWeight('pointwise_kernel',
-        [1, 1, channels * this.depthMultiplier, this.filters], 'float32', zeros(),
-        regularizerOf(tf, regs.pointwise), true);
-      if (this.useBias) {
-        this.bias = this.addWeight('bias', [this.filters], 'float32', zeros(), regularizerOf(tf, regs.bias), true);
-      }
-      this.built = true;
+    outChannels() {
+      return this.filters;
     }
 
-    computeOutputShape(inputShape) {
-      const shape = inputShape.slice();
-      for (let i = 0; i < 2; i += 1) {
-        const window = (this.kernelSize[i] - 1) * this.dilationRate[i] + 1;
-        shape[i + 1] = windowOutput(shape[i + 1], window, this.strides[i], this.padding);
-      }
-      shape[3] = this.filters;
-      return shape;
+    buildProjection(channels) {
+      this.pointwiseKernel = this.addKernel('pointwise_kernel', [1, 1, channels, this.filters]);
     }
 
-    call(inputs) {
-      return tf.tidy(() => {
-        const kernel = dilateKernel(tf, this.depthwiseKernel.read(), this.dilationRate);
-        const depthwise = tf.depthwiseConv2d(single(inputs), kernel, this.strides, this.padding);
-        let y = tf.conv2d(depthwise, this.pointwiseKernel.read(), 1, 'valid');
-        if (this.useBias) y = tf.add(y, this.bias.read());
-        return this.activation.apply(y);
-      });
+    project(y) {
+      return tf.conv2d(y, this.pointwiseKernel.read(), 1, 'valid');
     }
 
     getConfig() {
-      return {
-        ...super.getConfig(),
-        filters: this.filters,
-        kernelSize: this.kernelSize,
-        strides: this.strides,
-        padding: this.padding,
-        dilationRate: this.dilationRate,
-        depthMultiplier: this.depthMultiplier,
-        useBias: this.useBias,
-        activation: this.activation.getClassName(),
-        depthwiseRegularizer: this.regularizerConfigs.depthwise,
-        pointwiseRegularizer: this.regularizerConfigs.pointwise,
-        biasRegularizer: this.regularizerConfigs.bias,
-      };
+      return { ...super.getConfig(), filters: this.filters };
     }
   }
   SplitkerasSeparableConv2D.className = 'SplitkerasSeparableConv2D';

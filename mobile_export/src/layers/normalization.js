@@ -6,13 +6,50 @@
 // (trainable=False) runs in inference mode even when the model trains, as in Keras 3 (TF.js'
 // own layer would use batch statistics and move its moving statistics). Training mode: batch
 // mean and (biased) variance over every axis but `axis`, and the moving statistics move by
-// moving * momentum + batch * (1 - momentum), as Keras 3 moves them.
+// moving * momentum + batch * (1 - momentum), as Keras 3 moves them; over the last axis through
+// the fused kernel of norm_kernels.js (one pass for the statistics' sums, one for the gradient).
 //
 // SplitkerasNormalization: Keras' Normalization layer, (x - mean) / max(sqrt(variance), 1e-7)
 // (or its inverse), with the mean and variance adapted (weights `mean`, `variance`, `count`) or
 // given as constants (the exporter writes them already broadcast, in `mean` and `variance`).
 
+import { batchNormTrainingOp } from '../norm_kernels.js';
 import { positiveAxis, regularizerOf, single } from './common.js';
+
+/** Keras 3's update: moving = moving * momentum + batch * (1 - momentum), mean and variance. */
+function moveStatistics(tf, layer, mean, variance) {
+  for (const [variable, value] of [[layer.movingMean, mean], [layer.movingVariance, variance]]) {
+    variable.write(tf.add(tf.mul(variable.read(), layer.momentum),
+      tf.mul(tf.reshape(value, variable.shape), 1 - layer.momentum)));
+  }
+}
+
+/** Training mode over the last axis through the fused kernel (norm_kernels.js): y; moves the statistics. */
+function trainingBatchNorm(tf, layer, x, gamma, beta) {
+  const { y, mean, variance } = batchNormTrainingOp(tf, x, gamma, beta, layer.epsilon);
+  moveStatistics(tf, layer, mean, variance);
+  return y;
+}
+
+/**
+ * The training call of TF.js' own BatchNormalization (what the exporter writes for a Keras
+ * BatchNormalization over the last axis, with gamma and beta) through the fused kernel, moving
+ * the statistics as Keras 3 does; inference and every other case go to `stockCall`, TF.js' own.
+ * registerTrainingKernels (kernels.js) puts it on the class's prototype, so that every
+ * instance, loaded before or after, trains through it; restore() puts `stockCall` back.
+ * @param {object} tf the @tensorflow/tfjs module
+ * @param {Function} stockCall TF.js' BatchNormalization.prototype.call
+ */
+export function fusedBatchNormCall(tf, stockCall) {
+  return function call(inputs, kwargs) {
+    const x = single(inputs);
+    const rank = x.shape.length;
+    if (!kwargs?.training || positiveAxis(this.axis, rank) !== rank - 1 || !this.gamma || !this.beta) {
+      return stockCall.call(this, inputs, kwargs);
+    }
+    return tf.tidy(() => trainingBatchNorm(tf, this, x, this.gamma.read(), this.beta.read()));
+  };
+}
 
 const KERAS_EPSILON = 1e-7; // keras.backend.epsilon()
 
@@ -57,17 +94,19 @@ export function defineNormalizations(tf) {
       const training = Boolean(kwargs?.training) && this.trainable;
       return tf.tidy(() => {
         const x = single(inputs);
+        const last = positiveAxis(this.axis, x.shape.length) === x.shape.length - 1;
+        if (training && last) {
+          // the fused kernel, with the gamma and beta Keras leaves out as ones and zeros
+          const dim = x.shape[x.shape.length - 1];
+          const gamma = this.scale ? this.gamma.read() : tf.ones([dim]);
+          const beta = this.center ? this.beta.read() : tf.zeros([dim]);
+          return trainingBatchNorm(tf, this, x, gamma, beta);
+        }
         let mean;
         let variance;
         if (training) {
           ({ mean, variance } = tf.moments(x, this.reductionAxes, true));
-          const update = (variable, value) => {
-            const moved = tf.add(tf.mul(variable.read(), this.momentum),
-              tf.mul(tf.reshape(value, variable.shape), 1 - this.momentum));
-            variable.write(moved);
-          };
-          update(this.movingMean, mean);
-          update(this.movingVariance, variance);
+          moveStatistics(tf, this, mean, variance);
         } else {
           mean = tf.reshape(this.movingMean.read(), this.broadcastShape);
           variance = tf.reshape(this.movingVariance.read(), this.broadcastShape);
