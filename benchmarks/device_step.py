@@ -23,7 +23,7 @@ rounds is reported. Then one step of each JS client under `tf.profile` (kernel t
 Chromium: Debian's `/usr/bin/chromium` (headless, --no-sandbox, --disable-gpu, a fresh
 --user-data-dir) driven by playwright-core. The page (esbuild bundle of TF.js 4.22, the wasm
 backend and the runtime) is served from 127.0.0.1 by `mobile_export/tools/page_server.mjs`,
-which also reverse-proxies `/v1` to the split's server: the server has no CORS yet, so page
+which also reverse-proxies `/v1` to the split's server: one origin (as a same-origin deployment), so page
 and protocol share one origin. The page is cross-origin isolated (COOP/COEP headers), so the
 wasm backend may use threads.
 
@@ -246,7 +246,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"to the Python client. Machine: {m['cpu']}, {m['cores']} cores (shared: compare ratios). "
              "Each split is served by one real `splitkeras serve` on 127.0.0.1 that all its clients use. "
              "The Chromium pages are served from 127.0.0.1 by `mobile_export/tools/page_server.mjs`, "
-             "which reverse-proxies `/v1` to that server (same origin: the server has no CORS yet), "
+             "which reverse-proxies `/v1` to that server (one origin, as a same-origin deployment; "
+             "`--cors-origin` is measured in cors_preflight.md), "
              "so the browser's requests take one more local hop than Node's and Python's.", ""]
     for name, model in results["models"].items():
         lines += [f"## {name} (head: {', '.join(model['head_layers'][1:])} -> {model['head_output']})", "",

@@ -16,6 +16,7 @@
 
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { registerLayers } from './layers/index.js';
 
 /**
  * An IOHandler (load only) that reads `<dir>/model.json` and the weight
@@ -66,12 +67,16 @@ export function nodeDirHandler(tf, dir) {
 /**
  * Load a LayersModel from a local bundle folder (strict: every weight in the
  * bundle must match a model weight by name and shape, and none may be missing).
+ * Registers the runtime's layer classes (`src/layers/`) on `tf` first, so any bundle
+ * `converters.export_tfjs` writes loads (a MobileNetV3's hard_silu, an EfficientNet's
+ * Normalization, ...), also before `SplitDevice.create` (which registers them too).
  *
  * @param {object} tf the @tensorflow/tfjs module
  * @param {string} dir folder holding model.json and its shards
  * @returns {Promise<object>} a tf.LayersModel
  */
 export async function loadLayersModelFromDir(tf, dir) {
+  registerLayers(tf);
   return tf.loadLayersModel(nodeDirHandler(tf, dir), { strict: true });
 }
 

@@ -31,7 +31,6 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
-import { loadLayersModelFromDir } from '../src/node_io.js';
 
 const decode = ({ shape, dtype = 'float32', data }) => {
   const bytes = Buffer.from(data, 'base64');
@@ -69,8 +68,10 @@ function weightsOut(device) {
 
 async function loadDevice(job, wireDtype, compress = null) {
   const app = path.resolve(job.app_dir);
-  const { SplitDevice } = await import(pathToFileURL(path.join(app, 'splitkeras-device', 'src',
-    'runtime.js')).href);
+  const src = path.join(app, 'splitkeras-device', 'src');
+  const { SplitDevice } = await import(pathToFileURL(path.join(src, 'runtime.js')).href);
+  // the bundle's own loader: it registers the runtime's layers (src/layers/) before loading
+  const { loadLayersModelFromDir } = await import(pathToFileURL(path.join(src, 'node_io.js')).href);
   const manifest = JSON.parse(await readFile(path.join(app, 'split.json'), 'utf8'));
   const models = {};
   for (const entry of manifest.segments.filter((s) => s.placement === 'device')) {
