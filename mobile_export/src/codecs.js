@@ -266,7 +266,7 @@ export function expandTensors(tensors, codec, residuals, uncompressed = []) {
     if (dtype !== 'float32' || uncompressed.includes(name)) entries.push(tensor);
     else if (codec.family === 'int8') {
       const data = tensor.data instanceof Float32Array ? tensor.data : Float32Array.from(tensor.data);
-      const { codes, scale, offset } = int8Encode(name, data, shape.length ? shape.at(-1) : 1);
+      const { codes, scale, offset } = int8Encode(name, data, shape.length ? shape[shape.length - 1] : 1);
       entries.push({ name, dtype: 'uint8', shape: [...shape], data: codes },
         { name: `${name}/scale`, dtype: 'float32', shape: [scale.length], data: scale },
         { name: `${name}/offset`, dtype: 'float32', shape: [offset.length], data: offset });
@@ -372,7 +372,7 @@ export function collapseTensors(raw, codec) {
     } else if (codec.family === 'int8') {
       compressed.add(name);
       const { shape } = raw.get(name);
-      const [scale, offset] = scalesOf(raw, name, shape.length ? shape.at(-1) : 1);
+      const [scale, offset] = scalesOf(raw, name, shape.length ? shape[shape.length - 1] : 1);
       tensors.set(name, { dtype: 'float32', code: 'F32', shape: [...shape],
         data: int8Decode(codesOf(raw, name, shape), scale, offset) });
     } else {

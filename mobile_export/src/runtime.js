@@ -43,11 +43,11 @@ import { createDefences } from './privacy.js';
 import { registerLayers } from './layers/index.js'; // the layers TF.js lacks (src/layers/)
 import { resolveLoss, resolveMetrics } from './losses.js';
 import { createOptimizer } from './optimizers.js';
-import { FleetRounds } from './rounds.js';
 import { DeviceSegment } from './segment.js';
 import { StageSessions } from './servers.js';
-import { runEvaluate, runPredict, runTrainStep } from './steps.js';
-import { SplitDeviceError, isFloat, namedInputs } from './tensors.js';
+import { runEvaluateAll, runFit, runPredictAll } from './batches.js';
+import { runTrainStep } from './steps.js';
+import { SplitDeviceError, isFloat } from './tensors.js';
 import { deriveTopology, placements } from './topology.js';
 
 export { ProtocolError, SplitSession } from './session.js';
@@ -254,132 +254,7 @@ export class SplitDevice {
    *   bytesSent: number, bytesReceived: number}>}
    */
   async fit(xs, ys, options = {}) {
-    const { tf } = this;
-    const {
-      batchSize = 32, epochs = 1, shuffle = true, validationData, validationSplit = 0,
-      validationBatchSize, initialEpoch = 0, callbacks,
-    } = options;
-    const hooks = [options, ...(Array.isArray(callbacks) ? callbacks : (callbacks ? [callbacks] : []))];
-    const emit = async (name, ...args) => {
-      for (const hook of hooks) if (typeof hook[name] === 'function') await hook[name](...args);
-    };
-    if (!Number.isInteger(epochs) || epochs < 0 || !Number.isInteger(initialEpoch) || initialEpoch < 0) {
-      throw new SplitDeviceError(`epochs (${epochs}) and initialEpoch (${initialEpoch}) must be `
-        + 'integers >= 0');
-    }
-    if (!(validationSplit >= 0 && validationSplit < 1)) {
-      throw new SplitDeviceError(`validationSplit ${validationSplit} must be in [0, 1)`);
-    }
-    if (validationData !== undefined && validationData !== null
-        && !(Array.isArray(validationData) && validationData.length === 2)) {
-      throw new SplitDeviceError('validationData must be [x, y]');
-    }
-    const names = this.modelInputs.map((s) => s.name);
-    let store = namedInputs(tf, this.modelInputs, xs); // the whole dataset: no max_batch check
-    let labels = ys instanceof tf.Tensor ? ys.clone() : tf.tensor(ys);
-    let validation = validationData ? [validationData[0], validationData[1]] : null;
-    const owned = [];
-    const history = {};
-    const epochList = [];
-    const start = this.stats;
-    let steps = 0;
-    let lastLogs = {};
-    try {
-      let count = store.get(names[0]).shape[0];
-      if (count < 1) throw new SplitDeviceError('xs holds no sample to train on');
-      if (labels.shape[0] !== count) {
-        throw new SplitDeviceError(`ys has ${labels.shape[0]} samples, xs has ${count}`);
-      }
-      if (validationSplit > 0 && !validation) {
-        const kept = Math.floor(count * (1 - validationSplit));
-        if (kept < 1 || kept === count) {
-          throw new SplitDeviceError(`validationSplit ${validationSplit} of ${count} samples leaves `
-            + `${kept} to train on and ${count - kept} to validate`);
-        }
-        const cut = (t, from, size) => tf.slice(t, [from], [size]);
-        const vx = names.map((n) => cut(store.get(n), kept, count - kept));
-        const vy = cut(labels, kept, count - kept);
-        owned.push(...vx, vy);
-        validation = [vx, vy];
-        const trainStore = new Map(names.map((n) => [n, cut(store.get(n), 0, kept)]));
-        const trainLabels = cut(labels, 0, kept);
-        for (const t of store.values()) t.dispose();
-        labels.dispose();
-        store = trainStore;
-        labels = trainLabels;
-        count = kept;
-      }
-      await this.ensureSessions();
-      if (!Number.isInteger(batchSize) || batchSize < 1 || (this.maxBatch && batchSize > this.maxBatch)) {
-        throw new SplitDeviceError(`batchSize ${batchSize} must be an integer between 1 and the `
-          + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
-      }
-      this.stopTraining = false;
-      const rounds = await FleetRounds.forDevice(this, options.rounds); // rounds.js: --aggregate
-      if (rounds) hooks.push(rounds);
-      await emit('onTrainBegin', {});
-      for (let epoch = initialEpoch; epoch < epochs && !this.stopTraining; epoch += 1) {
-        await emit('onEpochBegin', epoch);
-        const order = Int32Array.from({ length: count }, (_, i) => i);
-        if (shuffle) tf.util.shuffle(order);
-        const sums = { loss: 0, samples: 0, metrics: {}, counts: {} };
-        for (let begin = 0, batch = 0; begin < count && !this.stopTraining;
-          begin += batchSize, batch += 1) {
-          await emit('onBatchBegin', batch);
-          const size = Math.min(batchSize, count - begin);
-          const indices = tf.tensor1d(order.subarray(begin, begin + size), 'int32');
-          const bx = names.map((n) => tf.gather(store.get(n), indices));
-          const by = tf.gather(labels, indices);
-          indices.dispose();
-          let logs;
-          try {
-            logs = await this.trainStep(bx, by);
-          } finally {
-            bx.forEach((t) => t.dispose());
-            by.dispose();
-          }
-          steps += 1;
-          sums.loss += logs.loss * size;
-          sums.samples += size;
-          for (const [name, value] of Object.entries(logs.metrics)) {
-            const weight = logs.metricCounts?.[name] ?? size;
-            sums.metrics[name] = (sums.metrics[name] ?? 0) + value * weight;
-            sums.counts[name] = (sums.counts[name] ?? 0) + weight;
-          }
-          await emit('onBatchEnd', batch, { ...logs, size });
-        }
-        const epochLogs = { loss: sums.loss / sums.samples };
-        for (const name of Object.keys(sums.metrics)) {
-          epochLogs[name] = sums.metrics[name] / sums.counts[name];
-        }
-        if (validation) {
-          const val = await this.evaluate(validation[0], validation[1],
-            { batchSize: validationBatchSize ?? batchSize });
-          for (const [name, value] of Object.entries(val)) epochLogs[`val_${name}`] = value;
-        }
-        for (const [name, value] of Object.entries(epochLogs)) {
-          (history[name] ??= []).push(value);
-        }
-        epochList.push(epoch);
-        lastLogs = epochLogs;
-        await emit('onEpochEnd', epoch, epochLogs);
-      }
-      await emit('onTrainEnd', lastLogs);
-    } catch (error) {
-      try {
-        await this.closeSession();
-      } catch {
-        // the first error is the one to report
-      }
-      throw error;
-    } finally {
-      for (const t of store.values()) t.dispose();
-      labels.dispose();
-      owned.forEach((t) => t.dispose());
-    }
-    const end = this.stats;
-    return { history, epoch: epochList, steps, bytesSent: end.bytesSent - start.bytesSent,
-      bytesReceived: end.bytesReceived - start.bytesReceived };
+    return runFit(this, xs, ys, options);
   }
 
   /**
@@ -389,48 +264,7 @@ export class SplitDevice {
    * @returns {Promise<Object<string, number>>} {loss, <metric>: value, ...}
    */
   async evaluate(x, y, { batchSize = 32 } = {}) {
-    const { tf } = this;
-    await this.ensureSessions();
-    if (!Number.isInteger(batchSize) || batchSize < 1 || (this.maxBatch && batchSize > this.maxBatch)) {
-      throw new SplitDeviceError(`batchSize ${batchSize} must be an integer between 1 and the `
-        + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
-    }
-    this.evaluation(); // refuse an unsupported loss before any request
-    const store = namedInputs(tf, this.modelInputs, x);
-    const labels = y instanceof tf.Tensor ? y.clone() : tf.tensor(y);
-    const names = this.modelInputs.map((s) => s.name);
-    try {
-      const count = store.get(names[0]).shape[0];
-      if (labels.shape[0] !== count) {
-        throw new SplitDeviceError(`y has ${labels.shape[0]} samples, x has ${count}`);
-      }
-      let loss = 0;
-      const sums = {};
-      const counts = {};
-      for (let begin = 0; begin < count; begin += batchSize) {
-        const size = Math.min(batchSize, count - begin);
-        const bx = names.map((n) => tf.slice(store.get(n), [begin], [size]));
-        const by = tf.slice(labels, [begin], [size]);
-        let out;
-        try {
-          out = await runEvaluate(this, bx, by);
-        } finally {
-          bx.forEach((t) => t.dispose());
-          by.dispose();
-        }
-        loss += out.loss * size;
-        for (const [name, { sum, count: n }] of Object.entries(out.metrics)) {
-          sums[name] = (sums[name] ?? 0) + sum;
-          counts[name] = (counts[name] ?? 0) + n;
-        }
-      }
-      const logs = { loss: loss / count };
-      for (const name of Object.keys(sums)) logs[name] = sums[name] / counts[name];
-      return logs;
-    } finally {
-      for (const t of store.values()) t.dispose();
-      labels.dispose();
-    }
+    return runEvaluateAll(this, x, y, { batchSize });
   }
 
   /** The loss and metrics that evaluate computes on the device (resolved once). */
@@ -450,37 +284,7 @@ export class SplitDevice {
    * so any number of samples works). Returns the model output (a tf.Tensor the caller owns).
    */
   async predict(x, { batchSize } = {}) {
-    const { tf } = this;
-    await this.ensureSessions();
-    const limit = batchSize ?? this.maxBatch;
-    if (limit !== undefined && (!Number.isInteger(limit) || limit < 1
-        || (this.maxBatch && limit > this.maxBatch))) {
-      throw new SplitDeviceError(`batchSize ${limit} must be an integer between 1 and the `
-        + `server's max_batch (${this.maxBatch ?? 'not limited'})`);
-    }
-    const store = namedInputs(tf, this.modelInputs, x);
-    const names = this.modelInputs.map((s) => s.name);
-    try {
-      const count = store.get(names[0]).shape[0];
-      if (!limit || count <= limit) return await runPredict(this, names.map((n) => store.get(n)));
-      const parts = [];
-      try {
-        for (let begin = 0; begin < count; begin += limit) {
-          const size = Math.min(limit, count - begin);
-          const bx = names.map((n) => tf.slice(store.get(n), [begin], [size]));
-          try {
-            parts.push(await runPredict(this, bx));
-          } finally {
-            bx.forEach((t) => t.dispose());
-          }
-        }
-        return tf.concat(parts);
-      } finally {
-        parts.forEach((t) => t.dispose());
-      }
-    } finally {
-      for (const t of store.values()) t.dispose();
-    }
+    return runPredictAll(this, x, { batchSize });
   }
 
   // ---------------------------------------------------------------- weights
