@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from .tfjs_bundle import export_tfjs, load_tfjs_weights
+from .tfjs_bundle import export_tfjs, load_tfjs_weights, replace_tfjs_bundle
 from .tfjs_config import SUPPORTED_LAYERS, check_tfjs_supported
 
-__all__ = ["SUPPORTED_LAYERS", "check_tfjs_supported", "export_tfjs", "load_tfjs_weights"]
+__all__ = ["SUPPORTED_LAYERS", "check_tfjs_supported", "export_tfjs", "load_tfjs_weights", "replace_tfjs_bundle"]

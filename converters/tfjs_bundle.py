@@ -165,6 +165,21 @@ def export_tfjs(model: keras.Model, out_dir: str | Path, *, quantization: str | 
     return out / "model.json"
 
 
+def replace_tfjs_bundle(model: keras.Model, model_json: str | Path) -> Path:
+    """Re-export `model` as the bundle whose `model.json` is `model_json`: written next to the
+    old bundle folder, then swapped in (a reader sees the old bundle or the new one, whole)."""
+    import shutil
+
+    model_json = Path(model_json)
+    folder = model_json.parent
+    fresh = folder.with_name(f".{folder.name}.saving")
+    shutil.rmtree(fresh, ignore_errors=True)
+    export_tfjs(model, fresh, metadata={"splitkeras_segment": model.name})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(fresh, folder)
+    return model_json
+
+
 def read_bundle_weights(bundle_dir: str | Path) -> dict[str, np.ndarray]:
     """Every weight of a TF.js bundle, dequantized, by TF.js name (manifest order).
 

@@ -10,7 +10,6 @@ that `splitkeras join OUT` gives the model the whole fleet trained.
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +54,8 @@ class FleetHost:
     def save_segments(self) -> list[Path]:
         """Write the global device weights into the device segments' files (atomic), and
         re-export their TF.js bundles. Returns the paths written."""
+        from converters import replace_tfjs_bundle
+
         fleet.assign_device_weights(self.models, self.aggregator.global_weights)
         written = []
         for entry, (_, model) in zip(self.entries, self.models):
@@ -64,17 +65,5 @@ class FleetHost:
             os.replace(temporary, target)
             written.append(target)
             if entry.tfjs:
-                written.append(_replace_bundle(model, self.split_dir / entry.tfjs))
+                written.append(replace_tfjs_bundle(model, self.split_dir / entry.tfjs))
         return written
-
-
-def _replace_bundle(model: Any, model_json: Path) -> Path:
-    from converters import export_tfjs
-
-    folder = model_json.parent
-    fresh = folder.with_name(f".{folder.name}.saving")
-    shutil.rmtree(fresh, ignore_errors=True)
-    export_tfjs(model, fresh, metadata={"splitkeras_segment": model.name})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(fresh, folder)
-    return model_json

@@ -392,6 +392,8 @@ class DeviceClient:
         target = Path(folder) if folder is not None else self.folder
         if target is None:
             raise TrainingError("This client was made from a Split, not a folder: pass save(folder).")
+        from converters import replace_tfjs_bundle
+
         manifest = Manifest.read(target)
         written = []
         for segment in self.split.segments:
@@ -404,23 +406,9 @@ class DeviceClient:
             written.append(path)
             bundle = manifest.segment(segment.name).tfjs
             if bundle:
-                written.append(_replace_tfjs_bundle(segment.model, target / bundle))
+                written.append(replace_tfjs_bundle(segment.model, target / bundle))
         return written
 
-
-def _replace_tfjs_bundle(model: keras.Model, model_json: Path) -> Path:
-    """Export `model` next to the old bundle, then swap the folders."""
-    import shutil
-
-    from converters import export_tfjs
-
-    folder = model_json.parent
-    fresh = folder.with_name(f".{folder.name}.saving")
-    shutil.rmtree(fresh, ignore_errors=True)
-    export_tfjs(model, fresh, metadata={"splitkeras_segment": model.name})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(fresh, folder)
-    return model_json
 
 
 def _prediction_segment(split: Split) -> Segment:
