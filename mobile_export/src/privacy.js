@@ -9,6 +9,8 @@
 //        returned gradient goes through the clip's exact Jacobian
 //   {name: 'randomized-response', epsilon, seed}   labels on the server: K-ary randomized
 //        response on the class ids sent
+//   {name: 'nopeek', alpha = 0.1}                 both: alpha * dCor(model inputs, activations
+//        sent) added to the device's loss (nopeek.js; deterministic, equal to Python's)
 //
 // The random stream is this module's own (mulberry32, Box-Muller), not NumPy's PCG64: the
 // same seed gives the same noise in JS, and the statistics match Python's (tested).
@@ -19,6 +21,7 @@ import { SplitDeviceError, isFloat } from './tensors.js';
 const MODES = {
   'max-norm': ['u_shaped'], 'gradient-noise': ['u_shaped'],
   'activation-noise': ['u_shaped', 'labels_on_server'], 'randomized-response': ['labels_on_server'],
+  nopeek: ['u_shaped', 'labels_on_server'],
 };
 
 /** A seeded uniform [0, 1) and standard-normal generator. */
@@ -56,7 +59,7 @@ export function createDefences(specs, mode) {
     const name = spec?.name;
     if (!(name in MODES)) {
       throw new SplitDeviceError(`unknown defence ${JSON.stringify(name)}; the device runtime has `
-        + `${Object.keys(MODES).join(', ')} (NoPeek is in the Python client only)`);
+        + `${Object.keys(MODES).join(', ')}`);
     }
     if (!MODES[name].includes(mode)) {
       throw new SplitDeviceError(`defence '${name}' acts only in ${MODES[name].join(' or ')} splits; `
@@ -79,6 +82,10 @@ export function createDefences(specs, mode) {
       defence.sigma = number('sigma', 1, nonNegative);
     }
     if (name === 'randomized-response') defence.epsilon = number('epsilon', undefined, positive);
+    if (name === 'nopeek') {
+      defence.alpha = number('alpha', 0.1, nonNegative);
+      defence.lastDcor = [];
+    }
     return defence;
   });
 }

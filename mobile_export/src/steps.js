@@ -17,6 +17,7 @@
 // every other stage reports on its forward (`regularization_loss` from a server).
 
 import { metricValues } from './losses.js';
+import { addNoPeek, noPeekGradients } from './nopeek.js';
 import {
   clipGradients, flipLabels, noiseActivations, perturbGradients,
 } from './privacy.js';
@@ -41,9 +42,12 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
   let labels = null;
   const defences = device.defences ?? [];
   const clipStates = new Map(); // stage -> what activation-noise clipped (for its Jacobian)
+  const noPeeks = new Map(); // stage -> NoPeek's gradients of what it was sent (before noise)
   const made = []; // tensors the defences made, disposed at the end
   // the tensors sent to a server stage, through the activation defences
   const sentTensors = async (stage) => {
+    noPeeks.set(stage.name, noPeekGradients(defences, store, specNames(stage.inputs),
+      device.modelInputs.map((s) => s.name)));
     const { sent, made: noised, state } = noiseActivations(tf, defences, specNames(stage.inputs), store);
     made.push(...noised);
     if (state) clipStates.set(stage.name, state);
@@ -52,12 +56,13 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
 
   const takeInputGrads = (runner, answer) => {
     const specs = runner.stage.inputs.filter((s) => s.name in answer.tensors);
-    const fromServer = clipGradients(tf, clipStates.get(runner.stage.name),
+    const answered = clipGradients(tf, clipStates.get(runner.stage.name),
       fromWire(tf, answer, specs, 'backward'));
     if (received) {
-      received.set(runner.stage.name, Object.fromEntries([...fromServer].map(([name, t]) => [name,
+      received.set(runner.stage.name, Object.fromEntries([...answered].map(([name, t]) => [name,
         { shape: t.shape, data: Float32Array.from(t.dataSync()) }])));
     }
+    const fromServer = addNoPeek(tf, answered, noPeeks.get(runner.stage.name) ?? [], store);
     addGrads(tf, grads, [...fromServer.keys()], [...fromServer.values()]);
   };
 

@@ -31,8 +31,8 @@ test('the random stream is seeded and standard normal', () => {
 });
 
 test('defences are checked against the split mode, one clear error each', () => {
-  assert.throws(() => createDefences([{ name: 'nopeek', alpha: 1 }], 'u_shaped'),
-    /unknown defence "nopeek"; the device runtime has max-norm, gradient-noise, activation-noise, randomized-response/);
+  assert.throws(() => createDefences([{ name: 'no-peek', alpha: 1 }], 'u_shaped'),
+    /unknown defence "no-peek"; the device runtime has max-norm, gradient-noise, activation-noise, randomized-response, nopeek$/);
   assert.throws(() => createDefences([{ name: 'max-norm' }], 'labels_on_server'),
     /defence 'max-norm' acts only in u_shaped splits; this split is labels_on_server/);
   assert.throws(() => createDefences([{ name: 'activation-noise', clip: -1 }], 'u_shaped'),
