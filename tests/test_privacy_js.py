@@ -5,6 +5,11 @@ the runtime in real @tensorflow/tfjs under Node, `mobile_export/tools/device_e2e
   Python side gives with `ActivationNoise(clip, 0)`: the same new head and tail weights and
   the head's update going through the clip's Jacobian, to 1e-5 -- and a different one from the step
   without the defence, so the comparison can fail.
+* NoPeek (deterministic): one U-shaped step of the JS runtime with `{name: 'nopeek', alpha}`
+  and one of the Python `DeviceClient` with `NoPeek(alpha)`, each against its own real
+  uvicorn server from the same weights, leave the same head, tail and server weights to
+  1e-5 relative -- and the step without NoPeek leaves other ones, so the comparison can fail
+  (the distance correlation itself: mobile_export/test/nopeek.test.js).
 * With noise on (max-norm and activation noise, seeded), a JS device trains through the
   server (the statistics of the noise: mobile_export/test/privacy.test.js).
 """
@@ -20,17 +25,19 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from js_support import max_weight_diff, require_node, run_driver, tensor
+from js_support import array, max_weight_diff, require_node, run_driver, tensor
 from live_server import KEY, Server
 
 import splitkeras
+from converters.tfjs_config import tfjs_named_weights
 from splitkeras.cli import main as cli_main
-from splitkeras.privacy import ActivationNoise
+from splitkeras.privacy import ActivationNoise, NoPeek
 from splitkeras.privacy.harness import train_in_process
 from splitkeras.training import restore_compile_value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 CLIP = 0.3
+ALPHA = 0.5
 
 
 def _model() -> keras.Model:
@@ -95,3 +102,64 @@ def test_js_activation_clipping_is_the_python_clients_step(served: dict[str, Any
 def test_a_js_device_with_noise_on_trains_through_the_server(served: dict[str, Any]) -> None:
     history = served["noisy"]["fit"]["history"]
     assert len(history["loss"]) == 2 and np.all(np.isfinite(history["loss"]))
+
+
+def _server_weights(server: Any) -> list[np.ndarray]:
+    return server.on_writer(lambda: [np.array(v.numpy()) for v in server.service.segment.model.weights])
+
+
+def _python_client_step(source: Path, folder: Path, defences: list[Any]) -> dict[str, Any]:
+    """One step of the Python DeviceClient against a real uvicorn server of `source`'s copy."""
+    from server_fixtures import KEY as SERVER_KEY
+    from server_fixtures import ThreadedServer, copy_split, settings_for
+
+    from splitkeras.client import DeviceClient
+
+    copy_split(source, folder)
+    with ThreadedServer(settings_for(folder)) as server:
+        client = DeviceClient(folder, server.url, key=SERVER_KEY, defences=defences)
+        client.compile()
+        client.train_on_batch(DATA, LABELS)
+        result = {"split": client.split, "server": _server_weights(server)}
+        client.close()
+    return result
+
+
+@pytest.fixture(scope="module")
+def nopeek_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from server_fixtures import KEY as SERVER_KEY
+    from server_fixtures import ThreadedServer, copy_split, settings_for
+
+    node = require_node()
+    tmp = tmp_path_factory.mktemp("nopeek-js")
+    out, app = tmp / "split", tmp / "app"
+    splitkeras.split(_model(), at=["h", "mid"]).save(out, tfjs=True)
+    assert cli_main(["export", str(out), "-o", str(app)]) == 0
+    with ThreadedServer(settings_for(copy_split(out, tmp / "js"))) as server:
+        js = run_driver(node, {"app_dir": str(app), "server_url": server.url, "key": SERVER_KEY, "seed": 1,
+                               "x": tensor(DATA), "y": tensor(LABELS),
+                               "defences": [{"name": "nopeek", "alpha": ALPHA}]}, tmp)
+        js_server = _server_weights(server)
+    return {"js": js["weights_after_first_step"], "js_server": js_server,
+            "nopeek": _python_client_step(out, tmp / "nopeek", [NoPeek(alpha=ALPHA)]),
+            "plain": _python_client_step(out, tmp / "plain", [])}
+
+
+def _relative_diffs(python: dict[str, Any], js_device: dict[str, Any], js_server: list[np.ndarray]) -> list[float]:
+    """max|js - python| / max|python| of every head, tail and server weight."""
+    pairs = [(array(js_device[name]), keras.ops.convert_to_numpy(variable))
+             for segment in python["split"].segments if segment.placement == "device"
+             for name, variable in tfjs_named_weights(segment.model)]
+    pairs += list(zip(js_server, python["server"]))
+    for actual, expected in pairs:
+        assert actual.shape == expected.shape
+    return [float(np.max(np.abs(a - e)) / np.max(np.abs(e))) for a, e in pairs]
+
+
+def test_js_nopeek_step_is_the_python_clients_step(nopeek_runs: dict[str, Any]) -> None:
+    diffs = _relative_diffs(nopeek_runs["nopeek"], nopeek_runs["js"], nopeek_runs["js_server"])
+    without = _relative_diffs(nopeek_runs["plain"], nopeek_runs["js"], nopeek_runs["js_server"])
+    print(f"\nNoPeek(alpha={ALPHA}), JS vs Python client after one step: {len(diffs)} weights, max "
+          f"relative |diff| {max(diffs):.2e}; vs the step without NoPeek {max(without):.2e}")
+    assert len(diffs) == 6 and max(diffs) <= 1e-5, diffs
+    assert max(without) > 1e-3  # NoPeek changed the step: this comparison can fail
