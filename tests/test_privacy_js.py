@@ -5,7 +5,7 @@ the runtime in real @tensorflow/tfjs under Node, `mobile_export/tools/device_e2e
   Python side gives with `ActivationNoise(clip, 0)`: the same new head and tail weights and
   the head's update going through the clip's Jacobian, to 1e-5 -- and a different one from the step
   without the defence, so the comparison can fail.
-* NoPeek (deterministic): one U-shaped step of the JS runtime with `{name: 'nopeek', alpha}`
+* NoPeek (deterministic): one step (U-shaped, and labels on the server) of the JS runtime with `{name: 'nopeek', alpha}`
   and one of the Python `DeviceClient` with `NoPeek(alpha)`, each against its own real
   uvicorn server from the same weights, leave the same head, tail and server weights to
   1e-5 relative -- and the step without NoPeek leaves other ones, so the comparison can fail
@@ -40,14 +40,14 @@ CLIP = 0.3
 ALPHA = 0.5
 
 
-def _model() -> keras.Model:
+def _model(optimizer: Any = None) -> keras.Model:
     keras.utils.set_random_seed(21)
     inputs = keras.Input((5,), name="features")
     h = keras.layers.Dense(6, activation="relu", name="h")(inputs)
     mid = keras.layers.Dense(6, activation="tanh", name="mid")(h)
     out = keras.layers.Dense(3, activation="softmax", name="out")(mid)
     model = keras.Model(inputs, out, name="js_privacy")
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
     return model
 
 
@@ -125,22 +125,28 @@ def _python_client_step(source: Path, folder: Path, defences: list[Any]) -> dict
     return result
 
 
-@pytest.fixture(scope="module")
-def nopeek_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+CUTS = {"u_shaped": ["h", "mid"], "labels_on_server": ["h"]}
+
+
+@pytest.fixture(scope="module", params=list(CUTS))
+def nopeek_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from server_fixtures import KEY as SERVER_KEY
     from server_fixtures import ThreadedServer, copy_split, settings_for
 
     node = require_node()
-    tmp = tmp_path_factory.mktemp("nopeek-js")
+    tmp = tmp_path_factory.mktemp(f"nopeek-js-{request.param}")
     out, app = tmp / "split", tmp / "app"
-    splitkeras.split(_model(), at=["h", "mid"]).save(out, tfjs=True)
+    # SGD: the weights move by the gradient itself (Adam's first step is lr * sign(gradient))
+    split = splitkeras.split(_model(keras.optimizers.SGD(0.1)), at=CUTS[request.param])
+    assert split.segments[-1].placement == ("device" if request.param == "u_shaped" else "server")
+    split.save(out, tfjs=True)
     assert cli_main(["export", str(out), "-o", str(app)]) == 0
     with ThreadedServer(settings_for(copy_split(out, tmp / "js"))) as server:
         js = run_driver(node, {"app_dir": str(app), "server_url": server.url, "key": SERVER_KEY, "seed": 1,
                                "x": tensor(DATA), "y": tensor(LABELS),
                                "defences": [{"name": "nopeek", "alpha": ALPHA}]}, tmp)
         js_server = _server_weights(server)
-    return {"js": js["weights_after_first_step"], "js_server": js_server,
+    return {"mode": request.param, "js": js["weights_after_first_step"], "js_server": js_server,
             "nopeek": _python_client_step(out, tmp / "nopeek", [NoPeek(alpha=ALPHA)]),
             "plain": _python_client_step(out, tmp / "plain", [])}
 
@@ -159,7 +165,7 @@ def _relative_diffs(python: dict[str, Any], js_device: dict[str, Any], js_server
 def test_js_nopeek_step_is_the_python_clients_step(nopeek_runs: dict[str, Any]) -> None:
     diffs = _relative_diffs(nopeek_runs["nopeek"], nopeek_runs["js"], nopeek_runs["js_server"])
     without = _relative_diffs(nopeek_runs["plain"], nopeek_runs["js"], nopeek_runs["js_server"])
-    print(f"\nNoPeek(alpha={ALPHA}), JS vs Python client after one step: {len(diffs)} weights, max "
+    print(f"\n{nopeek_runs['mode']}, NoPeek(alpha={ALPHA}), JS vs Python client after one step: {len(diffs)} weights, max "
           f"relative |diff| {max(diffs):.2e}; vs the step without NoPeek {max(without):.2e}")
     assert len(diffs) == 6 and max(diffs) <= 1e-5, diffs
     assert max(without) > 1e-3  # NoPeek changed the step: this comparison can fail

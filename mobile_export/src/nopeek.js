@@ -184,3 +184,15 @@ export function addNoPeek(tf, grads, extras, store) {
   return new Map([...sums].map(([name, values]) => [name,
     tf.tensor(values, store.get(name).shape, 'float32')]));
 }
+
+/** At SplitDevice.create: NoPeek needs, for each server stage, a model input it does not read. */
+export function checkNoPeekStages(defences, topology, modelInputNames) {
+  if (!defences.some((d) => d.name === 'nopeek' && d.alpha > 0)) return;
+  for (const stage of topology.stages.filter((s) => s.kind === 'server')) {
+    const reads = new Set(stage.inputs.map((s) => s.name));
+    if (modelInputNames.every((n) => reads.has(n))) {
+      throw new SplitDeviceError(`NoPeek needs the model's inputs on the device, but server stage `
+        + `'${stage.name}' reads them all itself: remove the nopeek defence for this split`);
+    }
+  }
+}

@@ -39,6 +39,7 @@
 //   middle_3: {url: 'https://cloud.example.org', key: CLOUD_KEY}} (stage or host names).
 
 import { registerTrainingKernels } from './kernels.js';
+import { checkNoPeekStages } from './nopeek.js';
 import { createDefences } from './privacy.js';
 import { registerLayers } from './layers/index.js'; // the layers TF.js lacks (src/layers/)
 import { resolveLoss, resolveMetrics } from './losses.js';
@@ -83,7 +84,8 @@ export class SplitDevice {
    *   or that segment's host) to its first server's URL (and key, default `key`).
    *   `backoff` in milliseconds. `seed` seeds the per-step Dropout masks (default: random).
    *   `defences`: privacy defences for the training steps (privacy.js, docs/privacy.md), e.g.
-   *   [{name: 'max-norm', seed: 1}, {name: 'activation-noise', clip: 1, sigma: 0.5, seed: 2}].
+   *   [{name: 'max-norm', seed: 1}, {name: 'activation-noise', clip: 1, sigma: 0.5, seed: 2},
+   *   {name: 'nopeek', alpha: 0.5}].
    *   `kernels` (default true): register the runtime's training kernels (kernels.js) for the
    *   cpu and wasm backends: fast conv/depthwise gradients on cpu, the ones wasm lacks or
    *   gets wrong.
@@ -102,6 +104,7 @@ export class SplitDevice {
     registerLayers(tf); // before a bundle loads; once per TF.js instance
     const topology = checkTopology(manifest);
     const checkedDefences = createDefences(defences, topology.mode);
+    checkNoPeekStages(checkedDefences, topology, manifest.model_inputs.map((s) => s.name));
     const sessions = new StageSessions(topology.stages.filter((s) => s.kind === 'server'), {
       serverUrl, servers, key, wireDtype, compress, fetch, retries, backoff, maxBackoff, jitter, timeoutMs, sleep,
     });

@@ -7,7 +7,9 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 
-import { addNoPeek, distanceCorrelation, noPeekGradients } from '../src/nopeek.js';
+import {
+  addNoPeek, checkNoPeekStages, distanceCorrelation, noPeekGradients,
+} from '../src/nopeek.js';
 import { createDefences } from '../src/privacy.js';
 
 await tf.setBackend('cpu');
@@ -81,6 +83,8 @@ test('NoPeek adds to what the server answered, in float32, and is off at alpha 0
   assert.equal(createDefences([{ name: 'nopeek' }], 'labels_on_server')[0].alpha, 0.1); // Python's default
 });
 
+const off = (alpha) => createDefences([{ name: 'nopeek', alpha }], 'u_shaped')[0];
+
 test('bad NoPeek settings get one clear error each', () => {
   assert.throws(() => createDefences([{ name: 'nopeek', alpha: -1 }], 'u_shaped'),
     /defence 'nopeek': alpha must be a number >= 0, got -1/);
@@ -90,6 +94,13 @@ test('bad NoPeek settings get one clear error each', () => {
   const [defence] = createDefences([{ name: 'nopeek', alpha: 1 }], 'u_shaped');
   assert.throws(() => noPeekGradients([defence], store, ['x'], ['x']),
     /NoPeek needs the model's inputs on the device, but the server stage reads them all itself/);
+  const topology = { stages: [{ kind: 'device', name: 'head', inputs: [{ name: 'x' }] },
+    { kind: 'server', name: 'rest', inputs: [{ name: 'x' }] }] };
+  assert.throws(() => checkNoPeekStages([defence], topology, ['x']),
+    /NoPeek needs the model's inputs on the device, but server stage 'rest' reads them all itself: remove/);
+  checkNoPeekStages([off(0)], topology, ['x']); // off: nothing to check
+  topology.stages[1].inputs = [{ name: 'h' }];
+  checkNoPeekStages([defence], topology, ['x']);
   assert.throws(() => distanceCorrelation(new Float64Array(5), new Float64Array(4), 2),
     /distanceCorrelation: 5 and 4 values do not make 2 samples each/);
 });
