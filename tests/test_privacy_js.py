@@ -165,7 +165,8 @@ def _relative_diffs(python: dict[str, Any], js_device: dict[str, Any], js_server
 def test_js_nopeek_step_is_the_python_clients_step(nopeek_runs: dict[str, Any]) -> None:
     diffs = _relative_diffs(nopeek_runs["nopeek"], nopeek_runs["js"], nopeek_runs["js_server"])
     without = _relative_diffs(nopeek_runs["plain"], nopeek_runs["js"], nopeek_runs["js_server"])
-    print(f"\n{nopeek_runs['mode']}, NoPeek(alpha={ALPHA}), JS vs Python client after one step: {len(diffs)} weights, max "
-          f"relative |diff| {max(diffs):.2e}; vs the step without NoPeek {max(without):.2e}")
+    print(f"\n{nopeek_runs['mode']}, NoPeek(alpha={ALPHA}), JS vs Python client after one step: "
+          f"{len(diffs)} weights, max relative |diff| {max(diffs):.2e}; vs the step without NoPeek "
+          f"{max(without):.2e}")
     assert len(diffs) == 6 and max(diffs) <= 1e-5, diffs
     assert max(without) > 1e-3  # NoPeek changed the step: this comparison can fail
