@@ -77,12 +77,15 @@ export interface CreateOptions {
   defences?: Defence[];
 }
 
-/** A privacy defence of the device (the Python client's splitkeras.privacy, NoPeek aside). */
+/** A privacy defence of the device (the Python client's splitkeras.privacy). */
 export type Defence =
   | { name: 'max-norm'; strength?: number; seed?: number }
   | { name: 'gradient-noise'; scale: number; seed?: number }
   | { name: 'activation-noise'; clip?: number | null; sigma?: number; seed?: number }
-  | { name: 'randomized-response'; epsilon: number; seed?: number };
+  | { name: 'randomized-response'; epsilon: number; seed?: number }
+  /** alpha * dCor(model inputs, sent activations) added to the device's loss (default alpha 0.1;
+   * 0: off); both split modes. Its object gets `lastDcor: number[]`, one value per step and stage. */
+  | { name: 'nopeek'; alpha?: number };
 
 /** A model input: a tensor, an array of them in model-input order, or {inputName: tensor}. */
 export type Inputs = Tensor | Tensor[] | Record<string, Tensor> | number[] | number[][];
