@@ -5,7 +5,8 @@ the runtime in real @tensorflow/tfjs under Node, `mobile_export/tools/device_e2e
   Python side gives with `ActivationNoise(clip, 0)`: the same new head and tail weights and
   the head's update going through the clip's Jacobian, to 1e-5 -- and a different one from the step
   without the defence, so the comparison can fail.
-* NoPeek (deterministic): one step (U-shaped, and labels on the server) of the JS runtime with `{name: 'nopeek', alpha}`
+* NoPeek (deterministic): one step (U-shaped, with activation clipping too, and labels on
+  the server) of the JS runtime with `{name: 'nopeek', alpha}`
   and one of the Python `DeviceClient` with `NoPeek(alpha)`, each against its own real
   uvicorn server from the same weights, leave the same head, tail and server weights to
   1e-5 relative -- and the step without NoPeek leaves other ones, so the comparison can fail
@@ -125,30 +126,38 @@ def _python_client_step(source: Path, folder: Path, defences: list[Any]) -> dict
     return result
 
 
-CUTS = {"u_shaped": ["h", "mid"], "labels_on_server": ["h"]}
+# name: (cut, the JS defences besides NoPeek, the Python ones)
+NOPEEK_CASES: dict[str, tuple[list[str], list[dict[str, Any]], Any]] = {
+    "u_shaped": (["h", "mid"], [], list),
+    "labels_on_server": (["h"], [], list),
+    # NoPeek sees the activations before the clip, its gradient joins after the clip's Jacobian
+    "u_shaped with clipping": (["h", "mid"], [{"name": "activation-noise", "clip": CLIP, "sigma": 0}],
+                               lambda: [ActivationNoise(clip=CLIP, sigma=0.0)]),
+}
 
 
-@pytest.fixture(scope="module", params=list(CUTS))
+@pytest.fixture(scope="module", params=list(NOPEEK_CASES))
 def nopeek_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from server_fixtures import KEY as SERVER_KEY
     from server_fixtures import ThreadedServer, copy_split, settings_for
 
     node = require_node()
-    tmp = tmp_path_factory.mktemp(f"nopeek-js-{request.param}")
+    cut, js_others, python_others = NOPEEK_CASES[request.param]
+    tmp = tmp_path_factory.mktemp("nopeek-js")
     out, app = tmp / "split", tmp / "app"
     # SGD: the weights move by the gradient itself (Adam's first step is lr * sign(gradient))
-    split = splitkeras.split(_model(keras.optimizers.SGD(0.1)), at=CUTS[request.param])
-    assert split.segments[-1].placement == ("device" if request.param == "u_shaped" else "server")
+    split = splitkeras.split(_model(keras.optimizers.SGD(0.1)), at=cut)
+    assert split.segments[-1].placement == ("server" if request.param == "labels_on_server" else "device")
     split.save(out, tfjs=True)
     assert cli_main(["export", str(out), "-o", str(app)]) == 0
     with ThreadedServer(settings_for(copy_split(out, tmp / "js"))) as server:
         js = run_driver(node, {"app_dir": str(app), "server_url": server.url, "key": SERVER_KEY, "seed": 1,
                                "x": tensor(DATA), "y": tensor(LABELS),
-                               "defences": [{"name": "nopeek", "alpha": ALPHA}]}, tmp)
+                               "defences": [*js_others, {"name": "nopeek", "alpha": ALPHA}]}, tmp)
         js_server = _server_weights(server)
     return {"mode": request.param, "js": js["weights_after_first_step"], "js_server": js_server,
-            "nopeek": _python_client_step(out, tmp / "nopeek", [NoPeek(alpha=ALPHA)]),
-            "plain": _python_client_step(out, tmp / "plain", [])}
+            "nopeek": _python_client_step(out, tmp / "nopeek", [NoPeek(alpha=ALPHA), *python_others()]),
+            "plain": _python_client_step(out, tmp / "plain", python_others())}
 
 
 def _relative_diffs(python: dict[str, Any], js_device: dict[str, Any], js_server: list[np.ndarray]) -> list[float]:
