@@ -84,7 +84,7 @@ export type Defence =
   | { name: 'activation-noise'; clip?: number | null; sigma?: number; seed?: number }
   | { name: 'randomized-response'; epsilon: number; seed?: number }
   /** alpha * dCor(model inputs, sent activations) added to the device's loss (default alpha 0.1;
-   * 0: off); both split modes. Its object gets `lastDcor: number[]`, one value per step and stage. */
+   * 0: off); both split modes. `device.defences[i].lastDcor` keeps its value per step and server stage. */
   | { name: 'nopeek'; alpha?: number };
 
 /** A model input: a tensor, an array of them in model-input order, or {inputName: tensor}. */
