@@ -222,3 +222,13 @@ def test_the_label_attack_works_and_max_norm_blunts_it(defences: list, bound: fl
         assert report["labels"]["label_auc"] >= 0.9, report
     else:
         assert report["labels"]["label_auc"] <= bound, report
+
+
+def test_nopeek_keeps_a_bounded_history_of_its_distance_correlations(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitkeras.privacy.defences import nopeek
+
+    monkeypatch.setattr(nopeek, "KEPT_DCOR", 3)
+    defence = nopeek.NoPeek(alpha=0.5)
+    for value in range(5):
+        defence.last_dcor.append(float(value))
+    assert list(defence.last_dcor) == [2.0, 3.0, 4.0]

@@ -11,9 +11,13 @@
 // the server answers for them (after activation-noise's clip Jacobian: NoPeek sees the
 // activations before any noise, as Python's outermost wrapper does); the head's backward
 // carries it to its weights. The model inputs get no gradient; the loss reported stays
-// the task's loss, and `defence.lastDcor` keeps each step's value (Python's `last_dcor`).
+// the task's loss, and `defence.lastDcor` keeps each step's value (Python's `last_dcor`; the last
+// KEPT_DCOR steps').
 
 import { SplitDeviceError, isFloat } from './tensors.js';
+
+/** The steps whose distance correlation `lastDcor` keeps (bounded memory, as Python's). */
+export const KEPT_DCOR = 10000;
 
 function centredDistances(data, batch) {
   const width = data.length / batch;
@@ -152,6 +156,7 @@ export function noPeekGradients(defences, store, names, modelInputNames) {
   const { value, gradient } = distanceCorrelation(x, a, batch);
   return active.map((defence) => {
     defence.lastDcor.push(value);
+    if (defence.lastDcor.length > KEPT_DCOR) defence.lastDcor.shift(); // bounded, as Python's deque
     let offset = 0;
     return new Map(floats.map((n, t) => {
       const values = new Float32Array(batch * widths[t]);

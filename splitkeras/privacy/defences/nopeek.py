@@ -8,11 +8,13 @@ respect to the sent activation `a` is added to the gradient the server sends bac
 get the gradient of the whole sum. `dCor` is the sample distance correlation of the batch
 (each sample flattened; every float tensor sent, concatenated): `dCov(x, a) /
 sqrt(dCov(x, x) dCov(a, a))` from double-centred Euclidean distance matrices. The
-reported loss stays the task's loss; `last_dcor` keeps each step's value.
+reported loss stays the task's loss; `last_dcor` keeps each step's value (the last
+`KEPT_DCOR` steps').
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,8 @@ from splitkeras.errors import TrainingError
 from splitkeras.privacy.defences.base import Defence, RunnerWrapper, is_float
 
 __all__ = ["NoPeek", "distance_correlation"]
+
+KEPT_DCOR = 10_000  # the steps whose distance correlation `last_dcor` keeps (bounded memory)
 
 
 def _centred_distances(x: tf.Tensor) -> tf.Tensor:
@@ -64,7 +68,7 @@ class NoPeek(Defence):
         if not alpha >= 0:
             raise TrainingError(f"NoPeek(alpha=) must be >= 0, got {alpha}.")
         self.alpha = float(alpha)
-        self.last_dcor: list[float] = []
+        self.last_dcor: deque[float] = deque(maxlen=KEPT_DCOR)
 
     def __repr__(self) -> str:
         return f"NoPeek(alpha={self.alpha})"
