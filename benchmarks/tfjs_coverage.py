@@ -75,6 +75,14 @@ sys.path.insert(0, str(ROOT))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tfjs_coverage_reference import (  # noqa: E402
+    FLOORS,
+    NOISE_MARGIN,
+    _as_list,
+    compare,
+    keras_reference,
+    passes,
+)
 
 # architecture -> smallest input side keras.applications accepts with weights=None
 ARCHITECTURES: dict[str, int] = {
@@ -90,8 +98,6 @@ TAIL_INPUT = {"MobileNetV2": 96, "MobileNetV3Small": 96, "MobileNetV3Large": 96,
               "EfficientNetV2B0": 96}
 # The family members not swept (same building blocks, more of them): ResNet152(V2), DenseNet169/201,
 # NASNetLarge, EfficientNetB1-B7, EfficientNetV2B1-B3/S/M/L, ConvNeXtSmall/Base/Large/XLarge.
-FLOORS = {"predict": 1e-5, "gradient": 1e-4, "moving_statistics": 1e-5, "zero_gradient_noise": 1e-6}
-NOISE_MARGIN = 10.0  # x Keras' own float32 error (against float64), where that exceeds the floor
 BATCH = {"head": 3, "tail": 16}  # the tails run at 1x1 or 2x2: BatchNorm needs more than 3 samples
 CALIBRATE = True  # BatchNorm moving statistics from the data (calibrate), not random
 CALIBRATION_BATCH = 32
@@ -193,154 +199,6 @@ def pick_cuts(model: keras.Model, fractions: tuple[float, float] = CUTS) -> tupl
 def _encode(array: np.ndarray) -> dict[str, Any]:
     data = np.ascontiguousarray(array, dtype="<f4").tobytes()
     return {"shape": list(array.shape), "dtype": "float32", "data": base64.b64encode(data).decode()}
-
-
-def _decode(tensor: dict[str, Any]) -> np.ndarray:
-    dtype = "<i4" if tensor["dtype"] == "int32" else "<f4"
-    return np.frombuffer(base64.b64decode(tensor["data"]), dtype).reshape(tensor["shape"])
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def float64_twin(model: keras.Model) -> keras.Model:
-    """The same segment computing in float64 (same config, float64 dtype policies, same weights)."""
-    def to64(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            if obj.get("class_name") == "DTypePolicy":
-                return {**obj, "config": {**obj.get("config", {}), "name": "float64"}}
-            return {key: to64(value) for key, value in obj.items()}
-        if isinstance(obj, list):
-            return [to64(value) for value in obj]
-        return "float64" if obj == "float32" else obj
-
-    twin = keras.Model.from_config(to64(model.get_config()))
-    twin.set_weights([w.astype(np.float64) if w.dtype.kind == "f" else w for w in model.get_weights()])
-    for layer in twin.layers:
-        if isinstance(layer, keras.layers.Normalization):
-            layer.finalize_state()
-    return twin
-
-
-def _vjp(model: keras.Model, inputs: list[np.ndarray], upstream: list[np.ndarray]) -> tuple[list, list, list]:
-    variables = [tf.Variable(a) for a in inputs]
-    with tf.GradientTape() as tape:
-        outputs = _as_list(model(variables if len(variables) > 1 else variables[0], training=True))
-        objective = tf.add_n([tf.reduce_sum(o * tf.cast(g, o.dtype)) for o, g in zip(outputs, upstream)])
-    trainable = list(model.trainable_weights)
-    grads = tape.gradient(objective, trainable + variables)
-    return ([np.asarray(o) for o in outputs], [np.asarray(tf.convert_to_tensor(g)) for g in grads[:len(trainable)]],
-            [np.asarray(g) for g in grads[len(trainable):]])
-
-
-def keras_reference(model: keras.Model, inputs: list[np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
-    """Keras predict, the training-mode VJP of sum(out * g) in float32 and in float64 (the same
-    model and weights), and every non-trainable weight after each pass."""
-    from converters.tfjs_config import tfjs_named_weights
-
-    names = [dict((id(v), n) for n, v in tfjs_named_weights(model))[id(v)] for v in model.trainable_weights]
-    moving = [(n, v) for n, v in tfjs_named_weights(model) if not v.trainable]
-    feed = inputs if len(inputs) > 1 else inputs[0]
-    predict = [np.asarray(o) for o in _as_list(model(feed, training=False))]
-    upstream = [rng.normal(size=p.shape).astype(np.float32) for p in predict]
-    twin = float64_twin(model)  # before the float32 pass moves the statistics
-    training, grads, input_grads = _vjp(model, inputs, upstream)
-    _, grads64, input_grads64 = _vjp(twin, [a.astype(np.float64) for a in inputs], upstream)
-    twin_moving = [v for v in twin.weights if not v.trainable]  # same order as the model's
-    order = [v for v in model.weights if not v.trainable]
-    after64 = {n: np.asarray(twin_moving[[id(o) for o in order].index(id(v))]) for n, v in moving}
-    return {
-        "predict": predict, "upstream": upstream, "training": training,
-        "gradients": dict(zip(names, grads)), "gradients64": dict(zip(names, grads64)),
-        "input_gradients": input_grads, "input_gradients64": input_grads64,
-        "after": {n: np.asarray(v) for n, v in moving}, "after64": after64,
-    }
-
-
-def _relative(got: np.ndarray, reference: np.ndarray) -> float:
-    scale = float(np.abs(reference).max()) if reference.size else 0.0
-    return float(np.abs(got - reference).max()) / scale if scale else float(np.abs(got).max(initial=0.0))
-
-
-def compare(reference: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """The figures of one segment (see the module docstring)."""
-    if "error" in result or "training_error" in result:
-        return {"error": result.get("error") or result["training_error"]}
-    outputs = [_decode(t) for t in result["outputs"]]
-    scale = max(float(np.abs(p).max()) for p in reference["predict"])
-    predict = max(float(np.abs(o - p).max()) for o, p in zip(outputs, reference["predict"])) / scale
-    training_scale = max(float(np.abs(p).max()) for p in reference["training"])
-    training = max(float(np.abs(_decode(o) - p).max())
-                   for o, p in zip(result["training_outputs"], reference["training"])) / training_scale
-    grads, grads64 = reference["gradients"], reference["gradients64"]
-    largest = max((float(np.abs(g).max()) for g in grads64.values() if g.size), default=0.0)
-    figures: dict[str, Any] = {
-        "gradient_vs_keras": 0.0, "worst_weight": None, "gradient": 0.0, "keras_float32_error": 0.0,
-        "weights_within_1e-4": 0, "weights_at_noise_level": 0, "failed": [], "zero_gradient_weights": 0,
-        "zero_gradient_noise": 0.0, "keras_zero_gradient_noise": 0.0}
-    nonzero = {name: truth for name, truth in grads64.items()
-               if truth.size and float(np.abs(truth).max()) > 1e-7 * largest}
-    # the float-noise level of a weight's gradient: Keras float32's own deviation from float64 for it,
-    # or the segment's median deviation where that weight's happens to be smaller (one sample of noise)
-    median_noise = float(np.median([_relative(grads[name].astype(np.float64), truth)
-                                    for name, truth in nonzero.items()])) if nonzero else 0.0
-    figures["keras_float32_median_error"] = median_noise
-    for name, truth in grads64.items():
-        if not truth.size:
-            continue
-        got = _decode(result["gradients"][name]).astype(np.float64)
-        keras32 = grads[name].astype(np.float64)
-        if name not in nonzero:  # a true-zero gradient: float noise on both sides
-            figures["zero_gradient_weights"] += 1
-            figures["zero_gradient_noise"] = max(figures["zero_gradient_noise"],
-                                                 float(np.abs(got - truth).max()) / largest)
-            figures["keras_zero_gradient_noise"] = max(figures["keras_zero_gradient_noise"],
-                                                       float(np.abs(keras32 - truth).max()) / largest)
-            continue
-        versus_keras = _relative(got, keras32)
-        ours, own = _relative(got, truth), _relative(keras32, truth)
-        noise = max(own, median_noise)
-        figures["keras_float32_error"] = max(figures["keras_float32_error"], own)
-        if versus_keras > figures["gradient_vs_keras"]:
-            figures["gradient_vs_keras"], figures["worst_weight"] = versus_keras, name
-        figures["gradient"] = max(figures["gradient"], ours)
-        if versus_keras <= FLOORS["gradient"] or ours <= FLOORS["gradient"]:
-            figures["weights_within_1e-4"] += 1
-        elif ours <= NOISE_MARGIN * noise:
-            figures["weights_at_noise_level"] += 1
-        else:
-            figures["failed"].append(name)
-    inputs, inputs_noise = 0.0, 0.0
-    for got, ref32, ref64 in zip(result["input_gradients"], reference["input_gradients"],
-                                 reference["input_gradients64"]):
-        inputs = max(inputs, min(_relative(_decode(got).astype(np.float64), ref64), _relative(_decode(got), ref32)))
-        inputs_noise = max(inputs_noise, _relative(ref32.astype(np.float64), ref64))
-    after = result["weights"]
-    moving = max((float(np.abs(_decode(after[name]) - ref).max()) for name, ref in reference["after"].items()),
-                 default=0.0)
-    moving_noise = max((float(np.abs(ref - reference["after64"][name]).max())
-                        for name, ref in reference["after"].items()), default=0.0)
-    return {"predict": predict, "output_scale": scale, "training_outputs": training, **figures,
-            "weights": len(grads), "input_gradient": inputs, "keras_input_gradient_error": inputs_noise,
-            "moving_statistics": moving, "keras_moving_statistics_error": moving_noise,
-            "moving_weights": sum(1 for name in reference["after"] if "moving" in name)}
-
-
-def passes(figures: dict[str, Any]) -> bool:
-    """Every floor met: predict; each weight's gradient within 1e-4 of Keras' (float32 or float64),
-    or, where Keras' own float32 gradient is off its float64 one by more, within NOISE_MARGIN times
-    that float-noise level; the same for the input gradients, the zero gradients and the moving
-    statistics."""
-    if "error" in figures:
-        return False
-    return (figures["predict"] <= FLOORS["predict"] and not figures["failed"]
-            and figures["input_gradient"] <= max(FLOORS["gradient"],
-                                                 NOISE_MARGIN * figures["keras_input_gradient_error"])
-            and figures["zero_gradient_noise"] <= max(FLOORS["zero_gradient_noise"],
-                                                      NOISE_MARGIN * figures["keras_zero_gradient_noise"])
-            and figures["moving_statistics"] <= max(FLOORS["moving_statistics"],
-                                                    NOISE_MARGIN * figures["keras_moving_statistics_error"]))
 
 
 def _pool_gap(model: keras.Model, inputs: list[np.ndarray]) -> float:
@@ -498,97 +356,9 @@ def check_architectures(names: list[str], *, batch: dict[str, int] | None = None
     return {"architectures": rows, "batch": batch or BATCH, "floors": FLOORS, "noise_margin": NOISE_MARGIN}
 
 
-def _figure(value: float) -> str:
-    return f"{value:.1e}"
-
-
-def render_markdown(data: dict[str, Any]) -> str:
-    """docs/tfjs-coverage.md from the results JSON."""
-    rows = data["architectures"]
-    parts = [(name, part, row[part]) for name, row in rows.items() for part in ("head", "tail") if part in row]
-    lines = [
-        "# TF.js coverage of keras.applications",
-        "",
-        "Generated by `tests/test_tfjs_coverage.py` from `benchmarks/results/tfjs_coverage.json`",
-        "(written by `benchmarks/tfjs_coverage.py`, whose docstring has the full protocol; do not edit by hand).",
-        "",
-        "Every architecture Keras ships (`weights=None`, the smallest input it allows, 10 classes) is cut with "
-        f"`splitkeras.split` about {int(CUTS[0] * 100)}% and {int(CUTS[1] * 100)}% through its layers; the head "
-        "(input -> first cut) and the U-shaped tail (second cut -> output) are exported with "
-        "`converters.export_tfjs` and run in `@tensorflow/tfjs` 4.22 under Node (pure-JS CPU backend) against "
-        f"Keras {data.get('keras', '')} / TensorFlow {data.get('tensorflow', '')} "
-        f"(TF_ENABLE_ONEDNN_OPTS={data.get('onednn', 'default')}).",
-        "",
-        "* **predict**: max |TF.js - Keras| / max |Keras output|, inference (floor "
-        f"{_figure(FLOORS['predict'])}).",
-        "* **grad vs Keras**: the worst trainable weight of the training-mode VJP of sum(outputs * g), "
-        "max |TF.js - Keras float32| / max |Keras float32| (floor "
-        f"{_figure(FLOORS['gradient'])}; Dropout at rate 0). **TF.js vs f64** and **Keras f32 vs f64**: the "
-        "same, both against the same Keras model computed in float64. Where Keras float32 itself is off "
-        "float64 by more than the floor (deep training-mode BatchNorm stacks on 1x1-2x2 feature maps: float32 "
-        "cannot resolve those gradients), a weight passes at the float-noise level: TF.js within "
-        f"{data.get('noise_margin', NOISE_MARGIN):g}x Keras float32's own deviation (for that weight, or the "
-        "segment's median deviation where larger). **weights**: within the "
-        "floor + at noise level / all (weights whose true gradient is zero, held to the float-noise level, "
-        "not counted).",
-        "* **BN stats**: max |TF.js - Keras| of the moving statistics after that pass (floor "
-        f"{_figure(FLOORS['moving_statistics'])}).",
-        f"* batch: head {data['batch']['head']}, tail {data['batch']['tail']}.",
-        "",
-        "* **draws**: input draws run; a second one runs when the first fails: two float32 implementations "
-        "also part where a ReLU input or a max-pooling window sits within rounding of its kink (about one "
-        "element in a million; a head holds about that many), which moves every gradient upstream of it. A real "
-        "fault fails every draw; the failed draws are in the JSON.",
-        "",
-        "| architecture | part | input | cut after | layers | predict | grad vs Keras | TF.js vs f64 "
-        "| Keras f32 vs f64 | weights | BN stats | runtime classes | TF.js s | draws | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, part, figures in parts:
-        row = rows[name]
-        cut = row["cuts"][0] if part == "head" else row["cuts"][1]
-        lead = f"| {name if part == 'head' else ''} | {part} | {figures.get('input', row['input'])} | `{cut}` |"
-        if "error" in figures:
-            lines.append(f"{lead} {figures['layers']} | error: {figures['error'][:120]} | | | | | | | | | no |")
-            continue
-        classes = ", ".join(c.removeprefix("Splitkeras") for c in figures["runtime_classes"]) or "-"
-        counted = figures["weights"] - figures["zero_gradient_weights"]
-        weights = f"{figures['weights_within_1e-4']} + {figures['weights_at_noise_level']} / {counted}"
-        lines.append(
-            f"{lead} {figures['layers']} | {_figure(figures['predict'])} | {_figure(figures['gradient_vs_keras'])} | "
-            f"{_figure(figures['gradient'])} | {_figure(figures['keras_float32_error'])} | {weights} | "
-            f"{_figure(figures['moving_statistics'])} | {classes} | {figures.get('tfjs_seconds') or 0:.0f} | "
-            f"{len(figures.get('draws', [None]))} | {'yes' if figures['ok'] else '**no**'} |")
-    good = [f for _, _, f in parts if "error" not in f]
-    ok = sum(f.get("ok", False) for f in good)
-    strict = sum(f["weights_at_noise_level"] == 0 and not f["failed"] for f in good)
-    random_rows = [name for name, row in rows.items() if row.get("statistics", "random") == "random"]
-    resolved = [f for f in good if f["keras_float32_error"] <= FLOORS["gradient"]]
-    lines += [
-        "",
-        f"{ok} of {len(parts)} segments meet every floor. Worst predict over all: "
-        f"{_figure(max(f['predict'] for f in good))}; worst BN statistics: "
-        f"{_figure(max(f['moving_statistics'] for f in good))}. Where float32 resolves the gradients (Keras "
-        f"f32 vs f64 within the floor: {len(resolved)} segments), the worst TF.js gradient is "
-        f"{_figure(max((f['gradient_vs_keras'] for f in resolved), default=0.0))} against Keras float32 and "
-        f"{_figure(max((f['gradient'] for f in resolved), default=0.0))} against float64. {strict} of "
-        f"{len(parts)} segments have every weight's gradient strictly within {_figure(FLOORS['gradient'])} "
-        "(none at the noise level).",
-        "",
-        "BatchNorm moving statistics: calibrated on the data (see `calibrate` in the sweep) for "
-        + (", ".join(name for name in rows if name not in random_rows) or "none")
-        + "; drawn at random (the sweep before calibration) for " + (", ".join(random_rows) or "none") + ".",
-        "",
-        "Runtime classes: the layers of `mobile_export/src/layers/` the segment uses (TF.js 4.22 lacks them or "
-        "trains them wrongly; see `mobile_export/src/layers/table.json`). Not swept (same building blocks, more "
-        "of them): ResNet152(V2), DenseNet169/201, NASNetLarge, EfficientNetB1-B7, EfficientNetV2B1-B3/S/M/L, "
-        "ConvNeXtSmall/Base/Large/XLarge.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def main() -> None:
+    from tfjs_coverage_doc import render_markdown
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="architectures (default: all); merged into the results")
     parser.add_argument("--head-batch", type=int, default=BATCH["head"])
