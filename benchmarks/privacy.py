@@ -167,49 +167,45 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _curve(plt: Any, groups: list[list[dict[str, Any]]], x: Any, threshold: float, labels: tuple[str, str],
+           name: str) -> str:
+    """One strength-vs-cost plot: per defence, (x(group), test accuracy) points annotated with the
+    strength, a dotted line at the target; saved as RESULTS/name."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for defence in dict.fromkeys(g[0]["defence"] for g in groups):
+        points = [(x(g), 100 * _mean(g, "test_accuracy"), g[0]["strength"]) for g in groups
+                  if g[0]["defence"] == defence]
+        axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=defence)
+        for value, accuracy, strength in points:
+            if strength is not None:
+                axis.annotate(f"{strength:g}", (value, accuracy), fontsize=7)
+    axis.axvline(threshold, color="grey", ls=":")
+    axis.set_xlabel(labels[0])
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(labels[1])
+    axis.legend(fontsize=8)
+    figure.savefig(RESULTS / name, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return name
+
+
 def plots(cancer_rows: list[dict[str, Any]], digits_rows: list[dict[str, Any]]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-    figure, axis = plt.subplots(figsize=(6, 4))
-    groups = [g for g in _groups(cancer_rows) if g[0]["mode"] == "u_shaped"]
-    for name in dict.fromkeys(g[0]["defence"] for g in groups):
-        points = [(_mean(g, "label_auc"), 100 * _mean(g, "test_accuracy"), g[0]["strength"]) for g in groups
-                  if g[0]["defence"] == name]
-        axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
-        for auc_value, accuracy, strength in points:
-            if strength is not None:
-                axis.annotate(f"{strength:g}", (auc_value, accuracy), fontsize=7)
-    axis.axvline(0.6, color="grey", ls=":")
-    axis.set_xlabel("label attack AUC (max of norm, cosine)")
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_title("breast cancer, U-shaped: label leakage vs accuracy")
-    axis.legend(fontsize=8)
-    figure.savefig(RESULTS / "privacy_labels.png", dpi=100, bbox_inches="tight")
-    made.append("privacy_labels.png")
-    plt.close(figure)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    groups = _groups(digits_rows)
-    base = _mean(next(g for g in groups if g[0]["defence"] == "none"), "mse")
-    for name in dict.fromkeys(g[0]["defence"] for g in groups):
-        points = [(_mean(g, "mse") / base, 100 * _mean(g, "test_accuracy"), g[0]["strength"]) for g in groups
-                  if g[0]["defence"] == name]
-        axis.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
-        for ratio, accuracy, strength in points:
-            if strength is not None:
-                axis.annotate(f"{strength:g}", (ratio, accuracy), fontsize=7)
-    axis.axvline(3.0, color="grey", ls=":")
-    axis.set_xlabel("reconstruction MSE / MSE without defence")
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_title("digits, U-shaped: input reconstruction vs accuracy")
-    axis.legend(fontsize=8)
-    figure.savefig(RESULTS / "privacy_reconstruction.png", dpi=100, bbox_inches="tight")
-    made.append("privacy_reconstruction.png")
-    plt.close(figure)
-    return made
+    labels = [g for g in _groups(cancer_rows) if g[0]["mode"] == "u_shaped"]
+    digits = _groups(digits_rows)
+    base = _mean(next(g for g in digits if g[0]["defence"] == "none"), "mse")
+    return [
+        _curve(plt, labels, lambda g: _mean(g, "label_auc"), 0.6,
+               ("label attack AUC (max of norm, cosine)", "breast cancer, U-shaped: label leakage vs accuracy"),
+               "privacy_labels.png"),
+        _curve(plt, digits, lambda g: _mean(g, "mse") / base, 3.0,
+               ("reconstruction MSE / MSE without defence", "digits, U-shaped: input reconstruction vs accuracy"),
+               "privacy_reconstruction.png"),
+    ]
 
 
 def markdown(cancer_rows: list[dict[str, Any]], digits_rows: list[dict[str, Any]], settings: dict[str, Any],
