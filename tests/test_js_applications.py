@@ -42,7 +42,7 @@ from splitkeras.cli import main as cli_main  # noqa: E402
 from splitkeras.client import DeviceClient  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from tfjs_coverage import float64_twin  # noqa: E402
+from tfjs_coverage_reference import float64_twin  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -36,6 +36,7 @@ from splitkeras.cli import main as cli_main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import tfjs_coverage as coverage  # noqa: E402
+import tfjs_coverage_reference as reference_side  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -96,7 +97,7 @@ def test_the_base_exports_as_one_device_segment_and_trains_like_keras(tmp_path: 
     rng = np.random.default_rng(32)
     images = rng.uniform(-1.0, 1.0, (BATCH, 32, 32, 3)).astype(np.float32)  # as preprocess_input gives
     frozen = {v.path: np.asarray(v) for v in head.non_trainable_weights}
-    reference = coverage.keras_reference(head, [images], rng)
+    reference = reference_side.keras_reference(head, [images], rng)
     for variable in head.non_trainable_weights:  # the exported statistics: the reference pass moved some
         variable.assign(frozen[variable.path])
     job = {"id": "transfer_head", "bundle_dir": str(bundle), "inputs": [coverage._encode(images)],
@@ -104,13 +105,13 @@ def test_the_base_exports_as_one_device_segment_and_trains_like_keras(tmp_path: 
            "result_file": str(tmp_path / "result.json")}
     coverage._run_node([job], tmp_path, "transfer", timeout=240)
     result = json.loads((tmp_path / "result.json").read_text())
-    figures = coverage.compare(reference, result)
+    figures = reference_side.compare(reference, result)
     # predict against float64 too: 154 layers of inference in float32 drift from the exact result
     # by ~2e-5 of the largest output in Keras itself (the error grows ~linearly with depth here)
-    truth = np.asarray(coverage.float64_twin(head)(images.astype(np.float64), training=False))
+    truth = np.asarray(reference_side.float64_twin(head)(images.astype(np.float64), training=False))
     scale = float(np.abs(truth).max())
     keras_own = float(np.abs(reference["predict"][0] - truth).max()) / scale
-    tfjs_truth = float(np.abs(coverage._decode(result["outputs"][0]) - truth).max()) / scale
+    tfjs_truth = float(np.abs(reference_side._decode(result["outputs"][0]) - truth).max()) / scale
     print(f"\nMobileNetV2 base (32x32, last {TRAINABLE} layers trainable) as one TF.js head, batch "
           f"{BATCH}: predict {figures['predict']:.1e} vs Keras float32, {tfjs_truth:.1e} vs float64 (Keras float32 "
           f"vs float64 {keras_own:.1e}); {figures['weights']} trainable weights, gradients "
