@@ -93,3 +93,83 @@ def forward_backward_pair(function: Any, inputs: Sequence[tf.Tensor]) -> Forward
             "segment steps fall back to an eager GradientTape (same results, slower).",
             RuntimeWarning, stacklevel=2)
         return None
+
+
+class CompiledSteps:
+    """The compiled forward and backward of one `SegmentRunner`, per input signature.
+
+    `forward(xs)` runs TF's forward function (one call) and returns the outputs, the
+    regularization and what `backward` needs; `backward(...)` runs the backward function
+    and the optimizer's update as ONE `tf.function` call (with a guard: between the
+    snapshot and the check of the variables it changes, as the eager-tape path does).
+    `available` turns False (for good) when this TensorFlow has no pair to offer.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.available = True
+        self._by_signature: dict[tuple[Any, ...], tuple[ForwardBackward, Any, Any]] = {}
+
+    def _entry(self, xs: Sequence[tf.Tensor]) -> tuple[ForwardBackward, Any, Any] | None:
+        key = tuple((tuple(x.shape), x.dtype) for x in xs)
+        entry = self._by_signature.get(key)
+        if entry is None:
+            pair = forward_backward_pair(self.runner._forward_fn, xs)
+            if pair is None:
+                self.available = False
+                return None
+            options = dict(jit_compile=self.runner.jit_compile)
+            entry = self._by_signature[key] = (
+                pair,
+                tf.function(lambda *a: self._backward_ops(pair, *a), **options),
+                tf.function(lambda *a: self._guarded_backward_ops(pair, *a), **options))
+        return entry
+
+    def forward(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor, Any] | None:
+        """(outputs, regularization, what `backward` takes), or None: use the eager tape."""
+        entry = self._entry(xs)
+        if entry is None:
+            return None
+        (outputs, regularization), residuals = entry[0].forward(xs)
+        return list(outputs), regularization, (entry, residuals)
+
+    def backward(self, kept: Any, seeds: list[tf.Tensor], scale: tf.Tensor | None, measured: list[Any]
+                 ) -> list[tf.Tensor | None]:
+        """VJP and update in one call, from `forward`'s `kept`; returns the input gradients.
+        With a guard (`measured`: what it has measured of this step so far), the input
+        gradients are checked after the call and a refusal puts the snapshot back, as the
+        check of the new variables does."""
+        (_, backward, guarded_backward), residuals = kept
+        runner, guard = self.runner, self.runner.guard
+        scaled = scale is not None
+        scale = tf.ones((), tf.float64) if scale is None else scale
+        if guard is None or not runner.trainable:
+            input_gradients = list(backward(seeds, residuals, scale, scaled))
+            if guard is not None:
+                measured += guard.measure_all("input_grad", runner.input_names, input_gradients)
+                guard.accept(measured)
+            return input_gradients
+        found, saved, finite, biggest = guarded_backward(seeds, residuals, scale, scaled)
+        input_gradients = list(found)
+        measured += runner._commit_or_roll_back(
+            guard, "update", saved, finite, biggest,
+            lambda: guard.measure_all("input_grad", runner.input_names, input_gradients))
+        guard.accept(measured)
+        return input_gradients
+
+    def _backward_ops(self, pair: ForwardBackward, seeds: list[tf.Tensor], residuals: list[tf.Tensor],
+                      scale: tf.Tensor, scaled: bool) -> list[Any]:
+        runner = self.runner
+        grads = pair.backward_ops(seeds, residuals)
+        if runner.trainable:
+            positions = [pair.position_of(v) for v in runner._tf_variables]
+            runner._apply_impl([None if p is None else grads[p] for p in positions],
+                               scale if scaled else None)
+        return [grads[i] if need else None for i, need in enumerate(runner.input_gradients)]
+
+    def _guarded_backward_ops(self, pair: ForwardBackward, seeds: list[tf.Tensor], residuals: list[tf.Tensor],
+                              scale: tf.Tensor, scaled: bool) -> Any:
+        state = self.runner._variables("update")
+        saved = state.snapshot_ops()
+        input_grads = self._backward_ops(pair, seeds, residuals, scale, scaled)
+        return input_grads, saved, *state.check_ops()
