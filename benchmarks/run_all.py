@@ -27,6 +27,9 @@ BENCHMARKS = {
                       ["--rounds", "1", "--steps", "4", "--link-steps", "2"]),
     "http_overhead_width2": ("http_overhead", ["--width", "2", "--rounds", "3", "--steps", "8"],
                              ["--width", "2", "--rounds", "1", "--steps", "4", "--no-links"]),
+    "http_overhead_resnet50": ("http_overhead", ["--model", "resnet50", "--rounds", "3", "--steps", "4",
+                                                 "--no-links"],
+                               ["--model", "resnet50", "--rounds", "1", "--steps", "2", "--no-links"]),
     "split_location": ("split_location", ["--steps", "4"], ["--steps", "2"]),
 }
 
