@@ -47,8 +47,10 @@ def floor_lines(name: str) -> list[str]:
     lines = []
     for key, floor in floors.items():
         what = floor.get("what", key)
+        cpu = data.get("cpu_ratio_http_to_central")  # the steadier figure on a shared machine
         lines.append(f"- {name} / {what}: {floor['value']:.4g} (floor {floor['floor']:.4g}) -> "
-                     f"{'met' if floor['met'] else 'NOT met'}")
+                     f"{'met' if floor['met'] else 'NOT met'}"
+                     + (f" (CPU time of both processes: {cpu:.2f}x central)" if cpu is not None else ""))
     return lines
 
 
