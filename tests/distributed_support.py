@@ -47,7 +47,7 @@ def optimizer_config() -> dict[str, Any]:
 def batches(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal((BATCH, FEATURES)).astype("float32"),
-             rng.standard_normal((BATCH, OUTPUTS)).astype("float32")) for _ in range(2 * STEPS)]
+             rng.standard_normal((BATCH, OUTPUTS)).astype("float32")) for _ in range(2 * STEPS + 1)]
 
 
 def drive(runner: Any, data: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -95,5 +95,43 @@ def mirrored() -> dict[str, Any]:
     }
 
 
+def worker(index: int, ports: str, out: str) -> None:
+    """One of two MultiWorkerMirroredStrategy workers (TF_CONFIG from `ports`): STEPS steps where BOTH
+    workers hold a device step (each global step averages two), then one where only worker 0 does
+    (worker 1 joins idle, as the server's ticker does). Writes its outputs, input gradients and
+    weights to `out` (.npz)."""
+    import os
+
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
+                                          "task": {"type": "worker", "index": index}})
+    from splitkeras import distributed
+
+    strategy = distributed.start("multi-worker", timeout_seconds=60)
+    from splitkeras.engine import new_optimizer
+
+    with strategy.scope():
+        runner = distributed.DistributedRunner(as_segment(segment_model()), new_optimizer(optimizer_config()),
+                                               strategy=strategy)
+    data = batches(2)
+    found: dict[str, np.ndarray] = {}
+    for step in range(STEPS):
+        x, g = data[2 * step + index]
+        found[f"out{step}"] = np.asarray(runner.forward(step, [x])[0])
+        found[f"grad{step}"] = np.asarray(runner.backward(step, [g])[0])
+    if index == 0:
+        x, g = data[2 * STEPS]
+        found["out_alone"] = np.asarray(runner.forward("alone", [x])[0])
+        found["grad_alone"] = np.asarray(runner.backward("alone", [g])[0])
+    else:
+        runner.global_step(None, 0.0)
+    for number, copies in enumerate(runner.replica_weights()):
+        found[f"w{number}"] = copies[0]
+    found["updates"] = np.asarray(runner.applied_updates)
+    np.savez(out, **found)
+
+
 if __name__ == "__main__":
-    print(json.dumps({"mirrored": mirrored}[sys.argv[1]]()))
+    if sys.argv[1] == "worker":
+        worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        print(json.dumps({"mirrored": mirrored}[sys.argv[1]]()))

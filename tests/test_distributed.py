@@ -223,6 +223,43 @@ def test_multi_worker_identical_weights_equal_one_server_and_a_lost_worker(split
     assert found <= weight_bound(2 * STEPS, weights)
 
 
+def test_multi_worker_global_step_averages_the_workers_steps(tmp_path: Path) -> None:
+    """Two in-process workers (tests/distributed_support.py `worker`): a global step holding a device
+    step of each applies the MEAN of their weight gradients; one holding a step of worker 0 only (worker
+    1 idle) applies that step's. Same weights on both, bitwise; equal to one device to float rounding."""
+    from splitkeras.engine import SegmentRunner, new_optimizer
+    from tests import distributed_support as support
+
+    ports = f"{free_port()},{free_port()}"
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.distributed_support", "worker", str(index), ports,
+                                 str(tmp_path / f"worker{index}.npz")], cwd=ROOT, stderr=subprocess.PIPE,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")) for index in range(2)]
+    for process in workers:
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors.decode(errors="replace")[-3000:]
+    found = [dict(np.load(tmp_path / f"worker{index}.npz")) for index in range(2)]
+    runner = SegmentRunner(support.as_segment(support.segment_model()), new_optimizer(support.optimizer_config()),
+                           jit_compile=False)
+    data = support.batches(2)
+    for step in range(support.STEPS):
+        pending = [runner.taped_forward(runner._inputs([data[2 * step + i][0]])) for i in range(2)]
+        parts = [runner.vjp(p, [data[2 * step + i][1]]) for i, p in enumerate(pending)]
+        for i in range(2):
+            close(found[i][f"out{step}"], pending[i].outputs[0].numpy(), support.HIDDEN)
+            close(found[i][f"grad{step}"], np.asarray(parts[i][1][0]), support.HIDDEN)
+        runner._apply_fn([(a + b) / 2 for a, b in zip(parts[0][0], parts[1][0])])
+    x, g = data[2 * support.STEPS]
+    close(found[0]["out_alone"], np.asarray(runner.forward("alone", [x])[0]), support.HIDDEN)
+    close(found[0]["grad_alone"], np.asarray(runner.backward("alone", [g])[0]), support.HIDDEN)
+    assert int(found[0]["updates"]) == int(found[1]["updates"]) == support.STEPS + 1
+    weights = [np.asarray(v.numpy()) for v in runner.trainable]
+    biggest = max(float(np.abs(w).max()) for w in weights)
+    bound = 2 * (support.STEPS + 1) * (support.LEARNING_RATE * support.BATCH * EPS32 + EPS32 * biggest)
+    for number, expected in enumerate(weights):
+        np.testing.assert_array_equal(found[0][f"w{number}"], found[1][f"w{number}"])
+        assert float(np.abs(found[0][f"w{number}"] - expected).max()) <= bound
+
+
 # ---- what is refused ---------------------------------------------------------------------------------------
 def test_refused_segments() -> None:
     from tests.server_fixtures import u_model
