@@ -37,10 +37,14 @@ def as_segment(model: Any) -> Any:
                    [TensorSpec("out", (None, OUTPUTS), "float32")])
 
 
-def optimizer_config() -> dict[str, Any]:
+def optimizer_config(kind: str = "adam") -> dict[str, Any]:
+    """Adam with clipnorm (under a strategy Keras would clip each replica's share; here the whole step's
+    gradient), or plain SGD, whose update is proportional to the gradient (Adam's is nearly blind to
+    its scale, so a sum taken for a mean would pass unseen)."""
     import keras
 
-    # clipnorm: under a strategy Keras would clip each replica's share; here the whole step's gradient
+    if kind == "sgd":
+        return keras.optimizers.serialize(keras.optimizers.SGD(LEARNING_RATE))
     return keras.optimizers.serialize(keras.optimizers.Adam(LEARNING_RATE, clipnorm=0.05))
 
 
@@ -110,7 +114,7 @@ def worker(index: int, ports: str, out: str) -> None:
     from splitkeras.engine import new_optimizer
 
     with strategy.scope():
-        runner = distributed.DistributedRunner(as_segment(segment_model()), new_optimizer(optimizer_config()),
+        runner = distributed.DistributedRunner(as_segment(segment_model()), new_optimizer(optimizer_config("sgd")),
                                                strategy=strategy)
     data = batches(2)
     found: dict[str, np.ndarray] = {}
