@@ -51,37 +51,38 @@ def ring_bytes(width: int, workers: int = 2) -> int:
 
 
 def _measure(strategy: Any, repeats: int, count_first: bool) -> list[dict[str, Any]]:
+    return [_measure_width(strategy, width, repeats, count_first) for width in WIDTHS]
+
+
+def _measure_width(strategy: Any, width: int, repeats: int, count_first: bool) -> dict[str, Any]:
     import tensorflow as tf
 
-    rows = []
-    for width in WIDTHS:
-        shapes = [(width, width), (width,), (width, width), (width,)]
-        grads = strategy.run(lambda: [tf.ones(s, tf.float32) for s in shapes])
-        count = strategy.run(lambda: tf.ones((), tf.float32))
+    shapes = [(width, width), (width,), (width, width), (width,)]
+    grads = strategy.run(lambda: [tf.ones(s, tf.float32) for s in shapes])
+    count = strategy.run(lambda: tf.ones((), tf.float32))
 
-        def reduce(values: Any, count: Any) -> Any:
-            context = tf.distribute.get_replica_context()
-            values = [tf.identity(v) for v in values]  # placed on the replica's device (in a tf.function too)
-            count = tf.identity(count)
-            if count_first:
-                context.all_reduce("sum", count)
-            return context.all_reduce("sum", values)
+    def reduce(values: Any, count: Any) -> Any:
+        context = tf.distribute.get_replica_context()
+        values = [tf.identity(v) for v in values]  # placed on the replica's device (in a tf.function too)
+        count = tf.identity(count)
+        if count_first:
+            context.all_reduce("sum", count)
+        return context.all_reduce("sum", values)
 
-        compiled = tf.function(lambda values, count: strategy.run(reduce, args=(values, count)))
-        row: dict[str, Any] = {"width": width, "parameters": parameters(width), "device_bytes": device_bytes(width),
-                               "allreduce_bytes": ring_bytes(width)}
-        for name, call in (("eager_ms", lambda: strategy.run(reduce, args=(grads, count))),
-                           ("compiled_ms", lambda: compiled(grads, count))):
-            times = []
-            for attempt in range(repeats + 1):
-                start = time.perf_counter()
-                result = call()
-                float(tf.reduce_sum(strategy.experimental_local_results(result)[0][0]))  # wait for it
-                if attempt:
-                    times.append((time.perf_counter() - start) * 1000)
-            row[name] = statistics.median(times)
-        rows.append(row)
-    return rows
+    compiled = tf.function(lambda values, count: strategy.run(reduce, args=(values, count)))
+    row: dict[str, Any] = {"width": width, "parameters": parameters(width), "device_bytes": device_bytes(width),
+                           "allreduce_bytes": ring_bytes(width)}
+    for name, call in (("eager_ms", lambda: strategy.run(reduce, args=(grads, count))),
+                       ("compiled_ms", lambda: compiled(grads, count))):
+        times = []
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            result = call()
+            float(tf.reduce_sum(strategy.experimental_local_results(result)[0][0]))  # wait for it
+            if attempt:
+                times.append((time.perf_counter() - start) * 1000)
+        row[name] = statistics.median(times)
+    return row
 
 
 def run_mirrored(repeats: int) -> list[dict[str, Any]]:
