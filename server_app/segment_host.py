@@ -109,14 +109,15 @@ class SegmentHost:
 
     def save_checkpoint(self, applied_steps: int, sessions: list[dict[str, Any]],
                         downstream: dict[str, Any] | None = None, wal_seq: int = 0,
-                        guard: dict[str, Any] | None = None) -> None:
+                        guard: dict[str, Any] | None = None, distributed: dict[str, Any] | None = None) -> None:
         """Write variables, optimizer state, `applied_steps`, `sessions`, (in a chain) each
         session's session on the next server, the last log record it includes and the guard's
-        running scales, atomically."""
+        running scales (under `--strategy`, the cluster's applied updates), atomically."""
         save_checkpoint(self.checkpoint_dir, *self._variables(),
                         {"applied_steps": applied_steps, "saved_at": time.time(),
                          "segment": self.entry.name, "sessions": sessions,
-                         "downstream": downstream or {}, "wal_seq": wal_seq, "guard": guard or {}})
+                         "downstream": downstream or {}, "wal_seq": wal_seq, "guard": guard or {},
+                         **({"distributed": distributed} if distributed is not None else {})})
 
     def save_segment(self) -> None:
         """Write the trained segment back to its `.keras` file in the split folder (atomic)."""

@@ -102,9 +102,11 @@ class SegmentService:
             wal_seq = int(state.get("wal_seq", 0))
         self._replay(wal_seq)
         self.ticker: GlobalStepTicker | None = None  # --strategy multi-worker: idle global steps
-        if settings.strategy == "multi-worker":
-            self.runner.sync_from_chief()  # every worker starts from the chief's variables
-            self.ticker = GlobalStepTicker(self.runner, self._writer.submit, settings.global_step_ms / 1000)
+        if settings.strategy == "multi-worker":  # every worker starts from the most advanced checkpoint
+            self.runner.applied_updates = int(((state or {}).get("distributed") or {}).get("applied_updates", 0))
+            self.runner.sync_from_latest()
+            self.ticker = GlobalStepTicker(self.runner, self._writer.submit, settings.global_step_ms / 1000,
+                                           after_update=self._after_step)
 
     # ---- the write-ahead log -------------------------------------------------------------------
     def _replay(self, after: int) -> None:
@@ -164,7 +166,9 @@ class SegmentService:
             self.fleet.aggregator.save(self.checkpoint_dir, self.wal.last_seq)
         self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
                                   self.executor.persisted(), wal_seq=self.wal.last_seq,
-                                  guard=self.guard.state() if self.guard is not None else None)
+                                  guard=self.guard.state() if self.guard is not None else None,
+                                  distributed={"applied_updates": self.runner.applied_updates}
+                                  if self.settings.strategy != "off" else None)
         self.wal.reset()
         try:
             for record in self.steps.pending_records():  # their tapes are not in the checkpoint
@@ -176,7 +180,8 @@ class SegmentService:
 
     def _after_step(self) -> None:
         self._since_checkpoint += 1
-        if self._since_checkpoint >= self.settings.checkpoint_every:
+        # multi-worker: after every update (a peer's too), before its answer (docs/scaling.md)
+        if self._since_checkpoint >= self.settings.checkpoint_every or self.settings.strategy == "multi-worker":
             try:
                 self.save_checkpoint()
             except OSError as error:  # the step is applied: answer it; retry at the next step

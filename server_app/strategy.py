@@ -70,10 +70,12 @@ def check_replay(settings: ServerSettings, kinds: list[str]) -> None:
 
 class GlobalStepTicker:
     """Runs `tick` on the writer every `interval` seconds without a global step (see the module
-    docstring); stops at `stop()` or when the runner reports a lost worker."""
+    docstring), and `after_update` after one that applied a peer's steps; stops at `stop()` or when
+    the runner reports a lost worker."""
 
-    def __init__(self, runner: Any, submit: Callable[[Callable[[], Any]], Future[Any]], interval: float) -> None:
-        self.runner, self.submit, self.interval = runner, submit, interval
+    def __init__(self, runner: Any, submit: Callable[[Callable[[], Any]], Future[Any]], interval: float,
+                 after_update: Callable[[], None] = lambda: None) -> None:
+        self.runner, self.submit, self.interval, self.after_update = runner, submit, interval, after_update
         self._stop = threading.Event()
         self._seen = -1
         self._thread = threading.Thread(target=self._loop, name="splitkeras-global-steps", daemon=True)
@@ -95,7 +97,8 @@ class GlobalStepTicker:
 
     def _tick(self) -> None:
         if self.runner.lost is None and not self._stop.is_set():
-            self.runner.global_step(None, 0.0)
+            if self.runner.global_step(None, 0.0) > 0:  # a peer's device steps: this worker's checkpoint too
+                self.after_update()
             self._seen = self.runner.global_steps
 
     def stop(self) -> None:

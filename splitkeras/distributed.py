@@ -377,21 +377,34 @@ class DistributedRunner:
         """Each local replica's copy of the trainable weights (they must be identical)."""
         return [[np.asarray(c.numpy()) for c in v.value.values] for v in self.trainable]
 
-    def sync_from_chief(self) -> None:
-        """Make every worker's variables the chief's (worker 0's), e.g. after each loaded its own
-        checkpoint: an all-reduce where the others add zeros (x + 0 is x)."""
+    def sync_from_latest(self) -> int:
+        """After each worker loaded its own checkpoint (`applied_updates` set from it): every
+        worker takes the variables of the one with the most applied updates (the lowest index on a
+        tie), by an all-reduce where the others add zeros (x + 0 is x). Returns that worker's index."""
         import tensorflow as tf
 
         if self.workers <= 1:
-            return
+            return self.worker_index
+        mine = np.zeros(self.workers, np.float64)
+        mine[self.worker_index] = self.applied_updates
+
+        def gather() -> Any:
+            value = tf.constant(mine if self._local_index() == 0 else np.zeros_like(mine))
+            return tf.distribute.get_replica_context().all_reduce("sum", value)
+
+        with self.lock:
+            counts = np.asarray(self._replica(self.strategy.run(gather), 0))
+        source = int(np.argmax(counts))
+        self.applied_updates = int(counts[source])
         variables = [v.value for v in self.model.variables] + [v.value for v in self.optimizer.variables]
-        chief = self.worker_index == 0
+        keep = self.worker_index == source
 
         def run() -> list[Any]:
-            values = [tf.identity(v) if chief else tf.zeros_like(v) for v in variables]
+            values = [tf.identity(v) if keep else tf.zeros_like(v) for v in variables]
             return tf.distribute.get_replica_context().all_reduce("sum", values)
 
         with self.lock:
-            chiefs = self._replica(self.strategy.run(run), 0)
-            for variable, value in zip(variables, chiefs):
+            chosen = self._replica(self.strategy.run(run), 0)
+            for variable, value in zip(variables, chosen):
                 variable.assign(value)  # cross-replica: every local copy
+        return source

@@ -188,8 +188,8 @@ def test_multi_worker_identical_weights_equal_one_server_and_a_lost_worker(split
         for transport in transports:
             transport.open_session("float32")
         digests = []
-        for step, (x, g) in enumerate(steps(9, 2 * STEPS)):  # worker 0, worker 1, worker 0, ...
-            transport = transports[step % 2]
+        for step, (x, g) in enumerate(steps(9, 2 * STEPS)):  # worker 1, worker 0, ..., worker 0 last
+            transport = transports[(step + 1) % 2]
             outputs, _ = transport.forward(step // 2, {"h": x})
             grads = transport.backward(step // 2, {"m": g})
             close(outputs["m"], np.asarray(expected.forward(step, [x])[0]), HIDDEN)
@@ -214,6 +214,9 @@ def test_multi_worker_identical_weights_equal_one_server_and_a_lost_worker(split
                              headers={"Authorization": f"Bearer {opened['token']}",
                                       "content-type": wire.MEDIA_TYPE, STEP_HEADER: "0"}, timeout=10)
         assert (refused.status_code, refused.json()["error"]["code"]) == (503, "worker_lost")
+        # every update is in every worker's checkpoint before its answer: the killed one's too
+        saved = json.loads((servers[1].folder / "checkpoints" / "state.json").read_text())
+        assert saved["distributed"] == {"applied_updates": 2 * STEPS}
     finally:
         codes = [s.stop() for s in servers]
     assert codes[0] in (0, -signal.SIGTERM), servers[0].log_tail()
@@ -221,6 +224,17 @@ def test_multi_worker_identical_weights_equal_one_server_and_a_lost_worker(split
     weights = [np.asarray(v.numpy()) for v in expected.trainable]
     found = max(float(np.abs(a - b).max()) for a, b in zip(trained_weights(servers[0].folder), weights))
     assert found <= weight_bound(2 * STEPS, weights)
+
+    # the cluster restarted: both workers resume from their checkpoints, at the same weights as before
+    for server in servers:
+        server.start()
+    try:
+        states = [server.wait_ready()["distributed"] for server in servers]
+        assert [s["applied_updates"] for s in states] == [2 * STEPS, 2 * STEPS]
+        assert [s["weights_sha256"] for s in states] == [digests[-1], digests[-1]]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def test_multi_worker_global_step_averages_the_workers_steps(tmp_path: Path) -> None:
