@@ -311,7 +311,8 @@ class DistributedRunner:
 
         grads = [np.asarray(g) for g in output_gradients]
         weight, watched = self.strategy.run(vjp, args=(self._distribute(grads),))
-        self.global_step(weight, 1.0 / gradient_scale)
+        steps = 1.0 / gradient_scale
+        self.global_step(weight, float(round(steps)) if abs(steps - round(steps)) < 1e-9 else steps, gradient_scale)
         per_input: list[Any] = []
         replicas = [self._replica(watched, i) for i in range(self.local_replicas)]
         for need in self.input_gradients:
@@ -320,16 +321,18 @@ class DistributedRunner:
         return per_input
 
     # ---- the global step -------------------------------------------------------------------------
-    def global_step(self, weight_gradients: Any = None, steps: float = 0.0) -> float:
+    def global_step(self, weight_gradients: Any = None, steps: float = 0.0, scale: float = 1.0) -> float:
         """One global step: all-reduce the count of device steps (`steps`, 0 on an idle tick),
         then, if the total is > 0, the weight gradients' SUM; apply it / total on every replica.
-        Every worker calls this in the same order (the k-th calls pair up). Returns the total."""
+        Every worker calls this in the same order (the k-th calls pair up). Returns the total.
+        On one worker there is no count: the gradient is multiplied by `scale` (1/K for a
+        micro-batch of K device steps), as `SegmentRunner.backward(..., gradient_scale)` does."""
         import tensorflow as tf
 
         with self.lock:
             self._check_alive()
             try:
-                return self._global_step(tf, weight_gradients, steps)
+                return self._global_step(tf, weight_gradients, steps, scale)
             except tf.errors.OpError as error:
                 if type(error).__name__ not in _LOST:
                     raise
@@ -338,7 +341,7 @@ class DistributedRunner:
                 self._check_alive()
                 raise
 
-    def _global_step(self, tf: Any, weight_gradients: Any, steps: float) -> float:
+    def _global_step(self, tf: Any, weight_gradients: Any, steps: float, scale: float) -> float:
         self.global_steps += 1
         total = float(steps)
         if self.workers > 1:
@@ -349,11 +352,13 @@ class DistributedRunner:
             return total
         if weight_gradients is None:  # an idle worker joins with zeros
             weight_gradients = self.strategy.run(lambda: [tf.zeros_like(v.value) for v in self.trainable])
-        divide = total != 1.0
+        alone = self.workers == 1
 
         def apply(grads: list[Any]) -> None:
             reduced = tf.distribute.get_replica_context().all_reduce("sum", grads)
-            if divide:
+            if alone and scale != 1.0:
+                reduced = [g * tf.cast(scale, g.dtype) for g in reduced]
+            elif not alone and total != 1.0:
                 reduced = [g / tf.cast(total, g.dtype) for g in reduced]
             self.optimizer.apply(reduced, self.trainable)
 

@@ -83,7 +83,25 @@ def mirrored() -> dict[str, Any]:
     replicas = runner.replica_weights()
     weights = [np.asarray(v.numpy()) for v in reference.trainable]
     biggest = max(float(np.abs(w).max()) for w in weights)
+    # a micro-batch of 3 device steps (gradient_scale 1/3), with SGD (Adam would hide a wrong scale)
+    scaled_reference = SegmentRunner(as_segment(segment_model()), new_optimizer(optimizer_config("sgd")),
+                                     jit_compile=False)
+    initial = [np.asarray(v.numpy()) for v in scaled_reference.trainable]
+    with strategy.scope():
+        scaled = distributed.DistributedRunner(as_segment(segment_model()), new_optimizer(optimizer_config("sgd")),
+                                               strategy=strategy)
+    for one in (scaled_reference, scaled):
+        for step, (x, g) in enumerate(data[:2]):
+            one.forward(step, [x])
+            one.backward(step, [g], gradient_scale=1 / 3)
+    scaled_weights = [np.asarray(v.numpy()) for v in scaled_reference.trainable]
     return {
+        "scaled_weights": max(float(np.abs(c - w).max()) for copies, w in zip(scaled.replica_weights(), scaled_weights)
+                              for c in copies),
+        # per update (w - lr/3 * g): the gradient in another order (BATCH eps of |g| <= |dw| / (lr/3))
+        "scaled_bound": 2 * 2 * (BATCH * EPS32 * max(float(np.abs(w - w0).max())
+                                                     for w, w0 in zip(scaled_weights, initial))
+                                 + EPS32 * max(float(np.abs(w).max()) for w in scaled_weights)),
         "replicas": runner.local_replicas,
         "outputs": max(float(np.abs(a - b).max()) for a, b in zip(outputs, ref_outputs)),
         "input_grads": max(float(np.abs(a - b).max()) for a, b in zip(grads, ref_grads)),

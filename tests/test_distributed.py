@@ -124,6 +124,7 @@ def test_mirrored_runner_equals_one_device() -> None:
     assert found["outputs"] <= found["output_bound"]
     assert found["input_grads"] <= found["input_grad_bound"]
     assert found["weights"] <= found["weight_bound"]
+    assert found["scaled_weights"] <= found["scaled_bound"]  # backward(..., gradient_scale=1/3), SGD
 
 
 def test_mirrored_server_equals_one_device(split_folder: Path, tmp_path: Path) -> None:
