@@ -346,14 +346,15 @@ class SegmentRunner(GuardedSteps):
         """Forget a forward whose backward will never come (frees its activations)."""
         self._pending.pop(step, None)
 
-    def backward(self, step: Any, output_gradients: Sequence[Any], *,
+    def backward(self, step: Any, output_gradients: Sequence[Any],
                  gradient_scale: float = 1.0) -> list[tf.Tensor | None]:
         """Apply the update of `step` from the gradients of its outputs.
 
         Returns one gradient per input (`None` where none is needed). `gradient_scale`
         multiplies the weight gradients (all of them, the regularization's share included)
-        before the update, e.g. 1/K for K micro-batches; the input gradients are returned
-        as computed. At exactly 1.0 nothing is multiplied.
+        before the update; the input gradients are returned as computed. At exactly 1.0
+        nothing is multiplied. A micro-batched server (`server_app.micro_batch`) passes
+        1/K: the mean over K device steps.
         """
         pending = self._pending.get(step)
         if pending is None:
