@@ -192,6 +192,13 @@ def main() -> None:
         "batch 32, SGD(0.01, momentum 0.9), 2 shared CPU cores. "
         "Command: `.venv/bin/python benchmarks/segment_step_profile.py --label before|after`. "
         "Parts are medians over steps, so they need not add up to the total.",
+        "",
+        "How to read it: `forward under a tape` - `TF's forward function, called directly` is the "
+        "tape's bookkeeping around the forward; `tape.gradient` - `TF's backward function, called "
+        "directly` is imperative_grad's; `forward alone` against `TF's forward function` is what "
+        "returning the intermediates costs (Grappler keeps its fusions or not); `optimizer apply` is "
+        "a second function call with its own dispatch. The compiled step (`after`) calls the forward "
+        "function directly and runs the backward function and the update as one call.",
         "", *sections])
     (RESULTS / "segment_step_profile.md").write_text(markdown.rstrip() + "\n")
     print(markdown)
