@@ -25,6 +25,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from splitkeras.flat_call import FlatCall
+
 __all__ = ["ForwardBackward", "forward_backward_pair"]
 
 
@@ -121,8 +123,8 @@ class CompiledSteps:
             options = dict(jit_compile=self.runner.jit_compile)
             entry = self._by_signature[key] = (
                 pair,
-                tf.function(lambda *a: self._backward_ops(pair, *a), **options),
-                tf.function(lambda *a: self._guarded_backward_ops(pair, *a), **options))
+                FlatCall(tf.function(lambda *a: self._backward_ops(pair, *a), **options)),
+                FlatCall(tf.function(lambda *a: self._guarded_backward_ops(pair, *a), **options)))
         return entry
 
     def forward(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor, Any] | None:

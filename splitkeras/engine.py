@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from splitkeras.compiled_step import CompiledSteps
 from splitkeras.errors import TrainingError
+from splitkeras.flat_call import FlatCall
 from splitkeras.guard import Measured, UpdateGuard
 from splitkeras.guarded_steps import GuardedSteps
 from splitkeras.guarded_variables import GuardedVariables
@@ -189,13 +190,13 @@ class SegmentRunner(GuardedSteps):
         self._pending: dict[Any, _Pending] = {}
         options = dict(jit_compile=self.jit_compile, reduce_retracing=True)
         self._forward_fn = tf.function(self._forward_impl, **options)
-        self._apply_fn = tf.function(self._apply_impl, **options)
-        self._predict_fn = tf.function(self._predict_impl, **options)
-        self._train_fn = tf.function(self._train_impl, **options)
+        self._apply_fn = FlatCall(tf.function(self._apply_impl, **options))
+        self._predict_fn = FlatCall(tf.function(self._predict_impl, **options))
+        self._train_fn = FlatCall(tf.function(self._train_impl, **options))
         # with a guard: the same bodies between a snapshot and a check, in one call
-        self._guarded_apply_fn = tf.function(self._guarded_apply_impl, **options)
-        self._guarded_train_fn = tf.function(self._guarded_train_impl, **options)
-        self._test_fn = tf.function(self._test_impl, **options)
+        self._guarded_apply_fn = FlatCall(tf.function(self._guarded_apply_impl, **options))
+        self._guarded_train_fn = FlatCall(tf.function(self._guarded_train_impl, **options))
+        self._test_fn = FlatCall(tf.function(self._test_impl, **options))
         # nothing to differentiate: the eager path, whose tape then records nothing
         self._compiled = CompiledSteps(self) if compiled and (self.trainable or any(self.input_gradients)) \
             else None
