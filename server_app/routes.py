@@ -216,7 +216,7 @@ async def forward(request: Request, service: ServiceDep, session: SessionDep, st
     """Training-mode forward of step `Splitkeras-Step` (U-shaped splits); a retry returns the
     same bytes."""
     body = await read_tensor_body(request, service.body_limits["forward"])
-    return _tensors(await service.run(service.forward, session, step, body))
+    return _tensors(await service.micro.forward(session, step, body))  # alone, or micro-batched
 
 
 @router.post("/sessions/{session_id}/backward", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,
@@ -225,7 +225,7 @@ async def backward(request: Request, service: ServiceDep, session: SessionDep, s
     """Apply step `Splitkeras-Step`'s update from the output gradients, once; returns input
     gradients."""
     body = await read_tensor_body(request, service.body_limits["backward"])
-    return _tensors(await service.run(service.backward, session, step, body))
+    return _tensors(await service.micro.backward(session, step, body))
 
 
 @router.post("/sessions/{session_id}/train", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,

@@ -75,6 +75,7 @@ class StepMachine:
         self.on_applied, self.clock = on_applied, clock
         self.journal, self.ensure_durable = journal, ensure_durable
         self.applied_steps = 0
+        self.updates = 0  # optimizer updates since this process started (a micro-batched group: one)
         self.replaying = False
         self._last_blobs: list[bytes] = []
 
@@ -327,11 +328,16 @@ class StepMachine:
         try:
             self._log(kind, session.session_id, step, body)
         except BaseException:
-            self._applied(session, step, response, checkpoint=False)
+            self.applied(session, step, response, checkpoint=False)
             raise
-        self._applied(session, step, response)
+        self.applied(session, step, response)
 
-    def _applied(self, session: Session, step: int, response: bytes, checkpoint: bool = True) -> None:
+    def applied(self, session: Session, step: int, response: bytes, checkpoint: bool = True,
+                count_update: bool = True) -> None:
+        """`step`'s update is applied: its answer cached, the session's next step, the counts.
+        `count_update=False`: one member of a micro-batched group (its group counts one update)."""
+        if count_update:
+            self.updates += 1
         session.last_backward = (step, response)  # before the checkpoint: a retry must find it
         session.pending_step, session.pending_blobs = None, None
         session.next_step = step + 1

@@ -35,7 +35,9 @@ FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-t
          "guard_max_weight": "--guard-max-weight", "max_grad_norm": "--max-grad-norm",
          "max_refused_steps": "--max-refused-steps", "aggregate": "--aggregate", "round_steps": "--round-steps",
          "round_quorum": "--round-quorum", "round_deadline_seconds": "--round-deadline",
-         "round_norm_factor": "--round-norm-factor", "codecs": "--codecs"}
+         "round_norm_factor": "--round-norm-factor", "codecs": "--codecs",
+         "batch_window_ms": "--batch-window-ms", "max_devices_per_batch": "--max-devices-per-batch",
+         "batch_backward_timeout_seconds": "--batch-backward-timeout"}
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -53,7 +55,9 @@ def _settings(args: argparse.Namespace) -> Any:
         "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
         "cors_origins": args.cors_origin, "aggregate": args.aggregate, "round_quorum": args.round_quorum,
         "round_deadline_seconds": args.round_deadline, "round_norm_factor": args.round_norm_factor,
-        "codecs": args.codecs,
+        "codecs": args.codecs, "batch_window_ms": args.batch_window_ms,
+        "max_devices_per_batch": args.max_devices_per_batch,
+        "batch_backward_timeout_seconds": args.batch_backward_timeout,
     }.items() if v is not None}
     if args.round_steps is not None:
         if args.aggregate in (None, "off"):
@@ -200,6 +204,14 @@ def register(sub: Any) -> None:
     p.add_argument("--step-ttl", type=_number(float, 0, inclusive=False),
                    help="seconds an unfinished step is kept (300)")
     p.add_argument("--max-batch", type=_number(int, 1), help="largest batch per request (256)")
+    p.add_argument("--batch-window-ms", type=_number(float, 0), help="micro-batching across devices: the "
+                   "forwards arriving within N ms run as one union forward, their backwards as one update, the "
+                   "mean of the group's steps (0: off, the default; docs/protocol.md, Micro-batching)")
+    p.add_argument("--max-devices-per-batch", type=_number(int, 1), help="a micro-batch closes once K "
+                   "sessions' forwards are in (8)")
+    p.add_argument("--batch-backward-timeout", type=_number(float, 0, inclusive=False),
+                   help="seconds a micro-batch waits for its members' backwards after the first one (10); "
+                   "the rest expire (step_expired)")
     p.add_argument("--max-sessions", type=_number(int, 1), help="sessions held at once (1024); then a new "
                    "one replaces the least recently used idle one")
     p.add_argument("--session-ttl", type=_number(float, 0, inclusive=False),
