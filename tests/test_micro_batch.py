@@ -272,3 +272,54 @@ def test_a_crash_in_the_middle_of_a_group_redoes_the_same_group(split: Path, tmp
         assert detail(restarted)["applied_steps"] == 3
     for response, expected in zip(forwards, ref_out):
         np.testing.assert_array_equal(decoded(response, "m"), expected)
+
+
+# ------------------------------------------------------------------------------------ real server
+def test_four_devices_against_a_real_micro_batched_server(split: Path, tmp_path: Path) -> None:
+    """4 device threads, one `httpx.Client` each, against `splitkeras serve --batch-window-ms`:
+    one group, one update, and answers bit for bit those of the union in some arrival order."""
+    import itertools
+    import threading
+
+    import httpx
+    from live_server import KEY as SERVER_KEY
+    from live_server import Server
+
+    rows = (2, 1, 3, 2)
+    xs = [activations(i, r) for i, r in enumerate(rows)]
+    gs = [output_grads(i, r) for i, r in enumerate(rows)]
+    server = Server(copy_split(split, tmp_path / "s"), checkpoint_every=1000,
+                    args=["--batch-window-ms", "20000", "--max-devices-per-batch", "4", "--max-batch", "8"])
+    server.start()
+    answers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    try:
+        server.wait_ready()
+        opened = [httpx.post(f"{server.url}/v1/sessions", json={}, headers={"Authorization": f"Bearer {SERVER_KEY}"})
+                  .json() for _ in rows]
+
+        def device(i: int) -> None:
+            headers = {**tensor_headers(opened[i]["token"]), STEP_HEADER: "0"}
+            with httpx.Client(base_url=f"{server.url}/v1/sessions/{opened[i]['session_id']}", timeout=60) as client:
+                out = client.post("/forward", content=wire.encode({"h": xs[i]}), headers=headers)
+                grad = client.post("/backward", content=wire.encode({"m": gs[i]}), headers=headers)
+            answers[i] = (decoded(out, "m"), decoded(grad, "h"))
+
+        threads = [threading.Thread(target=device, args=(i,)) for i in range(len(rows))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        state = httpx.get(f"{server.url}/readyz?detail=1", headers={"Authorization": f"Bearer {SERVER_KEY}"}).json()
+    finally:
+        server.stop()
+    assert sorted(answers) == [0, 1, 2, 3]
+    assert (state["applied_steps"], state["updates"], state["micro_batching"]["applied_groups"]) == (4, 1, 1)
+    matched = []
+    for order in itertools.permutations(range(len(rows))):  # the server's union is in arrival order
+        reference = Reference(split, tmp_path / f"ref{''.join(map(str, order))}")
+        outputs, grads = reference_step(reference, list(order), xs, list(gs), counted=4)
+        if all(np.array_equal(answers[i][0], outputs[i]) and np.array_equal(answers[i][1], grads[i])
+               for i in range(len(rows))):
+            matched.append(order)
+            break
+    assert matched, "no arrival order of the 4 devices gives the server's answers"
