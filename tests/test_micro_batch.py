@@ -323,3 +323,25 @@ def test_four_devices_against_a_real_micro_batched_server(split: Path, tmp_path:
             matched.append(order)
             break
     assert matched, "no arrival order of the 4 devices gives the server's answers"
+
+
+# ------------------------------------------------------------------------------------ the command line
+def test_serve_flags_refuse_bad_values_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from splitkeras.cli import main
+
+    for flags, message in ((["--batch-window-ms", "-1"], "--batch-window-ms"),
+                           (["--max-devices-per-batch", "0"], "--max-devices-per-batch"),
+                           (["--batch-backward-timeout", "0"], "--batch-backward-timeout")):
+        assert main(["serve", str(tmp_path), *flags]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_micro_batching_refuses_a_split_with_the_labels_on_the_server(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from splitkeras.cli import main
+
+    folder = make_split(tmp_path / "labels", "labels_on_server")
+    assert main(["serve", str(folder), "--port", "0", "--batch-window-ms", "20"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels_on_server" in err and "--batch-window-ms" in err, err
