@@ -59,6 +59,48 @@ def pin(pid: int, cores: set[int]) -> None:
             pass
 
 
+def profile_service(service: Any, runner: Any, steps: int) -> dict[str, float]:
+    """Where a sequential step's wall time goes in-process (ms per step): each part timed by a
+    wrapper around it on the `SegmentService` (no HTTP), next to the bare `SegmentRunner`."""
+    from collections import defaultdict
+
+    totals: dict[str, float] = defaultdict(float)
+    inner = service.service
+
+    def wrap(owner: Any, name: str, bucket: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[bucket] += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+    wrap(inner.wal, "append", "write-ahead log (write + fsync, forward and backward)")
+    wrap(inner.runner, "forward", "segment forward + backward (with the guard's checks)")
+    wrap(inner.runner, "backward", "segment forward + backward (with the guard's checks)")
+    for name in ("inputs", "output_grads"):
+        wrap(inner.bodies, name, "wire decode")
+    for name in ("encode_outputs", "encode_input_grads"):
+        wrap(inner.bodies, name, "wire encode")
+    started = time.perf_counter()
+    for _ in range(steps):
+        service.one_step()
+    total = time.perf_counter() - started
+    parts = {name: 1e3 * value / steps for name, value in totals.items()}
+    parts["the rest (step machine, cached answers, Python)"] = 1e3 * total / steps - sum(parts.values())
+    started = time.perf_counter()
+    for _ in range(steps):
+        runner.one_step()
+    parts["bare SegmentRunner forward + backward (no guard), for comparison"] = \
+        1e3 * (time.perf_counter() - started) / steps
+    parts["SegmentService step in all"] = 1e3 * total / steps
+    return parts
+
+
 def counters(url: str, key: str) -> tuple[int, int]:
     state = httpx.get(f"{url}/readyz?detail=1", headers={"Authorization": f"Bearer {key}"}).json()
     return int(state["applied_steps"]), int(state["updates"])
@@ -149,12 +191,15 @@ def main() -> None:
         for mode in MODES:
             for device in devices[mode]:
                 device.client.close()
+        if pinned:
+            pin(os.getpid(), {0})
+        profile = profile_service(service, runner, 200)
     finally:
         for process in processes:
             stop_server(process)
         shutil.rmtree(folder, ignore_errors=True)
     data, markdown = report(args, pinned, middle, len(forward_body), (reference, reference_cpu),
-                            (service_rate, service_cpu), rates, server_cpu, device_cpu, group_sizes)
+                            (service_rate, service_cpu), rates, server_cpu, device_cpu, group_sizes, profile)
     paths = write_results("server_sweep", data, markdown)
     plot(data, RESULTS / "server_throughput.png")
     print(markdown)
@@ -166,7 +211,8 @@ Series = dict[str, dict[int, list[float]]]
 
 def report(args: argparse.Namespace, pinned: bool, middle: Any, body_bytes: int,
            runner: tuple[list[float], list[float]], service: tuple[list[float], list[float]], rates: Series,
-           server_cpu: Series, device_cpu: Series, group_sizes: dict[int, list[float]]) -> tuple[dict[str, Any], str]:
+           server_cpu: Series, device_cpu: Series, group_sizes: dict[int, list[float]],
+           profile: dict[str, float]) -> tuple[dict[str, Any], str]:
     reference, reference_cpu = runner
     # a shared machine drifts between rounds: ratios within each round, then their median
     seq_ratio = [s / r for s, r in zip(rates["sequential"][8], reference)]
@@ -196,6 +242,7 @@ def report(args: argparse.Namespace, pinned: bool, middle: Any, body_bytes: int,
                                     for mode, by in device_cpu.items()},
         "mean_group_size": {str(c): median(v) for c, v in group_sizes.items()},
         "floors": floors,
+        "sequential_step_profile_ms": profile,
     }
     ref = median(reference)
     rows = []
@@ -229,6 +276,11 @@ def report(args: argparse.Namespace, pinned: bool, middle: Any, body_bytes: int,
         f"{verdict(floors['sequential_8_over_in_process']['met'])}",
         f"Floor: micro-batched / sequential at 64 devices >= {FLOOR_MICRO:g} (median of round ratios): "
         f"{floors['micro_over_sequential_64']['value']:.2f} -> {verdict(floors['micro_over_sequential_64']['met'])}",
+        "", "## Where a sequential step's time goes (in-process SegmentService, wall ms per step, pinned like "
+        "the server)", "",
+        table(["part", "ms per step"], [[name, f"{value:.2f}"] for name, value in profile.items()]), "",
+        "Over HTTP, the server adds uvicorn/h11/Starlette (reading and writing the bodies) and the hop to "
+        "the writer thread: the difference between 1000 / (sequential steps/s) and the in-process step above.",
     ]
     return data, "\n".join(lines)
 

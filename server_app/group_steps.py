@@ -209,9 +209,12 @@ class GroupSteps:
             pending = self._pending(member)
             if member not in counted and pending is not None:
                 machine.expire(pending)
-        if counted:
-            self._run_backward(group, counted, answers)
-        self._forget(group)
+        self._unlist(group)  # first: a checkpoint the update triggers must not log it as open
+        try:
+            if counted:
+                self._run_backward(group, counted, answers)
+        finally:
+            self.executor.drop(group.key)
         return [a if a is not None else RuntimeError("no answer") for a in answers]
 
     def _run_backward(self, group: Group, counted: dict[StepKey, tuple[int, Session, list[np.ndarray], bytes]],
@@ -258,6 +261,9 @@ class GroupSteps:
 
     def _forget(self, group: Group) -> None:
         self.executor.drop(group.key)
+        self._unlist(group)
+
+    def _unlist(self, group: Group) -> None:
         self.groups.pop(group.group_id, None)
         for member in group.members:
             if self.member_group.get(member) == group.group_id:
@@ -276,7 +282,8 @@ class GroupSteps:
         return [Record("group_pending", {"group": g.group_id, "members": [list(m) for m in g.members],
                                          "codecs": g.codecs,
                                          "pending": [self._pending(m) is not None for m in g.members]},
-                       list(g.bodies)) for g in self.groups.values()]
+                       list(g.bodies)) for g in self.groups.values()
+                if any(self._pending(m) is not None for m in g.members)]
 
     def replay(self, record: Record) -> None:
         """Redo a logged group change (at start, after the checkpoint)."""

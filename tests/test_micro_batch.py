@@ -345,3 +345,20 @@ def test_micro_batching_refuses_a_split_with_the_labels_on_the_server(tmp_path: 
     assert main(["serve", str(folder), "--port", "0", "--batch-window-ms", "20"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "labels_on_server" in err and "--batch-window-ms" in err, err
+
+
+def test_a_checkpoint_the_group_update_triggers_leaves_no_open_group(split: Path, tmp_path: Path) -> None:
+    xs = [activations(i, r) for i, r in enumerate(ROWS)]
+    settings = settings_for(copy_split(split, tmp_path / "s"), batch_window_ms=30_000, max_devices_per_batch=3,
+                            checkpoint_every=1)
+    with LiveApp(settings) as live:
+        sessions = [live.open_session() for _ in ROWS]
+        concurrently(live, sessions, "forward", 0, [{"h": x} for x in xs])
+        concurrently(live, sessions, "backward", 0, [{"m": output_grads(i, r)} for i, r in enumerate(ROWS)])
+        assert live.service.groups.pending_records() == []
+        live.close(graceful=False)
+    with LiveApp(settings) as restarted:
+        state = detail(restarted)
+        assert (state["applied_steps"], state["micro_batching"]["open_groups"]) == (3, 0)
+        for sid, token in sessions:  # the next step goes on from the checkpoint
+            assert restarted.get(f"/v1/sessions/{sid}", token=token).json()["next_step"] == 1
