@@ -9,8 +9,9 @@ each item (a value, or an exception to raise for it). A submission whose item ke
 already in the open batch (a retry while it gathers) waits for the same answer.
 
 `MicroBatcher` uses two: the forwards gather in one batch at a time (the window,
-`max_devices_per_batch` = K), the backwards per group, until every member that can still
-send one has (or `batch_backward_timeout_seconds` after the first one came).
+`max_devices_per_batch` = K; it closes early once every open session without a pending step
+has sent its forward: no one else can join), the backwards per group, until every member
+that can still send one has (or `batch_backward_timeout_seconds` after the first one came).
 """
 
 from __future__ import annotations
@@ -112,8 +113,14 @@ class MicroBatcher:
         if not self.enabled:
             return await self.service.run(self.service.forward, session, step, body)
         answer: bytes = await self.forwards.submit(_FORWARDS, (session.session_id, step), (session, step, body),
-                                                   wait=self.window, expected=self.max_devices)
+                                                   wait=self.window, expected=self.expected_forwards())
         return answer
+
+    def expected_forwards(self) -> int:
+        """When the open forward batch is complete: K forwards, or every open session without
+        a pending step (no other session can send a forward now: waiting longer gains nothing)."""
+        idle = sum(1 for s in list(self.service.sessions) if s.pending_step is None)  # list(): one C call
+        return max(1, min(self.max_devices, idle))
 
     async def backward(self, session: Session, step: int, body: bytes) -> bytes:
         groups = self.service.groups

@@ -180,6 +180,20 @@ def test_group_answers_and_update_equal_the_union_reference(split: Path, tmp_pat
             assert live.get(f"/v1/sessions/{sid}", token=token).json()["applied_steps"] == 1
 
 
+def test_the_window_closes_once_every_idle_session_has_sent_its_forward(split: Path, tmp_path: Path) -> None:
+    xs = [activations(i, r) for i, r in enumerate(ROWS)]
+    with LiveApp(settings_for(copy_split(split, tmp_path / "s"), batch_window_ms=30_000,
+                              max_devices_per_batch=8)) as live:
+        sessions = [live.open_session() for _ in ROWS]
+        started = time.monotonic()
+        forwards = concurrently(live, sessions, "forward", 0, [{"h": x} for x in xs])
+        assert time.monotonic() - started < 20  # not the 30 s window: no fourth session can join
+        assert [r.status_code for r in forwards] == [200] * 3
+        assert live.service.micro.forwards.batches == [3]
+        live.open_session()  # an idle session that sends nothing: the next batch waits the window
+        assert live.service.micro.expected_forwards() == 1  # the three are pending
+
+
 def test_a_lone_member_is_the_sequential_step_bit_for_bit(split: Path, tmp_path: Path) -> None:
     x, g = activations(5, 2), output_grads(5, 2)
     answers = []
