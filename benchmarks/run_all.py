@@ -23,6 +23,7 @@ BENCHMARKS = {
                      ["--rounds", "3", "--json-rounds", "1"]),
     "server_throughput": ("server_throughput", ["--rounds", "3", "--window", "8"],
                           ["--rounds", "1", "--window", "3"]),
+    "server_sweep": ("server_sweep", ["--rounds", "3"], ["--rounds", "1", "--window", "1"]),
     "http_overhead": ("http_overhead", ["--rounds", "4", "--steps", "12"],
                       ["--rounds", "1", "--steps", "4", "--link-steps", "2"]),
     "http_overhead_width2": ("http_overhead", ["--width", "2", "--rounds", "3", "--steps", "8"],
