@@ -13,7 +13,8 @@ serve` on 127.0.0.1. Devices: `DeviceClient`s in threads of this process, each a
 its own head and tail (from the same initial weights), each with an equal IID share of the
 training images (a seeded permutation cut in N), batch 16, the same epochs. Runs: N = 8 and
 64 devices, each against the sequential server and micro-batched ones (windows
-`--window-ms`, default 20 and 200 ms: the longer one makes larger groups; K = N). Figure: the test accuracy (the whole test set) of each device's model
+`--window-ms`, default 20 and 200 ms: the longer one makes larger groups; K = N). Figure:
+the test accuracy (the whole test set) of each device's model
 (its head and tail, the server's middle, `DeviceClient.evaluate`), mean and range over the
 devices; and the server's updates, applied steps and mean group size.
 
@@ -126,7 +127,8 @@ def main() -> None:
         "# Micro-batching across devices: accuracy against the sequential server", "",
         f"Digits (`splitkeras demo`'s data and CNN, cut at conv_2 and dense_1), each device its own head and tail "
         f"and an equal IID share, batch {BATCH}, {args.epochs} epochs; micro-batched: `--batch-window-ms W "
-        f"--max-devices-per-batch N`, W = {', '.join(f'{w:g}' for w in args.window_ms)} ms. Accuracy: each device's model (its head and tail, the "
+        f"--max-devices-per-batch N`, W = {', '.join(f'{w:g}' for w in args.window_ms)} ms. "
+        "Accuracy: each device's model (its head and tail, the "
         "server's middle) on the whole test set (360 images): mean, and min - max over the devices.", "",
         table(["devices", "server", "test accuracy (mean)", "min - max", "device steps", "server updates",
                "mean group", "seconds"], rows), "",
