@@ -135,7 +135,7 @@ def main() -> None:
         "The micro-batched server takes one update per group (the mean of its members' steps): "
         "with groups of G, about G times fewer updates of the middle for the same epochs. The devices "
         "train in threads of one process, so the order of their steps (and the groups) differs from run to "
-        "run: the sequential figures moved by ~0.003 between two runs of this script.",
+        "run, and so do the accuracies (benchmarks/README.md gives their spread over runs).",
     ])
     paths = write_results("micro_batching", data_out, markdown)
     print(markdown)
