@@ -166,12 +166,18 @@ def _server(folder: Path, max_pending_steps: int) -> Any:
 def _record_server_order(server: Any) -> list[tuple[str, int]]:
     """What the server's executor ran, in order (retries answered from the cache run nothing)."""
     executor, order = server.app.state.service.executor, []
-    for kind in ("forward", "backward"):
-        def recording(key: Any, tensors: Any, _run: Any = getattr(executor, kind), _kind: str = kind) -> Any:
-            answer = _run(key, tensors)
-            order.append((_kind, key[1]))
+
+    def recorder(kind: str) -> Callable[[Any, Any], Any]:
+        run = getattr(executor, kind)
+
+        def recording(key: Any, tensors: Any) -> Any:
+            answer = run(key, tensors)
+            order.append((kind, key[1]))
             return answer
-        setattr(executor, kind, recording)
+        return recording
+
+    for kind in ("forward", "backward"):
+        setattr(executor, kind, recorder(kind))
     return order
 
 
