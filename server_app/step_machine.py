@@ -246,23 +246,13 @@ class StepMachine:
 
     # ---- the steps ---------------------------------------------------------------------------
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
-        self._require_mode("forward")
-        self._require_open(session)
-        if not self.replaying:
-            self.ensure_durable()
-        inputs = self.bodies.inputs(body, session.codec("forward"))  # a retry's body is checked too
-        if step in session.pending:
-            return session.pending[step].answer  # a retry: same bytes, nothing runs
-        if session.last_forward and session.last_forward[0] == step and session.next_step > step:
-            return session.last_forward[1]
-        self._check_forward(session, step)
+        inputs, cached = self.forward_check(session, step, body)
+        if cached is not None:
+            return cached
         key = (session.session_id, step)
         outputs, regularization = self.executor.forward(key, inputs)
         try:
-            response = self.bodies.encode_outputs(
-                outputs, session.codec("forward"),
-                {"step": str(step), "regularization_loss": repr(float(regularization))},
-                session.residuals_of("forward"))
+            response = self.forward_answer(session, step, outputs, regularization)
         except BaseException:
             self.executor.drop(key)  # e.g. an output beyond float16's range: no step is left pending
             raise
@@ -271,15 +261,52 @@ class StepMachine:
         except BaseException:
             self.executor.drop(key)  # not durable: not acknowledged, nothing left pending
             raise
+        self.forward_finish(session, step, inputs, response, self._last_blobs)
+        return response
+
+    # the phases of a forward, shared with the micro-batched groups (server_app.micro_batch)
+    def forward_check(self, session: Session, step: int, body: bytes) -> tuple[list[np.ndarray], bytes | None]:
+        """Refuse what may not run (nothing changes); (decoded inputs, the cached answer of a
+        retry or None)."""
+        self._require_mode("forward")
+        self._require_open(session)
+        if not self.replaying:
+            self.ensure_durable()
+        inputs = self.bodies.inputs(body, session.codec("forward"))  # a retry's body is checked too
+        if step in session.pending:
+            return inputs, session.pending[step].answer  # a retry: same bytes, nothing runs
+        if session.last_forward and session.last_forward[0] == step and session.next_step > step:
+            return inputs, session.last_forward[1]
+        self._check_forward(session, step)
+        return inputs, None
+
+    def forward_answer(self, session: Session, step: int, outputs: list[Any], regularization: Any) -> bytes:
+        return self.bodies.encode_outputs(
+            outputs, session.codec("forward"),
+            {"step": str(step), "regularization_loss": repr(float(regularization))},
+            session.residuals_of("forward"))
+
+    def forward_finish(self, session: Session, step: int, inputs: list[np.ndarray], response: bytes,
+                       blobs: list[bytes] | None) -> None:
+        """The forward ran and is logged: the step is pending (after the others), its answer cached."""
         batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
-        session.add_pending(step, PendingForward(self.clock(), batch, response,
-                                                 None if self.replaying else self._last_blobs))
+        session.add_pending(step, PendingForward(self.clock(), batch, response, None if self.replaying else blobs))
         session.set_lost([s for s in session.lost_steps if s > step])
         session.set_expired([s for s in session.expired_steps if s > step])
         session.last_forward = (step, response)
-        return response
 
     def backward(self, session: Session, step: int, body: bytes) -> bytes:
+        grads, cached = self.backward_check(session, step, body)
+        if cached is not None:
+            return cached
+        input_grads = self.executor.backward((session.session_id, step), grads)
+        response = self.backward_answer(session, step, input_grads)
+        self._logged_applied("backward", session, step, body, response)
+        return response
+
+    def backward_check(self, session: Session, step: int, body: bytes) -> tuple[list[np.ndarray], bytes | None]:
+        """Refuse what may not run (nothing changes); (decoded output gradients, the cached
+        answer of a retry or None)."""
         self._require_mode("backward")
         self._require_open(session)
         if not self.replaying:
@@ -288,7 +315,7 @@ class StepMachine:
         if session.pending_step != step:  # backwards are FIFO: the oldest pending step only
             cached = session.cached_backward(step) if step < session.next_step else None
             if cached is not None:
-                return cached
+                return grads, cached
             raise self._out_of_order(session, step, "backward")
         batch = int(grads[0].shape[0]) if grads and grads[0].ndim else None
         if session.pending_batch is not None and batch != session.pending_batch:
@@ -296,11 +323,11 @@ class StepMachine:
                                  f"The gradients have batch size {batch}, but the forward pass of step "
                                  f"{step} had {session.pending_batch}: send one gradient per output "
                                  "sample, shaped like the forward response.")
-        input_grads = self.executor.backward((session.session_id, step), grads)
-        response = self.bodies.encode_input_grads(input_grads, session.codec("backward"), {"step": str(step)},
-                                                  session.residuals_of("backward"))
-        self._logged_applied("backward", session, step, body, response)
-        return response
+        return grads, None
+
+    def backward_answer(self, session: Session, step: int, input_grads: list[Any]) -> bytes:
+        return self.bodies.encode_input_grads(input_grads, session.codec("backward"), {"step": str(step)},
+                                              session.residuals_of("backward"))
 
     def train(self, session: Session, step: int, body: bytes) -> bytes:
         self._require_mode("train")
