@@ -31,6 +31,7 @@ BENCHMARKS = {
                                                  "--no-links"],
                                ["--model", "resnet50", "--rounds", "1", "--steps", "2", "--no-links"]),
     "split_location": ("split_location", ["--steps", "4"], ["--steps", "2"]),
+    "pipelining": ("pipelining", ["--epochs", "5"], ["--epochs", "2"]),
 }
 
 
