@@ -245,7 +245,7 @@ export class SplitSession {
           else if (error.code === STEP_OUT_OF_ORDER && step !== null) await this.resync(step, error);
           else throw error.toError();
           this.stats.recoveries += 1;
-          if (error.code === UNKNOWN_SESSION && route === 'forward') {
+          if (route === 'forward' && this.info?.session_id !== error.sessionId) { // a new session
             // the older steps in flight go to the new session first (none at depth 1)
             for (const [pending, older] of this.inFlight().filter(([s]) => s < step)) {
               await this.withSessionRecovery('forward', pending, older, { internal: true });
@@ -310,10 +310,16 @@ export class SplitSession {
   async resync(step, refusal) {
     const state = await this.state();
     const pending = state.pending_step;
-    const ours = new Set([step, ...this.forwardBodies.keys()].map((s) => s + this.offset));
-    const foreign = Array.isArray(state.pending_steps) ? state.pending_steps.some((s) => !ours.has(s))
-      : pending !== null && pending !== undefined && pending !== await this.serverStep(step);
-    if (foreign) {
+    if (this.pipelineDepth > 1 && Array.isArray(state.pending_steps) && state.pending_steps.length) {
+      // pipelined: the server holds steps; unless they are ours and older than this one (it
+      // was refused for another reason), a new session, where the steps in flight are resent
+      const serverStep = await this.serverStep(step);
+      const ours = new Set([...this.forwardBodies.keys()].map((s) => s + this.offset));
+      if (state.pending_steps.some((s) => !ours.has(s) || s >= serverStep)) {
+        await this.reopen(step);
+        return;
+      }
+    } else if (pending !== null && pending !== undefined && pending !== await this.serverStep(step)) {
       await this.reopen(step); // a step of ours that will never get its backward
       return;
     }

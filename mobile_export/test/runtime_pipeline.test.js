@@ -77,6 +77,8 @@ function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
       pendingAtArrival: session ? [...session.pending.keys()] : null };
     log.push(entry);
     await later(delay[route] ?? 1);
+    while (route === 'backward' && session && holdUntil && session.next <= holdUntil(step)
+      && !session.released && sessions.has(id)) await later(1);
     const fault = faults(entry, { sessions, log });
     if (fault) return fault;
     if (route === 'open') {
@@ -84,7 +86,8 @@ function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
       stats.opens += 1;
       const sid = `s${opened}`;
       const nextStep = opened === 1 ? 0 : 100 * opened; // a new session numbers steps its own way
-      sessions.set(sid, { pending: new Map(), done: new Map(), next: nextStep, lostTapes: new Set() });
+      sessions.set(sid, { pending: new Map(), done: new Map(), next: nextStep, lostTapes: new Set(),
+        expired: new Set() });
       const info = { session_id: sid, token: `t${sid}`, wire_dtype: 'float32', segment: 'middle',
         mode: 'u_shaped', max_batch: 16, next_step: nextStep, inputs: [], outputs: [] };
       if (maxPending !== null) info.max_pending_steps = maxPending;
@@ -104,6 +107,7 @@ function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
     if (route === 'forward') {
       const cached = session.pending.get(step) ?? session.done.get(step)?.forward;
       if (cached && !session.lostTapes.has(step)) return answer(cached.answer);
+      for (const old of session.expired) if (old <= step) session.expired.delete(old);
       if (session.lostTapes.has(step)) session.lostTapes.delete(step); // the resent forward
       else {
         if (session.pending.size && step <= Math.max(...session.pending.keys())) {
@@ -111,7 +115,7 @@ function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
         }
         if (step < session.next) return refuse('step_out_of_order', session.next);
         if (session.pending.size >= limit) {
-          session.refused = true; // a held backward goes on
+          session.released = true; // held backwards go on
           return refuse('pipeline_full', oldest);
         }
       }
@@ -124,9 +128,9 @@ function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
       return answer(result);
     }
     if (route === 'backward') {
-      while (holdUntil && session.next <= holdUntil(step) && !session.refused) await later(1);
       const done = session.done.get(step);
       if (done) return answer(done.backward);
+      if (session.expired.has(step)) return refuse('step_expired', session.next);
       if (step !== oldest) return refuse('step_out_of_order', oldest);
       if (session.lostTapes.has(step)) return refuse('forward_lost', oldest);
       const g = decodeTensors(init.body).tensors.m;
@@ -336,4 +340,31 @@ test('unknown_session with several steps in flight: ONE new session, the steps i
   assert.deepEqual(onNew.slice(0, lostAt.length), lostAt.map((_, i) => 200 + i));
   assert.ok(server.log.findIndex((r) => r.session === 's2' && r.step === 200 + lostAt.length - 1) < firstBackward);
   assert.equal(server.stats.applied, 4 + 10); // steps 0-3 on the first session, 4-13 on the new one
+});
+
+test('step_expired dropping every pending step (the server drops them all, FIFO): the device '
+  + 'resends the forwards of every step in flight, oldest first, each applied once', async () => {
+  let dropped = null;
+  let droppedAt = null; // requests logged by then
+  const server = pipelinedServer({ holdUntil: (step) => Math.min(step + 2, step < 7 ? 6 : 13),
+    faults: (r, { sessions, log }) => {
+      const session = sessions.get(r.session);
+      if (dropped === null && r.route === 'backward' && r.step === 8) {
+        dropped = [...session.pending.keys()]; // the TTL dropped them: the oldest first
+        for (const step of dropped) session.expired.add(step);
+        session.pending.clear();
+        session.next = dropped[0];
+        droppedAt = log.length;
+      }
+      return null;
+    } });
+  const device = await create(server);
+  const { steps: run } = await device.fit(XS, YS, { ...fitOptions, pipelineDepth: 3 });
+  assert.equal(run, 14);
+  assert.ok(dropped.length >= 2, `pending when dropped: ${dropped}`);
+  const resent = server.log.slice(droppedAt).filter((r) => r.route === 'forward' && dropped.includes(r.step))
+    .map((r) => r.step);
+  assert.deepEqual(resent.slice(0, dropped.length), dropped);
+  assert.equal(server.stats.applied, 14);
+  assert.equal(server.stats.forwardsRun, 14 + dropped.length);
 });
