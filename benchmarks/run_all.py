@@ -28,6 +28,7 @@ BENCHMARKS = {
     "http_overhead_width2": ("http_overhead", ["--width", "2", "--rounds", "3", "--steps", "8"],
                              ["--width", "2", "--rounds", "1", "--steps", "4", "--no-links"]),
     "split_location": ("split_location", ["--steps", "4"], ["--steps", "2"]),
+    "pipelining": ("pipelining", ["--epochs", "5"], ["--epochs", "2"]),
 }
 
 

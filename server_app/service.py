@@ -72,7 +72,8 @@ class SegmentService:
         self.durable = True  # False after a failed log write, until a checkpoint succeeds
         self.steps = StepMachine(self.sessions, self.executor, self.bodies, self.mode,
                                  settings.step_ttl_seconds, on_applied=self._after_step,
-                                 journal=self._journal, ensure_durable=self.ensure_durable)
+                                 journal=self._journal, ensure_durable=self.ensure_durable,
+                                 max_pending_steps=settings.max_pending_steps)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
         self.refused_steps = 0  # refused by the guards since the start
@@ -274,6 +275,7 @@ class SegmentService:
     def describe(self) -> dict[str, Any]:
         """What this server serves: its segment and, in a chain, the rest of the chain."""
         return {"segment": self.entry.name, "mode": self.mode, "max_batch": self.settings.max_batch,
+                "max_pending_steps": self.settings.max_pending_steps,
                 "inputs": [s.to_json() for s in self.served.inputs],
                 "outputs": [s.to_json() for s in self.served.outputs],
                 "aggregation": None if self.fleet is None else self.fleet.aggregator.describe()}

@@ -85,6 +85,16 @@ class _Pending:
     regularization: tf.Tensor
 
 
+def _scaled(gradient: Any, scale: float) -> Any:
+    """`gradient * scale` in its own dtype (None stays None; sparse stays sparse)."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(gradient.values * tf.cast(scale, gradient.values.dtype), gradient.indices,
+                                gradient.dense_shape)
+    return gradient * tf.cast(scale, gradient.dtype)
+
+
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -345,10 +355,14 @@ class SegmentRunner:
         """Forget a forward whose backward will never come (frees its activations)."""
         self._pending.pop(step, None)
 
-    def backward(self, step: Any, output_gradients: Sequence[Any]) -> list[tf.Tensor | None]:
+    def backward(self, step: Any, output_gradients: Sequence[Any],
+                 gradient_scale: float = 1.0) -> list[tf.Tensor | None]:
         """Apply the update of `step` from the gradients of its outputs.
 
-        Returns one gradient per input (`None` where none is needed).
+        Returns one gradient per input (`None` where none is needed). `gradient_scale`
+        multiplies the weight gradients before the update (the input gradients are not
+        scaled); exactly 1.0 leaves the arithmetic untouched. A micro-batched server
+        (`server_app.micro_batch`) passes 1/K: the mean over K device steps.
         """
         pending = self._pending.get(step)
         if pending is None:
@@ -368,6 +382,8 @@ class SegmentRunner:
             output_gradients = guard.clip(output_gradients)
         del self._pending[step]
         weight_gradients, input_gradients = self.vjp(pending, output_gradients)
+        if gradient_scale != 1.0:
+            weight_gradients = [_scaled(g, gradient_scale) for g in weight_gradients]
         if guard is None:
             if self.trainable:
                 self._apply_fn(weight_gradients)
