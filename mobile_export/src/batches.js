@@ -3,7 +3,9 @@
 // evaluate and predict (runtime.js, with their documentation) call these; one batch is
 // steps.js' work.
 
-import { checkPipelineDepth, runPipelined, servedDepth } from './pipeline.js';
+import {
+  checkNoRounds, checkPipelinable, checkPipelineDepth, runPipelined, servedDepth,
+} from './pipeline.js';
 import { FleetRounds } from './rounds.js';
 import { runEvaluate, runPredict } from './steps.js';
 import { SplitDeviceError, namedInputs } from './tensors.js';
@@ -22,7 +24,7 @@ export async function runFit(device, xs, ys, options = {}) {
     batchSize = 32, epochs = 1, shuffle = true, validationData, validationSplit = 0,
     validationBatchSize, initialEpoch = 0, callbacks, pipelineDepth = 1,
   } = options;
-  checkPipelineDepth(pipelineDepth);
+  checkPipelinable(device, checkPipelineDepth(pipelineDepth));
   const hooks = [options, ...(Array.isArray(callbacks) ? callbacks : (callbacks ? [callbacks] : []))];
   const emit = async (name, ...args) => {
     for (const hook of hooks) if (typeof hook[name] === 'function') await hook[name](...args);
@@ -89,6 +91,7 @@ export async function runFit(device, xs, ys, options = {}) {
     }
     device.stopTraining = false;
     const rounds = await FleetRounds.forDevice(device, options.rounds); // rounds.js: --aggregate
+    checkNoRounds(rounds, depth);
     if (rounds) hooks.push(rounds);
     await emit('onTrainBegin', {});
     for (let epoch = initialEpoch; epoch < epochs && !device.stopTraining; epoch += 1) {

@@ -32,6 +32,31 @@ export function checkPipelineDepth(depth) {
 }
 
 /**
+ * Refuse what pipelining does not do (before any request): a split other than U-shaped with
+ * one server stage and the labels on the device, privacy defences (their random streams and
+ * NoPeek's statistics are per step in order), as the Python client refuses them.
+ */
+export function checkPipelinable(device, depth) {
+  if (depth === 1) return;
+  const servers = device.runners.filter((r) => r.session).length;
+  if (servers !== 1 || !device.tail || (device.defences ?? []).length) {
+    throw new SplitDeviceError(`fit({pipelineDepth: ${depth}}) needs a U-shaped split with one server `
+      + 'stage (labels on the device), without defences; this split has '
+      + `${servers} server stage(s), the labels ${device.tail ? 'on the device' : 'on a server'}`
+      + `${(device.defences ?? []).length ? ', defences' : ''}. Train it with pipelineDepth 1.`);
+  }
+}
+
+/** Fleet rounds upload the device's weights between steps: not with steps in flight. */
+export function checkNoRounds(rounds, depth) {
+  if (rounds && depth > 1) {
+    throw new SplitDeviceError(`fit({pipelineDepth: ${depth}}): the server runs fleet rounds `
+      + '(--aggregate), which upload the weights between steps; train with pipelineDepth 1 '
+      + '(or fit(..., {rounds: false}) to keep this device out of the rounds).');
+  }
+}
+
+/**
  * The depth the servers allow: `depth`, capped by the max_pending_steps of every server
  * stage that gets forwards (the label stage's `train` holds nothing pending), with a
  * warning (`warn(message)`) when it is lower.

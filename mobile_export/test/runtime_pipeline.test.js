@@ -56,7 +56,7 @@ const later = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
  * step's forward has arrived (the pipeline is full, whatever the machine's load).
  */
 function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
-  delay = { backward: 8 }, holdUntil = null } = {}) {
+  delay = { backward: 8 }, holdUntil = null, aggregation = null } = {}) {
   const limit = refuseAt ?? maxPending ?? 1;
   const sessions = new Map();
   const log = []; // every request: {route, step, session, body bytes, pendingAtArrival}
@@ -91,6 +91,7 @@ function pipelinedServer({ maxPending = 4, refuseAt, faults = () => null,
       const info = { session_id: sid, token: `t${sid}`, wire_dtype: 'float32', segment: 'middle',
         mode: 'u_shaped', max_batch: 16, next_step: nextStep, inputs: [], outputs: [] };
       if (maxPending !== null) info.max_pending_steps = maxPending;
+      if (aggregation) info.aggregation = aggregation;
       return json(201, info);
     }
     if (!session) return json(404, { error: { code: 'unknown_session', message: 'no such session' } });
@@ -367,4 +368,31 @@ test('step_expired dropping every pending step (the server drops them all, FIFO)
   assert.deepEqual(resent.slice(0, dropped.length), dropped);
   assert.equal(server.stats.applied, 14);
   assert.equal(server.stats.forwardsRun, 14 + dropped.length);
+});
+
+test('pipelining refuses, before any request, what it does not do: labels on the server, '
+  + 'privacy defences', async () => {
+  const server = pipelinedServer();
+  const defended = await create(server, { defences: [{ name: 'max-norm', seed: 1 }] });
+  await assert.rejects(defended.fit(XS, YS, { ...fitOptions, pipelineDepth: 2 }), (e) => e instanceof SplitDeviceError
+    && e.message === 'fit({pipelineDepth: 2}) needs a U-shaped split with one server stage (labels on '
+      + 'the device), without defences; this split has 1 server stage(s), the labels on the device, '
+      + 'defences. Train it with pipelineDepth 1.');
+  const labelsOnServer = { ...MANIFEST, model_outputs: [spec('out', 2)],
+    segments: [MANIFEST.segments[0], { name: 'rest', placement: 'server', keras_file: 'r.keras',
+      inputs: [spec('h', 4)], outputs: [spec('out', 2)] }],
+    training: { ...MANIFEST.training, loss: 'mse', metrics: [] } };
+  const device = await SplitDevice.create({ tf, manifest: labelsOnServer, models: { head: head() },
+    serverUrl: 'http://fake', key: 'k', fetch: server.fetch, retries: 0 });
+  await assert.rejects(device.fit(XS, tf.zeros([N, 2]), { ...fitOptions, pipelineDepth: 3 }),
+    /this split has 1 server stage\(s\), the labels on a server\. Train it with pipelineDepth 1\./);
+  assert.equal(server.log.length, 0);
+});
+
+test('pipelining refuses fleet rounds (weights uploaded between steps) before any step', async () => {
+  const server = pipelinedServer({ aggregation: { strategy: 'fedavg', round: 0, round_steps: 2 } });
+  const device = await create(server);
+  await assert.rejects(device.fit(XS, YS, { ...fitOptions, pipelineDepth: 2 }), (e) => e instanceof SplitDeviceError
+    && /^fit\(\{pipelineDepth: 2\}\): the server runs fleet rounds \(--aggregate\)/.test(e.message));
+  assert.deepEqual(server.log.map((r) => r.route), ['open', 'close']);
 });
