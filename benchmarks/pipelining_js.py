@@ -121,10 +121,11 @@ def main() -> None:
                      ", ".join(f"{r['loss'][-1]:.3f}" for r in rs),
                      ", ".join(str(r["applied_steps"]) for r in rs)])
     ratio, points = seconds[2] / seconds[1], 100 * (accuracy[2] - accuracy[1])
-    floors = {"depth2_time_ratio": {"what": "depth-2 epoch time / sequential on the emulated link (at most)",
-                                    "value": ratio, "floor": 0.75, "met": ratio <= 0.75},
-              "depth2_accuracy_points": {"what": "|depth-2 - sequential mean test accuracy| in points (at most)",
-                                         "value": abs(points), "floor": 0.5, "met": abs(points) <= 0.5}}
+    floors: dict[str, dict[str, Any]] = {
+        "depth2_time_ratio": {"what": "depth-2 epoch time / sequential on the emulated link (at most)",
+                              "value": ratio, "floor": 0.75, "met": ratio <= 0.75},
+        "depth2_accuracy_points": {"what": "|depth-2 - sequential mean test accuracy| in points (at most)",
+                                   "value": abs(points), "floor": 0.5, "met": abs(points) <= 0.5}}
     data = {"machine": machine(), "floors": floors, "epochs": args.epochs, "repeats": args.repeats,
             "batch_size": args.batch_size,
             "steps_per_epoch": steps_per_epoch, "link": LINK, "runs": runs,
