@@ -298,6 +298,26 @@ def test_the_depth_is_capped_by_the_servers_max_pending_steps(template: Path, tm
         client.close()
 
 
+def test_a_sequential_device_that_abandoned_a_step_goes_on_in_a_new_session(template: Path, tmp_path: Path) -> None:
+    """A server that pipelines accepts the next forward beside the abandoned step; the backward
+    is then refused (an older step is pending): the transport opens a new session, resends the
+    forward and goes on; the abandoned step is never applied."""
+    folder = Path(shutil.copytree(template, tmp_path / "split"))
+    with _server(folder, max_pending_steps=4) as server:
+        transport = Transport("http://testserver", key=KEY, http_transport=server._transport)
+        transport.open_session()
+        first = transport.session["session_id"]
+        h = {"encode": np.ones((2, 5), np.float32)}
+        transport.forward(0, h)
+        transport._forward_bodies.clear()  # the device was interrupted: step 0 is given up
+        outputs, _ = transport.forward(1, h)
+        grads = transport.backward(1, {name: np.ones_like(v) for name, v in outputs.items()})
+        assert set(grads) == {"encode"} and transport.session["session_id"] != first
+        assert transport.stats.recoveries == 1  # one recovery: a new session, the forward resent in it
+        assert transport.session_state()["applied_steps"] == 1
+        transport.close()
+
+
 def test_pipelining_refuses_a_split_with_the_labels_on_the_server(tmp_path: Path) -> None:
     folder = make_split_folder(tmp_path / "l", "labels_on_server")
     client = DeviceClient(folder, "http://127.0.0.1:9", key=KEY)
