@@ -41,6 +41,7 @@ STATUS: dict[str, int] = {
     "out_of_bounds": 422,
     "update_refused": 422,
     "not_durable": 503,
+    "worker_lost": 503,
 }
 
 

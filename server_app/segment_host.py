@@ -33,7 +33,8 @@ class SegmentHost:
 
     def __init__(self, settings: ServerSettings) -> None:
         from converters.keras_io import load_model
-        from splitkeras.engine import SegmentRunner
+        from server_app.strategy import build_runner, strategy_scope
+        from splitkeras.engine import SegmentRunner, new_optimizer
         from splitkeras.segments import Segment
         from splitkeras.training import restore_compile_value
 
@@ -44,8 +45,9 @@ class SegmentHost:
         # this segment computes the loss only if it is the last; the chain may end with it later
         self.labels_on_server = self.entry.name == self.manifest.topology.label_segment
         self.mode = self.served.mode
-        model = load_model(self.split_dir / self.entry.keras_file, compile=False,
-                           unsafe_deserialization=settings.unsafe_deserialization)
+        with strategy_scope(settings):  # under --strategy: mirrored variables
+            model = load_model(self.split_dir / self.entry.keras_file, compile=False,
+                               unsafe_deserialization=settings.unsafe_deserialization)
         self.segment = Segment(self.entry.name, "server", model, self.entry.inputs, self.entry.outputs)
         training = self.manifest.training or {}
         if not training.get("optimizer"):
@@ -60,11 +62,17 @@ class SegmentHost:
             optimizer_config = keras.optimizers.serialize(keras.optimizers.get(optimizer_config))
         # the labels a train body carries are checked against the loss (class ids in range)
         self.loss = restore_compile_value(training.get("loss")) if self.served.holds_labels else None
-        self.runner = SegmentRunner.for_segment(
-            self.segment, optimizer_config, [s.name for s in self.manifest.model_inputs],
-            jit_compile=settings.jit_compile, loss=self.loss if self.labels_on_server else None,
-            metrics=restore_compile_value(training.get("metrics")),
-            loss_weights=training.get("loss_weights"))
+        if settings.strategy != "off":
+            with strategy_scope(settings):
+                self.runner: Any = build_runner(settings, self.segment, new_optimizer(optimizer_config),
+                                                [s.name for s in self.manifest.model_inputs],
+                                                self.labels_on_server)
+        else:
+            self.runner = SegmentRunner.for_segment(
+                self.segment, optimizer_config, [s.name for s in self.manifest.model_inputs],
+                jit_compile=settings.jit_compile, loss=self.loss if self.labels_on_server else None,
+                metrics=restore_compile_value(training.get("metrics")),
+                loss_weights=training.get("loss_weights"))
         self.checkpoint_dir = settings.resolved_checkpoint_dir
         self._remove_stale_temporaries()
 
@@ -101,14 +109,15 @@ class SegmentHost:
 
     def save_checkpoint(self, applied_steps: int, sessions: list[dict[str, Any]],
                         downstream: dict[str, Any] | None = None, wal_seq: int = 0,
-                        guard: dict[str, Any] | None = None) -> None:
+                        guard: dict[str, Any] | None = None, distributed: dict[str, Any] | None = None) -> None:
         """Write variables, optimizer state, `applied_steps`, `sessions`, (in a chain) each
         session's session on the next server, the last log record it includes and the guard's
-        running scales, atomically."""
+        running scales (under `--strategy`, the cluster's applied updates), atomically."""
         save_checkpoint(self.checkpoint_dir, *self._variables(),
                         {"applied_steps": applied_steps, "saved_at": time.time(),
                          "segment": self.entry.name, "sessions": sessions,
-                         "downstream": downstream or {}, "wal_seq": wal_seq, "guard": guard or {}})
+                         "downstream": downstream or {}, "wal_seq": wal_seq, "guard": guard or {},
+                         **({"distributed": distributed} if distributed is not None else {})})
 
     def save_segment(self) -> None:
         """Write the trained segment back to its `.keras` file in the split folder (atomic)."""

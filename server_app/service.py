@@ -34,6 +34,8 @@ from server_app.segment_host import SegmentHost
 from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
 from server_app.step_machine import StepMachine
+from server_app.strategy import GlobalStepTicker, check_replay
+from server_app.strategy import describe as describe_strategy
 from server_app.wal import Record, WriteAheadLog
 from splitkeras import codecs, wire
 from splitkeras.errors import GUARD_CODES, ManifestError, RequestRefused
@@ -100,10 +102,18 @@ class SegmentService:
             self.resumed_from = self.steps.applied_steps
             wal_seq = int(state.get("wal_seq", 0))
         self._replay(wal_seq)
+        self.ticker: GlobalStepTicker | None = None  # --strategy multi-worker: idle global steps
+        if settings.strategy == "multi-worker":  # every worker starts from the most advanced checkpoint
+            self.runner.applied_updates = int(((state or {}).get("distributed") or {}).get("applied_updates", 0))
+            self.runner.sync_from_latest()
+            self.ticker = GlobalStepTicker(self.runner, self._writer.submit, settings.global_step_ms / 1000,
+                                           after_update=self._after_step)
 
     # ---- the write-ahead log -------------------------------------------------------------------
     def _replay(self, after: int) -> None:
         """Redo what the log holds past the checkpoint, then checkpoint (the log starts over)."""
+        if self.settings.strategy == "multi-worker":
+            check_replay(self.settings, [record.kind for record in self.wal.records(after=after)])
         for record in self.wal.records(after=after):
             try:
                 if record.kind.startswith("fleet_"):
@@ -157,7 +167,9 @@ class SegmentService:
             self.fleet.aggregator.save(self.checkpoint_dir, self.wal.last_seq)
         self.host.save_checkpoint(self.steps.applied_steps, self.steps.persisted(),
                                   self.executor.persisted(), wal_seq=self.wal.last_seq,
-                                  guard=self.guard.state() if self.guard is not None else None)
+                                  guard=self.guard.state() if self.guard is not None else None,
+                                  distributed={"applied_updates": self.runner.applied_updates}
+                                  if self.settings.strategy != "off" else None)
         self.wal.reset()
         try:
             for record in self.steps.pending_records():  # their tapes are not in the checkpoint
@@ -169,7 +181,8 @@ class SegmentService:
 
     def _after_step(self) -> None:
         self._since_checkpoint += 1
-        if self._since_checkpoint >= self.settings.checkpoint_every:
+        # multi-worker: after every update (a peer's too), before its answer (docs/scaling.md)
+        if self._since_checkpoint >= self.settings.checkpoint_every or self.settings.strategy == "multi-worker":
             try:
                 self.save_checkpoint()
             except OSError as error:  # the step is applied: answer it; retry at the next step
@@ -187,6 +200,8 @@ class SegmentService:
         return await loop.run_in_executor(self._writer, function, *args)
 
     def close(self) -> None:
+        if self.ticker is not None:
+            self.ticker.stop()
         self._writer.submit(self._shutdown).result()
         self._writer.shutdown(wait=True)
 
@@ -336,10 +351,12 @@ class SegmentService:
     def status(self, detailed: bool) -> tuple[bool, dict[str, Any]]:
         """Readiness: (ready, what to say). Without `detailed`, only whether it is ready."""
         writable = self.checkpoint_dir_writable()
-        ready = writable and self.durable
+        lost = getattr(self.runner, "lost", None)  # --strategy: a worker of the cluster is lost
+        ready = writable and self.durable and lost is None
         if not detailed:
-            return ready, {"status": "ready" if ready else "not_ready"}
-        status = "ready" if ready else "checkpoint_dir_not_writable" if not writable else "not_durable"
+            return ready, {"status": "ready" if ready else "worker_lost" if lost else "not_ready"}
+        status = "ready" if ready else "checkpoint_dir_not_writable" if not writable else \
+            "worker_lost" if lost else "not_durable"
         body: dict[str, Any] = {
             "status": status, "segment": self.entry.name,
             "mode": self.mode, "applied_steps": self.applied_steps, "sessions": len(self.sessions),
@@ -349,6 +366,8 @@ class SegmentService:
             body["guard"] = self.guard.describe()
         if self.fleet is not None:
             body["aggregation"] = self.fleet.aggregator.state()
+        if self.settings.strategy != "off":
+            body["distributed"] = describe_strategy(self.runner, self.settings.strategy)
         return ready, body
 
     def predict(self, session: Session, body: bytes) -> bytes:

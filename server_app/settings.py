@@ -95,6 +95,18 @@ class ServerSettings(BaseSettings):
                                      description="refuse an upload whose update norm is over this times the "
                                      "median of accepted ones")
 
+    # the segment on tf.distribute (splitkeras.distributed, docs/scaling.md)
+    strategy: Literal["off", "mirrored", "multi-worker"] = Field(default="off", description="train the segment "
+                                                                 "under MirroredStrategy (this host's devices) or "
+                                                                 "MultiWorkerMirroredStrategy (TF_CONFIG)")
+    replicas: int | None = Field(default=None, ge=1, description="mirrored: how many devices (default: every "
+                                 "GPU, else 1); without GPUs, that many logical CPU devices")
+    collective_timeout_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                                              description="multi-worker: a collective waiting longer for a "
+                                              "peer fails (the worker is reported lost)")
+    global_step_ms: float = Field(default=50.0, gt=0, allow_inf_nan=False,
+                                  description="multi-worker: an idle worker joins a global step this often")
+
     def guard_config(self) -> GuardConfig | None:
         """The guards' bounds, or None when `guard` is off."""
         if not self.guard:

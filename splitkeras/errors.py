@@ -111,6 +111,8 @@ REFUSAL_CODES: dict[str, str] = {
     "round_closed": "a fleet upload names a round that is not open (see current_round)",
     "already_uploaded": "the session already uploaded other weights for this round",
     "aggregation_off": "a fleet route on a server started without --aggregate",
+    "worker_lost": "under --strategy multi-worker, a worker of the server's cluster is lost: no step can be "
+                   "applied until the cluster is restarted",
 }
 
 # The refusals of the guards (`splitkeras.guard`): a session that collects too many is closed.

@@ -29,10 +29,11 @@ class Server:
         checkpoint_every: `--checkpoint-every`.
         args: more `serve` arguments (e.g. `["--segment", "middle_2", "--next", url]`).
         name: names the log file (default: the folder's name).
+        env: more environment variables (e.g. `TF_CONFIG`).
     """
 
     def __init__(self, folder: Path, checkpoint_every: int, args: list[str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, env: dict[str, str] | None = None) -> None:
         self.folder, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.checkpoint_every = checkpoint_every
@@ -40,10 +41,11 @@ class Server:
         self.log = folder.parent / f"{name or folder.name}-server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.env = dict(env or {})
 
     def start(self) -> Server:
         env = dict(os.environ, SPLITKERAS_SERVER_KEY=KEY, TF_CPP_MIN_LOG_LEVEL="3",
-                   TF_DETERMINISTIC_OPS="1")
+                   TF_DETERMINISTIC_OPS="1", **self.env)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "splitkeras.cli", "serve", str(self.folder), "--port",

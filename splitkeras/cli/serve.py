@@ -13,6 +13,9 @@ Example:
     $ splitkeras serve out4 --segment middle_1 --port 8000 --next http://127.0.0.1:8001
     $ splitkeras serve out --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem
     $ splitkeras serve splitkeras-demo --device-page                    # open the printed /device/ URL
+    $ splitkeras serve out --strategy mirrored --no-guard               # every local GPU (docs/scaling.md)
+    $ TF_CONFIG='{"cluster": {"worker": ["a:2222", "b:2222"]}, "task": {"type": "worker", "index": 0}}' \
+        splitkeras serve out --strategy multi-worker --no-guard
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-t
          "guard_max_weight": "--guard-max-weight", "max_grad_norm": "--max-grad-norm",
          "max_refused_steps": "--max-refused-steps", "aggregate": "--aggregate", "round_steps": "--round-steps",
          "round_quorum": "--round-quorum", "round_deadline_seconds": "--round-deadline",
-         "round_norm_factor": "--round-norm-factor", "codecs": "--codecs"}
+         "round_norm_factor": "--round-norm-factor", "codecs": "--codecs", "strategy": "--strategy",
+         "replicas": "--replicas", "collective_timeout_seconds": "--collective-timeout",
+         "global_step_ms": "--global-step-ms"}
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -55,8 +60,11 @@ def _settings(args: argparse.Namespace) -> Any:
         "segment": args.segment, "next_url": args.next, "next_key": args.next_key,
         "cors_origins": args.cors_origin, "aggregate": args.aggregate, "round_quorum": args.round_quorum,
         "round_deadline_seconds": args.round_deadline, "round_norm_factor": args.round_norm_factor,
-        "codecs": args.codecs,
+        "codecs": args.codecs, "strategy": args.strategy, "replicas": args.replicas,
+        "collective_timeout_seconds": args.collective_timeout, "global_step_ms": args.global_step_ms,
     }.items() if v is not None}
+    if (args.replicas is not None) and args.strategy != "mirrored":
+        raise CliError("serve: --replicas needs --strategy mirrored")
     if args.round_steps is not None:
         if args.aggregate in (None, "off"):
             raise CliError("serve: --round-steps needs --aggregate fedavg or --aggregate relay")
@@ -86,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _log_to_stderr(args.log_level)
     settings = _settings(args)
+    if settings.strategy != "off":  # before any other TensorFlow op, as MultiWorkerMirroredStrategy needs
+        _start_strategy(settings)
     check_tls(args.tls_cert, args.tls_key)
     check_bind(args.host, tls=args.tls_cert is not None, insecure=args.insecure)
     check_port(args.host, args.port)
@@ -139,6 +149,22 @@ def _number(kind: Callable[[str], Any], low: float, inclusive: bool = True,
             raise argparse.ArgumentTypeError(f"expected a finite number {sign} {low:g}{top}, got {text!r}")
         return value
     return parse
+
+
+def _start_strategy(settings: Any) -> None:
+    """Create the `--strategy` at program start; a failure is one line."""
+    from server_app.launch import ServerStartError
+    from splitkeras import distributed
+    from splitkeras.errors import SplitKerasError
+
+    try:
+        distributed.start(settings.strategy, settings.replicas, settings.collective_timeout_seconds)
+    except SplitKerasError:
+        raise
+    except Exception as error:  # TensorFlow could not make the strategy (a port in use, a bad address)
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ServerStartError(f"--strategy {settings.strategy}: TensorFlow could not start it "
+                               f"({type(error).__name__}{': ' + text if text else ''}).") from None
 
 
 def _round_steps(text: str) -> int | str:
@@ -243,6 +269,16 @@ def register(sub: Any) -> None:
     p.add_argument("--round-norm-factor", type=_number(float, 1, inclusive=False),
                    help="refuse an upload whose update norm is over this times the median of accepted "
                    "ones (10)")
+    p.add_argument("--strategy", choices=["off", "mirrored", "multi-worker"],
+                   help="train the segment on tf.distribute: mirrored over this host's GPUs (or --replicas "
+                   "logical CPUs), multi-worker over the hosts of TF_CONFIG (default off; docs/scaling.md)")
+    p.add_argument("--replicas", type=_number(int, 1), help="--strategy mirrored: how many devices (default: "
+                   "every GPU, else 1 CPU; without GPUs, N logical CPU devices)")
+    p.add_argument("--collective-timeout", type=_number(float, 0, inclusive=False),
+                   help="--strategy multi-worker: seconds a global step waits for a peer before the worker "
+                   "is reported lost (30)")
+    p.add_argument("--global-step-ms", type=_number(float, 0, inclusive=False),
+                   help="--strategy multi-worker: an idle worker joins a global step this often (50)")
     p.add_argument("--no-guard", action="store_true", help="turn the guards off (not for a shared server)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
