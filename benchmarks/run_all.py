@@ -32,6 +32,7 @@ BENCHMARKS = {
                                ["--model", "resnet50", "--rounds", "1", "--steps", "2", "--no-links"]),
     "split_location": ("split_location", ["--steps", "4"], ["--steps", "2"]),
     "pipelining": ("pipelining", ["--epochs", "5"], ["--epochs", "2"]),
+    "pipelining_js": ("pipelining_js", ["--epochs", "2", "--repeats", "2"], ["--epochs", "2", "--repeats", "1"]),
 }
 
 
