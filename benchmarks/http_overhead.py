@@ -22,7 +22,13 @@ again under emulated links (`NetworkConditions`), measured vs predicted.
 
 Floor: HTTP step / central step <= 1.10.
 
-Run: `.venv/bin/python benchmarks/http_overhead.py [--rounds 4] [--steps 12]`
+`--model resnet50`: `keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3),
+classes=10)` (random weights, nothing downloaded), cut after `pool1_pool` (the device's
+head: the stem convolution and its pool) and after `avg_pool` (the tail: the classifier);
+floor 1.05; results in `results/http_overhead_resnet50.*`.
+
+Run: `.venv/bin/python benchmarks/http_overhead.py [--rounds 4] [--steps 12]
+[--model cnn|resnet50] [--no-links]`
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from _common import machine, median, process_cpu_seconds, start_server, stop_ser
 BATCH = 32
 CUTS = ["pool_1", "dense_1"]
 FLOOR = 1.10
+RESNET_CUTS = ["pool1_pool", "avg_pool"]
+RESNET_FLOOR = 1.05
 # (label, one-way latency s, bandwidth bit/s)
 LINKS = [("100 Mbit/s, 5 ms", 0.005, 100e6), ("20 Mbit/s, 25 ms", 0.025, 20e6)]
 
@@ -72,6 +80,17 @@ def build_model(seed: int = 0, width: int = 1) -> Any:
     return model
 
 
+def build_resnet50(seed: int = 0) -> Any:
+    """ResNet50 at 64x64x3, 10 classes, random weights."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
 def fresh_copy(model: Any) -> Any:
     import keras
 
@@ -94,6 +113,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per fit epoch")
     parser.add_argument("--link-steps", type=int, default=8, help="steps per emulated-link epoch")
     parser.add_argument("--no-links", action="store_true", help="skip the emulated links")
+    parser.add_argument("--model", choices=["cnn", "resnet50"], default="cnn")
     parser.add_argument("--width", type=int, default=1,
                         help="channel multiplier of the server's convolutions (2: ~4x FLOPs)")
     args = parser.parse_args()
@@ -105,20 +125,23 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="splitkeras-overhead-"))
     try:
-        model = build_model(width=args.width)
+        resnet = args.model == "resnet50"
+        model = build_resnet50() if resnet else build_model(width=args.width)
+        cuts, floor = (RESNET_CUTS, RESNET_FLOOR) if resnet else (CUTS, FLOOR)
+        sample_shape = tuple(model.inputs[0].shape[1:])
         central = fresh_copy(model)
-        in_process = splitkeras.split(fresh_copy(model), at=CUTS)
+        in_process = splitkeras.split(fresh_copy(model), at=cuts)
         in_process.compile(optimizer="sgd", loss="sparse_categorical_crossentropy",
                            metrics=["accuracy"])
-        http_split = splitkeras.split(model, at=CUTS)
+        http_split = splitkeras.split(model, at=cuts)
         http_split.save(folder, tfjs=False)
         rng = np.random.default_rng(0)
-        x = rng.random((args.steps * BATCH, 32, 32, 3), dtype=np.float32)
+        x = rng.random((args.steps * BATCH, *sample_shape), dtype=np.float32)
         y = rng.integers(0, 10, len(x)).astype("int64")
         candidates = {c.layer: c for c in cut_candidates(model)}
-        total_flops = candidates[CUTS[0]].head_flops + candidates[CUTS[0]].tail_flops
+        total_flops = candidates[cuts[0]].head_flops + candidates[cuts[0]].tail_flops
         print(f"model: {model.count_params():,} params, {total_flops / 1e6:.0f} MFLOP forward per "
-              f"sample; cuts {CUTS}", flush=True)
+              f"sample; cuts {cuts}", flush=True)
 
         key = secrets.token_hex(16)
         process, url = start_server(folder, key)
@@ -204,7 +227,7 @@ def main() -> None:
              http_step - part["device segments"] - part["transport"]),
         ]
         speed = 3 * total_flops * BATCH / central_step  # FLOP/s this machine trains at
-        first, second = candidates[CUTS[0]], candidates[CUTS[1]]
+        first, second = candidates[cuts[0]], candidates[cuts[1]]
 
         def predict(latency_s: float, bandwidth_bps: float) -> float:
             conditions = Conditions(bandwidth_bps=bandwidth_bps, latency_s=latency_s,
@@ -222,9 +245,9 @@ def main() -> None:
                 "measured_s": row["seconds_per_step"]})
         data = {
             "benchmark": "http_overhead", "batch": BATCH, "rounds": args.rounds,
-            "steps_per_round": args.steps, "cuts": CUTS, "width": args.width, "machine": machine(),
+            "steps_per_round": args.steps, "cuts": cuts, "width": args.width, "machine": machine(),
             "model": {"parameters": model.count_params(), "forward_flops_per_sample": total_flops,
-                      "cut_bytes_per_sample": {c: candidates[c].bytes_per_sample for c in CUTS}},
+                      "cut_bytes_per_sample": {c: candidates[c].bytes_per_sample for c in cuts}},
             "seconds_per_step": {n: {"median": medians[n], "rounds": times[n],
                                      "ratio_to_central": medians[n] / central_step,
                                      "median_of_round_ratios": median(round_ratios[n]),
@@ -239,7 +262,7 @@ def main() -> None:
             "predictions": predictions,
             "floor": {"what": "median over rounds of (DeviceClient step over loopback HTTP / "
                               "central model.fit step in the same round)",
-                      "value": ratio, "floor": FLOOR, "met": ratio <= FLOOR},
+                      "value": ratio, "floor": floor, "met": ratio <= floor},
         }
         rows = [[n, f"{1e3 * medians[n]:.1f}", f"{median(round_ratios[n]):.3f}",
                  f"{1e3 * cpu_medians[n]:.0f}", f"{cpu_medians[n] / cpu_medians['central model.fit']:.2f}",
@@ -248,10 +271,12 @@ def main() -> None:
                               for what, value in decomposition]
         prediction_rows = [[p["link"], f"{1e3 * p['predicted_s']:.1f}", f"{1e3 * p['measured_s']:.1f}",
                             f"{p['measured_s'] / p['predicted_s']:.2f}"] for p in predictions]
+        title = "ResNet50, 64x64" if resnet else f"width {args.width}"
+        description = "keras.applications.ResNet50 (random weights)," if resnet else "CNN"
         markdown = "\n".join([
-            f"# HTTP overhead of a double-split training step (width {args.width})", "",
-            f"CNN {model.count_params():,} parameters, {total_flops / 1e6:.0f} MFLOP forward per "
-            f"sample, 32x32x3, batch {BATCH}, cut U-shaped at {CUTS} "
+            f"# HTTP overhead of a double-split training step ({title})", "",
+            f"{description} {model.count_params():,} parameters, {total_flops / 1e6:.0f} MFLOP forward "
+            f"per sample, {'x'.join(map(str, sample_shape))}, batch {BATCH}, cut U-shaped at {cuts} "
             f"({first.bytes_per_sample:,} and {second.bytes_per_sample:,} float32 bytes per sample "
             f"cross). Real server on 127.0.0.1, `DeviceClient` in this process. Medians of "
             f"{args.rounds} interleaved rounds of {args.steps} steps (after a warm-up round).", "",
@@ -262,7 +287,7 @@ def main() -> None:
             f"HTTP bodies per step: {bytes_per_step / 1e6:.2f} MB (sent + received). Loopback: "
             f"{1e3 * loopback['latency_s']:.2f} ms one way, {loopback['bandwidth_bps'] / 1e9:.2f} "
             f"Gbit/s effective (from repeated, cached requests).", "",
-            f"Floor: HTTP / central <= {FLOOR}: {ratio:.3f} -> {verdict(ratio <= FLOOR)} "
+            f"Floor: HTTP / central <= {floor}: {ratio:.3f} -> {verdict(ratio <= floor)} "
             f"(CPU time, both processes: {cpu_ratio:.2f}x central)", "",
             "## Where the HTTP step's time goes (medians, ms per step)", "",
             table(["part", "ms", "/ central step"], decomposition_rows), "",
@@ -275,7 +300,8 @@ def main() -> None:
             table(["link", "predicted ms/step", "measured ms/step", "measured / predicted"],
                   prediction_rows),
         ])
-        paths = write_results("http_overhead" + (f"_width{args.width}" if args.width != 1 else ""),
+        paths = write_results("http_overhead" + ("_resnet50" if resnet else "")
+                              + (f"_width{args.width}" if args.width != 1 else ""),
                               data, markdown)
         print(markdown)
         print("wrote", *paths)

@@ -116,6 +116,7 @@ class SessionOpened(BaseModel):
     segment: str
     mode: Literal["u_shaped", "labels_on_server"]
     max_batch: int
+    max_pending_steps: int = 1  # forwards that may wait for their backwards at once (pipelining)
     next_step: int
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
@@ -127,7 +128,8 @@ class SessionState(BaseModel):
     wire_dtype: str
     codecs: dict[str, str]
     next_step: int
-    pending_step: int | None
+    pending_step: int | None  # the oldest pending step
+    pending_steps: list[int]  # every pending step, oldest first
     applied_steps: int
     refused_steps: int
 

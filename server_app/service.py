@@ -77,7 +77,9 @@ class SegmentService:
         self.durable = True  # False after a failed log write, until a checkpoint succeeds
         self.steps = StepMachine(self.sessions, self.executor, self.bodies, self.mode,
                                  settings.step_ttl_seconds, on_applied=self._after_step,
-                                 journal=self._journal, ensure_durable=self.ensure_durable)
+                                 journal=self._journal, ensure_durable=self.ensure_durable,
+                                 # micro-batching keeps one pending step per session (no pipelining)
+                                 max_pending_steps=1 if settings.batch_window_ms > 0 else settings.max_pending_steps)
         # micro-batching (off unless --batch-window-ms): groups of sessions, one update each
         self.groups = GroupSteps(self.steps, self.executor, self.guard, on_refused=self._count_refusal)
         self.micro = MicroBatcher(self)
@@ -307,6 +309,7 @@ class SegmentService:
     def describe(self) -> dict[str, Any]:
         """What this server serves: its segment and, in a chain, the rest of the chain."""
         return {"segment": self.entry.name, "mode": self.mode, "max_batch": self.settings.max_batch,
+                "max_pending_steps": self.steps.max_pending_steps,
                 "inputs": [s.to_json() for s in self.served.inputs],
                 "outputs": [s.to_json() for s in self.served.outputs],
                 "aggregation": None if self.fleet is None else self.fleet.aggregator.describe()}

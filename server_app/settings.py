@@ -32,6 +32,8 @@ class ServerSettings(BaseSettings):
     step_ttl_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False,
                                     description="drop unfinished steps after this")
     max_batch: int = Field(default=256, ge=1, description="largest batch a request may carry")
+    max_pending_steps: int = Field(default=4, ge=1, le=64, description="forwards of one session that may "
+                                   "wait for their backwards at once (pipelining; 1: none)")
     # micro-batching across devices (server_app.micro_batch; docs/protocol.md "Micro-batching"): off at 0
     batch_window_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False,
                                    description="gather the forwards that arrive within this many ms into one "

@@ -3,12 +3,19 @@
 For a step *k*:
 
 * `forward(k, inputs)` runs the segment in training mode and returns its outputs.
-  The gradient tape of *that* pass is kept until `backward(k, ...)`, so the
+  What the gradient of *that* pass needs is kept until `backward(k, ...)`, so the
   activation that is sent is the one the update differentiates, and
   BatchNormalization statistics move once per step, as in `model.fit`.
 * `backward(k, output_gradients)` computes the exact vector-Jacobian product
   `d(sum(outputs * g) + regularization) / d(weights, inputs)`, applies the
   segment's optimizer, and returns the gradients of the inputs.
+
+Both are compiled calls with no eager tape between them (`splitkeras.compiled_step`):
+the forward is TensorFlow's forward function of the segment (its outputs and the
+intermediates the gradient needs), the backward its backward function and the update
+in ONE `tf.function`; the arithmetic is the eager tape's to the last bit. Where
+TensorFlow does not offer that pair (or with `compiled=False`), the forward runs under
+an eager `GradientTape` and `backward` calls `tape.gradient`, then the update.
 * The segment that holds the labels (the last one) runs `train_step(k, inputs,
   y, sample_weight)` instead: loss, metrics, update and input gradients in one
   compiled function, exactly as Keras' `train_step` computes them.
@@ -27,6 +34,7 @@ implement these semantics, so their results can be compared one to one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,8 +43,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from splitkeras.errors import TrainingError, UpdateRefused
+from splitkeras.compiled_step import CompiledSteps
+from splitkeras.errors import TrainingError
 from splitkeras.guard import Measured, UpdateGuard
+from splitkeras.guarded_steps import GuardedSteps
 from splitkeras.guarded_variables import GuardedVariables
 
 if TYPE_CHECKING:  # a type only: segments -> training -> engine at run time
@@ -79,20 +89,35 @@ def new_optimizer(config: dict[str, Any]) -> keras.optimizers.Optimizer:
 
 @dataclass
 class _Pending:
-    tape: tf.GradientTape
+    tape: tf.GradientTape | None  # None: a compiled forward, whose residuals are in `compiled`
     inputs: list[tf.Tensor]
     outputs: list[tf.Tensor]
     regularization: tf.Tensor
+    compiled: Any = None
 
 
-def _scaled(gradient: Any, scale: float) -> Any:
-    """`gradient * scale` in its own dtype (None stays None; sparse stays sparse)."""
+def _gradient_scale(value: Any) -> float | None:
+    """A valid `gradient_scale` as a float, None for exactly 1.0 (nothing to multiply)."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if isinstance(value, bool) or not math.isfinite(scale) or scale <= 0:
+        raise TrainingError(f"gradient_scale must be a finite number > 0 (e.g. 1/K to average K "
+                            f"micro-batches), got {value!r}. Nothing was changed.")
+    return None if scale == 1.0 else scale
+
+
+def _scaled(gradient: Any, scale: tf.Tensor) -> Any:
+    """`gradient * scale` exactly as written: MulNoNan (x * y, the scale is never 0) is no
+    link of a chain of Mul that Grappler's arithmetic optimizer may reassociate with the
+    optimizer's own `* learning_rate` (which would round differently)."""
     if gradient is None:
         return None
     if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(gradient.values * tf.cast(scale, gradient.values.dtype), gradient.indices,
-                                gradient.dense_shape)
-    return gradient * tf.cast(scale, gradient.dtype)
+        return tf.IndexedSlices(tf.math.multiply_no_nan(gradient.values, tf.cast(scale, gradient.dtype)),
+                                gradient.indices, gradient.dense_shape)
+    return tf.math.multiply_no_nan(gradient, tf.cast(scale, gradient.dtype))
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -103,7 +128,7 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
-class SegmentRunner:
+class SegmentRunner(GuardedSteps):
     """Runs the training steps of one segment with its own optimizer.
 
     Args:
@@ -116,6 +141,8 @@ class SegmentRunner:
             segment model is compiled with them and Keras computes loss and metrics.
         guard: check every step and refuse (`UpdateRefused`, nothing changed) what breaks
             its rules (`splitkeras.guard`); None (in process): no checks.
+        compiled: run `forward` / `backward` as compiled calls with no eager tape
+            (`splitkeras.compiled_step`; bitwise the same results). False: the eager tape.
 
     Example:
         >>> runner = SegmentRunner(split["middle"], keras.optimizers.SGD(0.1))  # doctest: +SKIP
@@ -134,6 +161,7 @@ class SegmentRunner:
         metrics: Any = None,
         loss_weights: Any = None,
         guard: UpdateGuard | None = None,
+        compiled: bool = True,
     ) -> None:
         self.segment = segment
         self.guard = guard
@@ -168,6 +196,14 @@ class SegmentRunner:
         self._guarded_apply_fn = tf.function(self._guarded_apply_impl, **options)
         self._guarded_train_fn = tf.function(self._guarded_train_impl, **options)
         self._test_fn = tf.function(self._test_impl, **options)
+        # nothing to differentiate: the eager path, whose tape then records nothing
+        self._compiled = CompiledSteps(self) if compiled and (self.trainable or any(self.input_gradients)) \
+            else None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `forward` / `backward` run compiled, without an eager tape."""
+        return self._compiled is not None and self._compiled.available
 
     @classmethod
     def for_segment(cls, segment: Segment, optimizer_config: dict[str, Any], model_inputs: Any, *,
@@ -214,20 +250,10 @@ class SegmentRunner:
         outputs = _as_list(self.model(self._call_inputs(xs), training=True))
         return outputs, self._regularization()
 
-    def _apply_impl(self, grads: list[tf.Tensor]) -> None:
+    def _apply_impl(self, grads: list[Any], scale: tf.Tensor | None = None) -> None:
+        if scale is not None:  # None: the gradients as they are, not multiplied by 1
+            grads = [_scaled(g, scale) for g in grads]
         self.optimizer.apply(grads, self.trainable)
-
-    def _guarded_apply_impl(self, grads: list[tf.Tensor]) -> Any:
-        state = self._variables("update")
-        saved = state.snapshot_ops()
-        self._apply_impl(grads)
-        return saved, *state.check_ops()
-
-    def _guarded_train_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any, other_losses: tf.Tensor) -> Any:
-        state = self._variables("train")
-        saved = state.snapshot_ops()
-        grads, logs, y_pred = self._train_impl(xs, y, sample_weight, other_losses)
-        return grads, logs, y_pred, saved, *state.check_ops()
 
     def _predict_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
         outputs = _as_list(self.model(self._call_inputs(xs), training=False))
@@ -267,59 +293,18 @@ class SegmentRunner:
         """Training-mode forward for `step`; keeps the tape until `backward(step)`."""
         if self.guard is not None:
             return self._guarded_forward(self.guard, step, inputs)
-        pending = self.taped_forward(self._inputs(inputs), self._forward_fn)
+        pending = self._run_forward(self._inputs(inputs))
         self._pending[step] = pending
         return list(pending.outputs)
 
-    # ---- guarded steps: compute, check, commit ------------------------------------------------
-    def _variables(self, kind: str) -> GuardedVariables:
-        """What a guarded step changes: a forward the non-trainable variables (moving
-        statistics, seed states), an update the weights and the optimizer's variables, a
-        label step all of them."""
-        found = self._guarded.get(kind)
-        if found is None:
-            model_vars = [v.value for v in self.model.variables]
-            trainable = set(id(v) for v in self._tf_variables)
-            optimizer_vars = [v.value for v in self.optimizer.variables]
-            if kind == "forward":
-                variables = [v for v in model_vars if id(v) not in trainable]
-            elif kind == "update":
-                variables = self._tf_variables + optimizer_vars
-            else:
-                variables = model_vars + [v for v in optimizer_vars if id(v) not in set(map(id, model_vars))]
-            bounded = [] if kind == "forward" else self._tf_variables
-            found = self._guarded[kind] = GuardedVariables(variables, bounded)
-        return found
-
-    def _guarded_forward(self, guard: UpdateGuard, step: Any, inputs: Sequence[Any]) -> list[tf.Tensor]:
-        xs = self._inputs(inputs)
-        measured = guard.measure_all("input", self.input_names, xs)
-        state = self._variables("forward")
-        saved = state.read()
-        pending = self.taped_forward(xs, self._forward_fn)
-        try:
-            measured += guard.measure_all("output", self.output_names, pending.outputs)
-            measured += guard.measure_all("regularization", ["regularization"], [pending.regularization])
-            state.check(guard)
-        except UpdateRefused:
-            state.restore(saved)  # the moving statistics and seed states of before
-            raise
-        self._pending[step] = pending
-        guard.accept(measured)
-        return list(pending.outputs)
-
-    def _commit_or_roll_back(self, guard: UpdateGuard, kind: str, saved: Sequence[Any], finite: Any,
-                             biggest: Any, measure: Any = None) -> list[Measured]:
-        """After an update that returned its snapshot and check: `measure()` checks what it
-        computed; if that or the new state breaks a rule, the snapshot is put back."""
-        state = self._variables(kind)
-        try:
-            measured: list[Measured] = measure() if measure is not None else []
-            guard.bound_weight(float(biggest), bool(finite))
-        except UpdateRefused:
-            state.restore(saved)
-            raise
-        return measured
+    def _run_forward(self, xs: list[tf.Tensor]) -> _Pending:
+        """The compiled forward, or the taped one where there is none (or in a graph)."""
+        if self._compiled is not None and self._compiled.available and tf.executing_eagerly():
+            found = self._compiled.forward(xs)
+            if found is not None:
+                outputs, regularization, kept = found
+                return _Pending(None, xs, outputs, regularization, kept)
+        return self.taped_forward(xs, self._forward_fn)
 
     def taped_forward(self, xs: list[tf.Tensor], forward: Any = None) -> _Pending:
         """The training-mode pass under a tape that watches the weights and the inputs
@@ -336,13 +321,19 @@ class SegmentRunner:
         """The exact vector-Jacobian product of a taped pass: the gradients of
         `sum(outputs * g) + regularization` for (weights, inputs). `None` seeds count as 0."""
         targets = pending.outputs + [pending.regularization]
-        seeds = [
-            tf.zeros_like(out) if g is None else tf.convert_to_tensor(g, dtype=out.dtype)
-            for out, g in zip(pending.outputs, output_gradients)
-        ] + [tf.ones_like(pending.regularization)]
+        seeds = self._seeds(pending, output_gradients)
+        assert pending.tape is not None, "a compiled forward is differentiated by backward()"
         watched = [x for x, need in zip(pending.inputs, self.input_gradients) if need]
         grads = pending.tape.gradient(targets, self._tf_variables + watched, output_gradients=seeds)
         return list(grads[: len(self.trainable)]), self._per_input(grads[len(self.trainable):])
+
+    @staticmethod
+    def _seeds(pending: _Pending, output_gradients: Sequence[Any]) -> list[tf.Tensor]:
+        """One seed per output (`None`: 0), and 1 for the regularization."""
+        return [
+            tf.zeros_like(out) if g is None else tf.convert_to_tensor(g, dtype=out.dtype)
+            for out, g in zip(pending.outputs, output_gradients)
+        ] + [tf.ones_like(pending.regularization)]
 
     def pending_regularization(self, step: Any) -> tf.Tensor:
         """The regularization loss of the forward pass of `step` (0 if the segment has none)."""
@@ -360,9 +351,10 @@ class SegmentRunner:
         """Apply the update of `step` from the gradients of its outputs.
 
         Returns one gradient per input (`None` where none is needed). `gradient_scale`
-        multiplies the weight gradients before the update (the input gradients are not
-        scaled); exactly 1.0 leaves the arithmetic untouched. A micro-batched server
-        (`server_app.micro_batch`) passes 1/K: the mean over K device steps.
+        multiplies the weight gradients (all of them, the regularization's share included)
+        before the update; the input gradients are returned as computed. At exactly 1.0
+        nothing is multiplied. A micro-batched server (`server_app.micro_batch`) passes
+        1/K: the mean over K device steps.
         """
         pending = self._pending.get(step)
         if pending is None:
@@ -375,22 +367,26 @@ class SegmentRunner:
                 f"Segment '{self.segment.name}' has {len(pending.outputs)} outputs "
                 f"{self.output_names}, received {len(output_gradients)} gradients."
             )
+        scale = _gradient_scale(gradient_scale)
         guard = self.guard
         measured: list[Measured] = []
         if guard is not None:  # before the tape is used: a refusal keeps the step pending
             measured = guard.measure_all("output_grad", self.output_names, output_gradients, step_kept=True)
             output_gradients = guard.clip(output_gradients)
         del self._pending[step]
+        scale_tensor = None if scale is None else tf.constant(scale, tf.float64)
+        if pending.compiled is not None:
+            assert self._compiled is not None
+            return self._compiled.backward(pending.compiled, self._seeds(pending, output_gradients),
+                                           scale_tensor, measured)
         weight_gradients, input_gradients = self.vjp(pending, output_gradients)
-        if gradient_scale != 1.0:
-            weight_gradients = [_scaled(g, gradient_scale) for g in weight_gradients]
         if guard is None:
             if self.trainable:
-                self._apply_fn(weight_gradients)
+                self._apply_fn(weight_gradients, scale_tensor)
             return input_gradients
         measured += guard.measure_all("input_grad", self.input_names, input_gradients)
         if self.trainable:
-            saved, finite, biggest = self._guarded_apply_fn(weight_gradients)
+            saved, finite, biggest = self._guarded_apply_fn(weight_gradients, scale_tensor)
             self._commit_or_roll_back(guard, "update", saved, finite, biggest)
         guard.accept(measured)
         return input_gradients

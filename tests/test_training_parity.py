@@ -309,8 +309,13 @@ def test_a_wrong_server_gradient_breaks_parity(factor: float, fused: bool) -> No
     split._trainer.fused = fused
     server = split._trainer.runners[1]
     assert server.segment.placement == "server"
-    exact_vjp = server.vjp  # what both the fused step and SegmentRunner.backward call
-    server.vjp = lambda taped, grads: exact_vjp(taped, [factor * g for g in grads])
+    if fused:  # the fused step differentiates with the runner's taped VJP
+        exact_vjp = server.vjp
+        server.vjp = lambda taped, grads: exact_vjp(taped, [factor * g for g in grads])
+    else:  # the step protocol's compiled backward (no tape, no vjp call) gets the scaled gradient
+        exact_backward = server.backward
+        server.backward = lambda step, grads, **options: exact_backward(step, [factor * g for g in grads],
+                                                                        **options)
     keras.utils.set_random_seed(FIT_SEED)
     split.fit(IMAGES, LABELS, **KITCHEN_SINK_FIT)
     diffs = weight_diffs(run.reference_weights, weights_by_name(split.join()))

@@ -32,6 +32,7 @@ __all__ = ["register", "cmd_serve"]
 
 # settings field -> the flag that sets it (for one-line messages about a bad value)
 FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-ttl", "max_batch": "--max-batch",
+         "max_pending_steps": "--max-pending-steps",
          "max_sessions": "--max-sessions", "session_ttl_seconds": "--session-ttl",
          "read_timeout_seconds": "--read-timeout", "guard_factor": "--guard-factor",
          "guard_warmup": "--guard-warmup", "guard_max_abs": "--guard-max-abs",
@@ -53,6 +54,7 @@ def _settings(args: argparse.Namespace) -> Any:
     overrides = {k: v for k, v in {
         "key": args.key, "checkpoint_every": args.checkpoint_every,
         "step_ttl_seconds": args.step_ttl, "max_batch": args.max_batch, "max_sessions": args.max_sessions,
+        "max_pending_steps": args.max_pending_steps,
         "session_ttl_seconds": args.session_ttl, "read_timeout_seconds": args.read_timeout,
         "guard_factor": args.guard_factor, "guard_warmup": args.guard_warmup,
         "guard_max_abs": args.guard_max_abs, "guard_max_weight": args.guard_max_weight,
@@ -230,6 +232,9 @@ def register(sub: Any) -> None:
     p.add_argument("--step-ttl", type=_number(float, 0, inclusive=False),
                    help="seconds an unfinished step is kept (300)")
     p.add_argument("--max-batch", type=_number(int, 1), help="largest batch per request (256)")
+    p.add_argument("--max-pending-steps", type=_number(int, 1, high=64), metavar="N",
+                   help="forwards of one session that may wait for their backwards at once: a device "
+                   "may pipeline up to N steps (4; 1: no pipelining)")
     p.add_argument("--batch-window-ms", type=_number(float, 0), help="micro-batching across devices: the "
                    "forwards arriving within N ms run as one union forward, their backwards as one update, the "
                    "mean of the group's steps (0: off, the default; docs/protocol.md, Micro-batching)")
