@@ -376,3 +376,14 @@ def test_a_checkpoint_the_group_update_triggers_leaves_no_open_group(split: Path
         assert (state["applied_steps"], state["micro_batching"]["open_groups"]) == (3, 0)
         for sid, token in sessions:  # the next step goes on from the checkpoint
             assert restarted.get(f"/v1/sessions/{sid}", token=token).json()["next_step"] == 1
+
+
+def test_micro_batching_keeps_one_pending_step_per_session(split: Path, tmp_path: Path) -> None:
+    with LiveApp(settings_for(copy_split(split, tmp_path / "s"), batch_window_ms=10, max_devices_per_batch=4,
+                              max_pending_steps=4)) as live:
+        opened = live.request("POST", "/v1/sessions", json={}, headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert opened["max_pending_steps"] == 1
+        session = [(opened["session_id"], opened["token"])]
+        assert concurrently(live, session, "forward", 0, [{"h": activations(0, 2)}])[0].status_code == 200
+        second = concurrently(live, session, "forward", 1, [{"h": activations(1, 2)}])[0]
+        assert second.status_code == 409 and second.json()["error"]["code"] == "step_out_of_order"
