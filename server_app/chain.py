@@ -207,6 +207,24 @@ class ChainExecutor:
                                                sample_weight)
         return [grads.get(name) for name in self.input_names], logs
 
+    # ---- micro-batched groups (server_app.group_steps): this segment only, no chain ---------------
+    def forward_union(self, key: tuple[str, int], inputs: list[Any]) -> tuple[list[Any], float]:
+        """The training-mode forward of a group's union batch; kept under `key` until
+        `backward_union(key, ...)` or `drop(key)`."""
+        if self._alone is None or not hasattr(self.local, "forward"):
+            raise ValueError("Micro-batching runs on a lone server with a U-shaped split (no --next).")
+        outputs = self.local.forward(key, inputs)
+        return list(outputs), float(self.local.pending_regularization(key))
+
+    def backward_union(self, key: tuple[str, int], output_grads: list[Any],
+                       gradient_scale: float) -> list[Any | None]:
+        """ONE vector-Jacobian product of the union forward and ONE update, its weight
+        gradients times `gradient_scale`; the input gradients of the union, unscaled."""
+        try:
+            return list(self.local.backward(key, output_grads, gradient_scale=gradient_scale))
+        finally:
+            self.local.drop(key)
+
     def predict(self, inputs: list[Any]) -> list[Any]:
         """Inference through the chain (a chain's predictions go through one shared downstream
         session: predict changes nothing, so sessions need not be told apart)."""

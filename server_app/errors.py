@@ -28,6 +28,7 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "unknown_session": 404,
     "step_out_of_order": 409,
+    "pipeline_full": 409,
     "step_expired": 409,
     "forward_lost": 409,
     "wrong_mode": 409,

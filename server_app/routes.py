@@ -116,6 +116,7 @@ class SessionOpened(BaseModel):
     segment: str
     mode: Literal["u_shaped", "labels_on_server"]
     max_batch: int
+    max_pending_steps: int = 1  # forwards that may wait for their backwards at once (pipelining)
     next_step: int
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
@@ -127,7 +128,8 @@ class SessionState(BaseModel):
     wire_dtype: str
     codecs: dict[str, str]
     next_step: int
-    pending_step: int | None
+    pending_step: int | None  # the oldest pending step
+    pending_steps: list[int]  # every pending step, oldest first
     applied_steps: int
     refused_steps: int
 
@@ -216,7 +218,7 @@ async def forward(request: Request, service: ServiceDep, session: SessionDep, st
     """Training-mode forward of step `Splitkeras-Step` (U-shaped splits); a retry returns the
     same bytes."""
     body = await read_tensor_body(request, service.body_limits["forward"])
-    return _tensors(await service.run(service.forward, session, step, body))
+    return _tensors(await service.micro.forward(session, step, body))  # alone, or micro-batched
 
 
 @router.post("/sessions/{session_id}/backward", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,
@@ -225,7 +227,7 @@ async def backward(request: Request, service: ServiceDep, session: SessionDep, s
     """Apply step `Splitkeras-Step`'s update from the output gradients, once; returns input
     gradients."""
     body = await read_tensor_body(request, service.body_limits["backward"])
-    return _tensors(await service.run(service.backward, session, step, body))
+    return _tensors(await service.micro.backward(session, step, body))
 
 
 @router.post("/sessions/{session_id}/train", openapi_extra=STEP_OPENAPI, responses=STEP_RESPONSES,

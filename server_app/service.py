@@ -18,18 +18,21 @@ when `max_sessions` are open, a new one replaces the least recently used idle on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from server_app import keys
 from server_app.bodies import TensorBodies
 from server_app.chain import ChainExecutor
+from server_app.group_steps import GroupSteps
+from server_app.micro_batch import MicroBatcher
 from server_app.segment_host import SegmentHost
 from server_app.sessions import InMemorySessionStore, Session, SessionStore
 from server_app.settings import ServerSettings
@@ -74,7 +77,20 @@ class SegmentService:
         self.durable = True  # False after a failed log write, until a checkpoint succeeds
         self.steps = StepMachine(self.sessions, self.executor, self.bodies, self.mode,
                                  settings.step_ttl_seconds, on_applied=self._after_step,
-                                 journal=self._journal, ensure_durable=self.ensure_durable)
+                                 journal=self._journal, ensure_durable=self.ensure_durable,
+                                 # micro-batching keeps one pending step per session (no pipelining)
+                                 max_pending_steps=1 if settings.batch_window_ms > 0 else settings.max_pending_steps)
+        # micro-batching (off unless --batch-window-ms): groups of sessions, one update each
+        self.groups = GroupSteps(self.steps, self.executor, self.guard, on_refused=self._count_refusal)
+        self.micro = MicroBatcher(self)
+        if self.micro.enabled and (self.mode != "u_shaped" or served.next is not None):
+            raise ManifestError("--batch-window-ms micro-batches forward/backward steps of a lone server: this "
+                                f"split's server segment runs in mode '{self.mode}'"
+                                f"{' in a chain (--next)' if served.next is not None else ''}. Serve it without "
+                                "--batch-window-ms.")
+        if self.micro.enabled and settings.strategy != "off":
+            raise ManifestError(f"--batch-window-ms does not combine with --strategy {settings.strategy} (not built "
+                                "yet): serve with one of the two.")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitkeras-writer")
         self._since_checkpoint = 0
         self.refused_steps = 0  # refused by the guards since the start
@@ -118,6 +134,10 @@ class SegmentService:
                 if record.kind.startswith("fleet_"):
                     if self.fleet is not None:
                         self.fleet.aggregator.replay(record)
+                    continue
+                if record.kind.startswith("group_"):
+                    self.groups.replay(record)
+                    self.replayed += 1
                     continue
                 self.steps.replay(record)
             except RequestRefused as refusal:  # cannot happen for a log this server wrote
@@ -171,7 +191,7 @@ class SegmentService:
                                   if self.settings.strategy != "off" else None)
         self.wal.reset()
         try:
-            for record in self.steps.pending_records():  # their tapes are not in the checkpoint
+            for record in self.steps.pending_records() + self.groups.pending_records():  # tapes: not in it
                 self.wal.append(record)
         except OSError:
             self.durable = False  # nothing is acknowledged until a checkpoint logs them again
@@ -289,6 +309,7 @@ class SegmentService:
     def describe(self) -> dict[str, Any]:
         """What this server serves: its segment and, in a chain, the rest of the chain."""
         return {"segment": self.entry.name, "mode": self.mode, "max_batch": self.settings.max_batch,
+                "max_pending_steps": self.steps.max_pending_steps,
                 "inputs": [s.to_json() for s in self.served.inputs],
                 "outputs": [s.to_json() for s in self.served.outputs],
                 "aggregation": None if self.fleet is None else self.fleet.aggregator.describe()}
@@ -302,7 +323,9 @@ class SegmentService:
                 self.fleet.aggregator.sweep()
             except RequestRefused:  # the log refuses: the round closes at a later sweep
                 pass
-        return self.steps.sweep_expired()
+        dropped = self.steps.sweep_expired()
+        self.groups.sweep()
+        return dropped
 
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
         return self._guarded(session, step, self.steps.forward, body)
@@ -312,6 +335,27 @@ class SegmentService:
 
     def train(self, session: Session, step: int, body: bytes) -> bytes:
         return self._guarded(session, step, self.steps.train, body)
+
+    def forward_group(self, items: list[tuple[Session, int, bytes]]) -> list[bytes | BaseException]:
+        """One micro-batched union forward (`server_app.group_steps`): an answer per item."""
+        with self._answer_limit([session for session, _, _ in items]):
+            return self.groups.forward(items)
+
+    def backward_group(self, group_id: int, items: list[tuple[Session, int, bytes]]) -> list[bytes | BaseException]:
+        """A group's one backward and update from the backwards that came: an answer per item."""
+        with self._answer_limit([session for session, _, _ in items]):
+            return self.groups.backward(group_id, items)
+
+    @contextlib.contextmanager
+    def _answer_limit(self, sessions: list[Session]) -> Iterator[None]:
+        if self.guard is not None and sessions:  # the tightest codec's range of the group
+            self.guard.answer_limit = min(wire.largest_value(s.codec(d)) for s in sessions
+                                          for d in codecs.DIRECTIONS)
+        try:
+            yield
+        finally:
+            if self.guard is not None:
+                self.guard.answer_limit = None
 
     def _guarded(self, session: Session, step: int, route: Callable[[Session, int, bytes], bytes],
                  body: bytes) -> bytes:
@@ -330,8 +374,13 @@ class SegmentService:
         """A step failed: if it consumed the pending forward, the session says so
         (`step_expired`); a guard's refusal counts on the session, which is closed at
         `max_refused_steps` (the refusal then says so, with `session_closed`)."""
-        if session.pending_step == step and not self.executor.has_pending((session.session_id, step)):
+        if session.pending_step == step and not self.executor.has_pending((session.session_id, step)) and \
+                self.groups.group_of(session.session_id, step) is None:
             self.steps.expire(session)
+        self._count_refusal(session, step, error)
+
+    def _count_refusal(self, session: Session, step: int, error: BaseException) -> None:
+        """A guard's refusal counts on the session, closed at `max_refused_steps`."""
         if not isinstance(error, RequestRefused) or error.code not in GUARD_CODES:
             return
         session.refused_steps += 1
@@ -359,7 +408,13 @@ class SegmentService:
             "status": status, "segment": self.entry.name,
             "mode": self.mode, "applied_steps": self.applied_steps, "sessions": len(self.sessions),
             "resumed_from": self.resumed_from, "replayed": self.replayed,
-            "refused_steps": self.refused_steps}
+            "refused_steps": self.refused_steps, "updates": self.steps.updates}
+        if self.micro.enabled:
+            body["micro_batching"] = {"window_ms": self.settings.batch_window_ms,
+                                      "max_devices_per_batch": self.settings.max_devices_per_batch,
+                                      "backward_timeout_seconds": self.settings.batch_backward_timeout_seconds,
+                                      "open_groups": len(self.groups.groups),
+                                      "applied_groups": self.groups.applied_groups}
         if self.guard is not None:
             body["guard"] = self.guard.describe()
         if self.fleet is not None:

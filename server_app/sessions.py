@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Session", "SessionStore", "InMemorySessionStore"]
+__all__ = ["Session", "PendingForward", "SessionStore", "InMemorySessionStore"]
+
+
+@dataclass
+class PendingForward:
+    """One forward waiting for its backward: when it came, its batch size, its cached answer
+    (a retry gets these bytes) and its logged blobs (re-logged by a checkpoint)."""
+
+    since: float
+    batch: int | None
+    answer: bytes
+    blobs: list[bytes] | None = None
 
 
 @dataclass
@@ -43,6 +54,71 @@ class Session:
     # top-k error feedback of the answers this server encodes, per direction and tensor; not
     # persisted (after a restart it starts again from zero: at most one step's dropped share lost)
     residuals: dict[str, dict[str, Any]] | None = None
+    # pipelining (docs/protocol.md, "Pipelining"): every pending step, oldest first (`pending_step`
+    # and the `pending_*` fields above describe the oldest); the steps lost with a restart or
+    # dropped by the TTL, oldest first (`lost_step` / `expired_step`: the oldest of them); the
+    # answers of the applied steps before `last_backward` (their backward retries), oldest first
+    pending_steps: list[int] = field(default_factory=list)
+    lost_steps: list[int] = field(default_factory=list)
+    expired_steps: list[int] = field(default_factory=list)
+    earlier_backwards: list[tuple[int, bytes]] = field(default_factory=list)
+    # the pending forwards by step (not persisted: their tapes die with the process)
+    pending: dict[int, PendingForward] = field(default_factory=dict, repr=False)
+
+    # ---- the pending steps (every change goes through these, so the fields agree) -----------
+    def add_pending(self, step: int, forward: PendingForward) -> None:
+        """`step`'s forward is pending (newer than every pending one)."""
+        self.pending[step] = forward
+        self.pending_steps.append(step)
+        self._sync_oldest()
+
+    def pop_oldest(self) -> int | None:
+        """Forget the oldest pending step (its backward was applied, or it is dropped)."""
+        if not self.pending_steps:
+            return None
+        step = self.pending_steps.pop(0)
+        self.pending.pop(step, None)
+        self._sync_oldest()
+        return step
+
+    def clear_pending(self) -> list[int]:
+        """Forget every pending step; returns them, oldest first."""
+        steps = list(self.pending_steps)
+        self.pending.clear()
+        self.pending_steps.clear()
+        self._sync_oldest()
+        return steps
+
+    def set_lost(self, steps: list[int]) -> None:
+        self.lost_steps = sorted(steps)
+        self.lost_step = self.lost_steps[0] if self.lost_steps else None
+
+    def set_expired(self, steps: list[int]) -> None:
+        self.expired_steps = sorted(steps)
+        self.expired_step = self.expired_steps[0] if self.expired_steps else None
+
+    def cached_backward(self, step: int) -> bytes | None:
+        """The answer of an applied step's backward (or train), if it is still kept."""
+        for applied, answer in [*self.earlier_backwards, *([self.last_backward] if self.last_backward else [])]:
+            if applied == step:
+                return answer
+        return None
+
+    def keep_backward(self, step: int, answer: bytes, keep: int) -> None:
+        """`step`'s answer becomes `last_backward`; the `keep - 1` before it stay for retries."""
+        if self.last_backward is not None and keep > 1:
+            self.earlier_backwards = [*self.earlier_backwards, self.last_backward][-(keep - 1):]
+        else:
+            self.earlier_backwards = []
+        self.last_backward = (step, answer)
+
+    def _sync_oldest(self) -> None:
+        oldest = self.pending.get(self.pending_steps[0]) if self.pending_steps else None
+        self.pending_step = self.pending_steps[0] if self.pending_steps else None
+        if oldest is None:
+            self.pending_blobs, self.pending_batch = None, None
+        else:
+            self.pending_since, self.pending_batch, self.pending_blobs = oldest.since, oldest.batch, oldest.blobs
 
     def codec(self, direction: str) -> str:
         """The codec spec of `direction` ("forward" or "backward")."""
@@ -58,20 +134,31 @@ class Session:
         return {"session_id": self.session_id, "wire_dtype": self.wire_dtype,
                 "codecs": {d: self.codec(d) for d in ("forward", "backward")},
                 "next_step": self.next_step, "pending_step": self.pending_step,
+                "pending_steps": list(self.pending_steps),
                 "applied_steps": self.applied_steps, "refused_steps": self.refused_steps}
 
     def __post_init__(self) -> None:
         if isinstance(self.last_backward, list):  # as persisted: [step, base64 of the answer]
             step, answer = self.last_backward
             self.last_backward = (int(step), base64.b64decode(answer))
+        self.earlier_backwards = [(int(step), base64.b64decode(answer) if isinstance(answer, str) else answer)
+                                  for step, answer in self.earlier_backwards]
+        if self.pending_step is not None and not self.pending_steps:  # as a checkpoint before pipelining
+            self.pending_steps = [self.pending_step]
+        if self.lost_step is not None and not self.lost_steps:
+            self.lost_steps = [self.lost_step]
+        if self.expired_step is not None and not self.expired_steps:
+            self.expired_steps = [self.expired_step]
 
     def persisted(self) -> dict[str, Any]:
         """What a checkpoint keeps (JSON-ready); `Session(**persisted())` restores it."""
         data = asdict(self)
-        for transient in ("last_forward", "last_seen", "pending_blobs", "residuals"):
+        for transient in ("last_forward", "last_seen", "pending_blobs", "residuals", "pending"):
             data.pop(transient)
         if self.last_backward is not None:
             data["last_backward"] = [self.last_backward[0], base64.b64encode(self.last_backward[1]).decode()]
+        data["earlier_backwards"] = [[step, base64.b64encode(answer).decode()]
+                                     for step, answer in self.earlier_backwards]
         return data
 
 

@@ -32,6 +32,17 @@ class ServerSettings(BaseSettings):
     step_ttl_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False,
                                     description="drop unfinished steps after this")
     max_batch: int = Field(default=256, ge=1, description="largest batch a request may carry")
+    max_pending_steps: int = Field(default=4, ge=1, le=64, description="forwards of one session that may "
+                                   "wait for their backwards at once (pipelining; 1: none)")
+    # micro-batching across devices (server_app.micro_batch; docs/protocol.md "Micro-batching"): off at 0
+    batch_window_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                   description="gather the forwards that arrive within this many ms into one "
+                                   "union forward and one update (0: off, every step alone)")
+    max_devices_per_batch: int = Field(default=8, ge=1, description="a micro-batch closes early once this "
+                                       "many sessions' forwards are in")
+    batch_backward_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False,
+                                                  description="a group applies with the backwards that came "
+                                                  "this long after its first one (the rest expire)")
     max_sessions: int = Field(default=1024, ge=1, description="sessions held at once; a new one then "
                               "replaces the least recently used idle one")
     session_ttl_seconds: float = Field(default=3600.0, gt=0, allow_inf_nan=False,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from server_app.bodies import TensorBodies
-from server_app.sessions import Session, SessionStore
+from server_app.sessions import PendingForward, Session, SessionStore
 from server_app.wal import Record
 from splitkeras.codecs import parse_codec
 from splitkeras.errors import RequestRefused
@@ -61,6 +61,8 @@ class StepMachine:
         bodies: decodes request bodies and encodes answers.
         mode: `"u_shaped"` (forward/backward) or `"labels_on_server"` (train).
         ttl_seconds: how long a pending step waits for its backward (`sweep_expired`).
+        max_pending_steps: how many forwards of a session may wait for their backwards at
+            once (pipelining, docs/protocol.md; 1: none).
         on_applied: called after each applied update (e.g. to checkpoint every N).
         clock: monotonic seconds (tests pass a fake one).
     """
@@ -69,12 +71,15 @@ class StepMachine:
                  ttl_seconds: float, on_applied: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic,
                  journal: Callable[[Record], None] | None = None,
-                 ensure_durable: Callable[[], None] = lambda: None) -> None:
+                 ensure_durable: Callable[[], None] = lambda: None, max_pending_steps: int = 1) -> None:
+        if max_pending_steps < 1:
+            raise ValueError(f"max_pending_steps must be >= 1, got {max_pending_steps}.")
         self.store, self.executor, self.bodies, self.mode = store, executor, bodies, mode
-        self.ttl_seconds = ttl_seconds
+        self.ttl_seconds, self.max_pending_steps = ttl_seconds, max_pending_steps
         self.on_applied, self.clock = on_applied, clock
         self.journal, self.ensure_durable = journal, ensure_durable
         self.applied_steps = 0
+        self.updates = 0  # optimizer updates since this process started (a micro-batched group: one)
         self.replaying = False
         self._last_blobs: list[bytes] = []
 
@@ -92,8 +97,9 @@ class StepMachine:
     def pending_records(self) -> list[Record]:
         """For a checkpoint: the forwards still pending, to be logged again after it (their
         tapes are not in the checkpoint)."""
-        return [Record("pending", {"session": s.session_id, "step": s.pending_step}, list(s.pending_blobs))
-                for s in self.store if s.pending_step is not None and s.pending_blobs is not None]
+        return [Record("pending", {"session": s.session_id, "step": step}, list(blobs))
+                for s in self.store for step in s.pending_steps
+                if (blobs := s.pending[step].blobs if step in s.pending else None) is not None]
 
     def replay(self, record: Record) -> None:
         """Redo one logged change (at start, from the checkpoint on): the same request, with a
@@ -119,8 +125,10 @@ class StepMachine:
             elif record.kind == "pending":  # rebuild the tape; the checkpoint has its side effects
                 with self.executor.isolated():  # type: ignore[attr-defined]
                     self.forward(session, int(record.fields["step"]), record.blobs[0])
-            if record.kind in ("forward", "pending") and session.pending_step is not None:
-                session.pending_blobs = list(record.blobs)
+            step = int(record.fields["step"]) if record.fields.get("step") is not None else None
+            if record.kind in ("forward", "pending") and step in session.pending:
+                session.pending[step].blobs = list(record.blobs)
+                session.pending_blobs = session.pending[session.pending_steps[0]].blobs  # the oldest's
         finally:
             self.replaying = False
             if feed is not None:
@@ -129,13 +137,15 @@ class StepMachine:
     # ---- sessions across restarts ------------------------------------------------------------
     def restore(self, applied_steps: int, sessions: Iterable[dict[str, Any]]) -> None:
         """Take back the counters and sessions of a checkpoint. A step that was pending lost
-        its forward with the process: its backward gets `forward_lost` until it is resent."""
+        its forward with the process (and so did every later pending one): their backwards get
+        `forward_lost` until they are resent, the oldest first."""
         self.applied_steps = applied_steps
         for data in sessions:
             session = Session(**data)
-            if session.pending_step is not None:
-                session.lost_step, session.pending_step = session.pending_step, None
-                session.next_step = session.lost_step
+            lost = session.clear_pending()
+            if lost:
+                session.set_lost(lost)
+                session.next_step = lost[0]
             self.store.add(session)
 
     def persisted(self) -> list[dict[str, Any]]:
@@ -143,12 +153,13 @@ class StepMachine:
 
     def close(self, session: Session) -> None:
         self._log("close", session.session_id, None)
-        if session.pending_step is not None:
-            self.executor.drop((session.session_id, session.pending_step))
+        for step in session.pending_steps:
+            self.executor.drop((session.session_id, step))
         self.store.remove(session.session_id)
 
     def sweep_expired(self) -> int:
-        """Drop pending steps older than the TTL. Returns how many."""
+        """Drop pending steps older than the TTL (with every later pending step of the session:
+        backwards are FIFO, they could never come). Returns how many sessions lost steps."""
         now = self.clock()
         dropped = 0
         for session in list(self.store):
@@ -162,12 +173,14 @@ class StepMachine:
         return dropped
 
     def _drop(self, session: Session) -> None:
-        if session.pending_step is None:
+        """Drop every pending step of the session (their forwards may be sent again)."""
+        dropped = session.clear_pending()
+        if not dropped:
             return
-        self.executor.drop((session.session_id, session.pending_step))
-        session.expired_step = session.pending_step
-        session.next_step = session.pending_step
-        session.pending_step, session.pending_blobs = None, None
+        for step in dropped:
+            self.executor.drop((session.session_id, step))
+        session.set_expired(dropped)
+        session.next_step = dropped[0]
 
     def expire(self, session: Session) -> None:
         """The executor no longer holds the session's pending step (a refusal consumed its
@@ -183,12 +196,12 @@ class StepMachine:
 
     # ---- refusals ----------------------------------------------------------------------------
     def _out_of_order(self, session: Session, step: int, route: str) -> RequestRefused:
-        if route == "backward" and step == session.lost_step:
+        if route == "backward" and step in session.lost_steps:
             return RequestRefused("forward_lost",
                                   f"The forward pass of step {step} was lost when the server restarted. "
                                   f"Send forward for step {step} again with the same activations, then "
                                   "backward.", expected_step=step)
-        if route == "backward" and step == session.expired_step:
+        if route == "backward" and step in session.expired_steps:
             return RequestRefused("step_expired",
                                   f"Step {step} waited longer than {self.ttl_seconds:g} s for its "
                                   f"backward and was dropped. Send forward for step {step} again.",
@@ -216,6 +229,21 @@ class StepMachine:
             raise RequestRefused("unknown_session",
                                  f"Session '{session.session_id}' was closed. Open a new one with "
                                  "POST /v1/sessions.")
+
+    def _check_forward(self, session: Session, step: int) -> None:
+        """A new forward must be newer than every pending one and `next_step`, with fewer than
+        `max_pending_steps` pending (a server without pipelining refuses as before)."""
+        pending, limit = session.pending_steps, self.max_pending_steps
+        if self.replaying:  # what the log holds was accepted (perhaps under a larger limit)
+            limit = len(pending) + 1
+        if step < session.next_step or (pending and (step <= pending[-1] or limit == 1)):
+            raise self._out_of_order(session, step, "forward")
+        if len(pending) >= limit:
+            raise RequestRefused("pipeline_full",
+                                 f"{len(pending)} steps of this session wait for their backwards (steps "
+                                 f"{pending[0]}..{pending[-1]}), the server's limit (max_pending_steps "
+                                 f"{self.max_pending_steps}): send the backward of step {pending[0]} "
+                                 f"before forward {step}.", expected_step=pending[0])
 
     # ---- the steps ---------------------------------------------------------------------------
     def forward(self, session: Session, step: int, body: bytes) -> bytes:
@@ -246,11 +274,11 @@ class StepMachine:
         if not self.replaying:
             self.ensure_durable()
         inputs = self.bodies.inputs(body, session.codec("forward"))  # a retry's body is checked too
-        if session.last_forward and session.last_forward[0] == step and \
-                (session.pending_step == step or session.next_step > step):
-            return inputs, session.last_forward[1]  # a retry: same bytes, nothing runs
-        if session.pending_step is not None or step < session.next_step:
-            raise self._out_of_order(session, step, "forward")
+        if step in session.pending:
+            return inputs, session.pending[step].answer  # a retry: same bytes, nothing runs
+        if session.last_forward and session.last_forward[0] == step and session.next_step > step:
+            return inputs, session.last_forward[1]
+        self._check_forward(session, step)
         return inputs, None
 
     def forward_answer(self, session: Session, step: int, outputs: list[Any], regularization: Any) -> bytes:
@@ -261,11 +289,11 @@ class StepMachine:
 
     def forward_finish(self, session: Session, step: int, inputs: list[np.ndarray], response: bytes,
                        blobs: list[bytes] | None) -> None:
-        """The forward ran and is logged: the step is pending, its answer cached."""
-        session.pending_blobs = blobs
-        session.pending_step, session.pending_since = step, self.clock()
-        session.pending_batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
-        session.lost_step = session.expired_step = None
+        """The forward ran and is logged: the step is pending (after the others), its answer cached."""
+        batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else None
+        session.add_pending(step, PendingForward(self.clock(), batch, response, None if self.replaying else blobs))
+        session.set_lost([s for s in session.lost_steps if s > step])
+        session.set_expired([s for s in session.expired_steps if s > step])
         session.last_forward = (step, response)
 
     def backward(self, session: Session, step: int, body: bytes) -> bytes:
@@ -285,9 +313,10 @@ class StepMachine:
         if not self.replaying:
             self.ensure_durable()
         grads = self.bodies.output_grads(body, session.codec("backward"))
-        if session.pending_step != step:
-            if session.last_backward and session.last_backward[0] == step:
-                return grads, session.last_backward[1]
+        if session.pending_step != step:  # backwards are FIFO: the oldest pending step only
+            cached = session.cached_backward(step) if step < session.next_step else None
+            if cached is not None:
+                return grads, cached
             raise self._out_of_order(session, step, "backward")
         batch = int(grads[0].shape[0]) if grads and grads[0].ndim else None
         if session.pending_batch is not None and batch != session.pending_batch:
@@ -327,13 +356,19 @@ class StepMachine:
         try:
             self._log(kind, session.session_id, step, body)
         except BaseException:
-            self._applied(session, step, response, checkpoint=False)
+            self.applied(session, step, response, checkpoint=False)
             raise
-        self._applied(session, step, response)
+        self.applied(session, step, response)
 
-    def _applied(self, session: Session, step: int, response: bytes, checkpoint: bool = True) -> None:
-        session.last_backward = (step, response)  # before the checkpoint: a retry must find it
-        session.pending_step, session.pending_blobs = None, None
+    def applied(self, session: Session, step: int, response: bytes, checkpoint: bool = True,
+                count_update: bool = True) -> None:
+        """`step`'s update is applied: its answer cached, the session's next step, the counts.
+        `count_update=False`: one member of a micro-batched group (its group counts one update)."""
+        if count_update:
+            self.updates += 1
+        session.keep_backward(step, response, self.max_pending_steps)  # before the checkpoint: retries
+        if session.pending_step == step:
+            session.pop_oldest()
         session.next_step = step + 1
         session.applied_steps += 1
         self.applied_steps += 1

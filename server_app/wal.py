@@ -37,7 +37,9 @@ _FRAME = struct.Struct("<II")
 @dataclass
 class Record:
     """One logged state change: `kind` ("open", "close", "forward", "backward", "train",
-    "drop"), its fields (`session`, `step`, ...), and its blobs (request bodies, answers)."""
+    "drop"; a micro-batched group's "group_forward", "group_backward", "group_pending", see
+    `server_app.group_steps`), its fields (`session`, `step`, ...), and its blobs (request
+    bodies, answers)."""
 
     kind: str
     fields: dict[str, Any] = field(default_factory=dict)

@@ -96,6 +96,8 @@ REFUSAL_CODES: dict[str, str] = {
     "unauthorized": "the server key or the session token is missing or wrong",
     "unknown_session": "no such session (closed, or never opened)",
     "step_out_of_order": "the step is not the one the session expects (see expected_step)",
+    "pipeline_full": "max_pending_steps forwards wait for their backwards: send the backward of "
+                     "expected_step first",
     "step_expired": "the pending step waited longer than the TTL and was dropped",
     "forward_lost": "the pending step's forward pass was lost when the server restarted",
     "wrong_mode": "forward/backward on a labels-on-server split, or train on a U-shaped one",

@@ -22,7 +22,7 @@ import re
 from splitkeras.errors import REFUSAL_CODES, RequestRefused
 
 __all__ = ["STEP_HEADER", "MAX_STEP", "STEP_ROUTES", "TENSOR_ROUTES", "step_path", "parse_step",
-           "UNKNOWN_SESSION", "STEP_OUT_OF_ORDER", "LOST_FORWARD_CODES"]
+           "UNKNOWN_SESSION", "STEP_OUT_OF_ORDER", "PIPELINE_FULL", "LOST_FORWARD_CODES"]
 
 STEP_HEADER = "Splitkeras-Step"  # the step number of a forward, backward or train
 MAX_STEP = 2**53  # the largest step number (a JavaScript number is exact up to it)
@@ -40,6 +40,7 @@ def _code(name: str) -> str:
 
 UNKNOWN_SESSION = _code("unknown_session")
 STEP_OUT_OF_ORDER = _code("step_out_of_order")
+PIPELINE_FULL = _code("pipeline_full")  # as many steps pending as the server's max_pending_steps
 # The refusals of a backward whose forward the server no longer holds: resend the forward.
 LOST_FORWARD_CODES = frozenset(_code(c) for c in ("forward_lost", "step_expired", "step_out_of_order"))
 

@@ -44,13 +44,13 @@ def array(tensor: dict[str, Any]) -> np.ndarray:
 
 
 
-def run_driver(node: str, job: dict[str, Any], folder: Path) -> dict[str, Any]:
+def run_driver(node: str, job: dict[str, Any], folder: Path, driver: Path = DRIVER) -> dict[str, Any]:
     job_path, out_path = folder / "job.json", folder / "result.json"
     job_path.write_text(json.dumps(job))
-    completed = subprocess.run([node, str(DRIVER), str(job_path), str(out_path)], cwd=MOBILE,
+    completed = subprocess.run([node, str(driver), str(job_path), str(out_path)], cwd=MOBILE,
                                capture_output=True, text=True, timeout=240)
     if not out_path.exists():
-        pytest.fail(f"device_e2e.mjs wrote no result (exit {completed.returncode}):\n"
+        pytest.fail(f"{driver.name} wrote no result (exit {completed.returncode}):\n"
                     f"{completed.stderr[-3000:]}")
     result = json.loads(out_path.read_text())
     assert "error" not in result, f"{result['error']}\n{result.get('stack', '')}"

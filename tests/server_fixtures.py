@@ -108,7 +108,9 @@ def copy_split(source: Path, target: Path) -> Path:
 
 def settings_for(folder: Path, **overrides: Any) -> ServerSettings:
     values: dict[str, Any] = dict(split_dir=folder, key=KEY, checkpoint_dir=folder / "ck",
-                                  checkpoint_every=1000, max_batch=MAX_BATCH)
+                                  checkpoint_every=1000, max_batch=MAX_BATCH,
+                                  max_pending_steps=1)  # the step rules without pipelining; tests of
+                                  # pipelining pass max_pending_steps=N (tests/test_pipeline_server.py)
     values.update(overrides)
     return ServerSettings(**values)
 

@@ -62,7 +62,8 @@ for (const value of values) {
 }
 console.log(JSON.stringify({ constants: { STEP_HEADER: p.STEP_HEADER, MAX_STEP: p.MAX_STEP,
   STEP_ROUTES: p.STEP_ROUTES, TENSOR_ROUTES: p.TENSOR_ROUTES, UNKNOWN_SESSION: p.UNKNOWN_SESSION,
-  STEP_OUT_OF_ORDER: p.STEP_OUT_OF_ORDER, LOST_FORWARD_CODES: p.LOST_FORWARD_CODES },
+  STEP_OUT_OF_ORDER: p.STEP_OUT_OF_ORDER, PIPELINE_FULL: p.PIPELINE_FULL,
+  LOST_FORWARD_CODES: p.LOST_FORWARD_CODES },
   path: p.stepPath('s1', 'forward'), answers }));
 """
 
@@ -77,7 +78,7 @@ def test_the_javascript_twin_and_the_fake_server_agree_with_the_server() -> None
         "STEP_HEADER": protocol.STEP_HEADER, "MAX_STEP": protocol.MAX_STEP,
         "STEP_ROUTES": list(protocol.STEP_ROUTES), "TENSOR_ROUTES": list(protocol.TENSOR_ROUTES),
         "UNKNOWN_SESSION": protocol.UNKNOWN_SESSION, "STEP_OUT_OF_ORDER": protocol.STEP_OUT_OF_ORDER,
-        "LOST_FORWARD_CODES": sorted(protocol.LOST_FORWARD_CODES)}
+        "PIPELINE_FULL": protocol.PIPELINE_FULL, "LOST_FORWARD_CODES": sorted(protocol.LOST_FORWARD_CODES)}
     assert result["path"] == protocol.step_path("s1", "forward")
     for value, answer in zip(values, result["answers"], strict=True):
         try:

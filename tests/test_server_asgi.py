@@ -461,7 +461,7 @@ def test_session_state_and_predict_change_nothing(u_app: LiveApp) -> None:
     sid, token = u_app.open_session()
     data = u_app.get(f"/v1/sessions/{sid}", token=token).json()
     assert data == {"session_id": sid, "wire_dtype": "float32", "next_step": 0, "pending_step": None,
-                    "applied_steps": 0, "refused_steps": 0,
+                    "pending_steps": [], "applied_steps": 0, "refused_steps": 0,
                     "codecs": {"forward": "float32", "backward": "float32"}}
     before = state(u_app)
     first_ = u_app.post(f"/v1/sessions/{sid}/predict", tensors={"h": act(3)}, token=token)

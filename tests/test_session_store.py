@@ -98,5 +98,5 @@ def test_persisted_round_trip(store: SessionStore) -> None:
     assert found.persisted() == original.persisted()
     assert found.last_forward is None and found.last_backward == (6, b"bwd") and found.last_seen is None
     assert found.public() == {"session_id": "c3", "wire_dtype": "float32", "next_step": 7, "pending_step": 7,
-                              "applied_steps": 5, "refused_steps": 2,
+                              "pending_steps": [7], "applied_steps": 5, "refused_steps": 2,
                               "codecs": {"forward": "float32", "backward": "float32"}}

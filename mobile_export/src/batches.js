@@ -3,6 +3,9 @@
 // evaluate and predict (runtime.js, with their documentation) call these; one batch is
 // steps.js' work.
 
+import {
+  checkNoRounds, checkPipelinable, checkPipelineDepth, runPipelined, servedDepth,
+} from './pipeline.js';
 import { FleetRounds } from './rounds.js';
 import { runEvaluate, runPredict } from './steps.js';
 import { SplitDeviceError, namedInputs } from './tensors.js';
@@ -19,11 +22,17 @@ export async function runFit(device, xs, ys, options = {}) {
   const { tf } = device;
   const {
     batchSize = 32, epochs = 1, shuffle = true, validationData, validationSplit = 0,
-    validationBatchSize, initialEpoch = 0, callbacks,
+    validationBatchSize, initialEpoch = 0, callbacks, pipelineDepth = 1,
   } = options;
+  checkPipelinable(device, checkPipelineDepth(pipelineDepth));
   const hooks = [options, ...(Array.isArray(callbacks) ? callbacks : (callbacks ? [callbacks] : []))];
   const emit = async (name, ...args) => {
     for (const hook of hooks) if (typeof hook[name] === 'function') await hook[name](...args);
+  };
+  // onWarning(message) of the options or callbacks, else console.warn
+  const warn = async (message) => {
+    if (hooks.some((hook) => typeof hook.onWarning === 'function')) await emit('onWarning', message);
+    else console.warn(`splitkeras-device: ${message}`);
   };
   if (!Number.isInteger(epochs) || epochs < 0 || !Number.isInteger(initialEpoch) || initialEpoch < 0) {
     throw new SplitDeviceError(`epochs (${epochs}) and initialEpoch (${initialEpoch}) must be `
@@ -46,6 +55,7 @@ export async function runFit(device, xs, ys, options = {}) {
   const start = device.stats;
   let steps = 0;
   let lastLogs = {};
+  let depth = 1;
   try {
     let count = store.get(names[0]).shape[0];
     if (count < 1) throw new SplitDeviceError('xs holds no sample to train on');
@@ -73,8 +83,15 @@ export async function runFit(device, xs, ys, options = {}) {
     }
     await device.ensureSessions();
     checkBatchSize(device, batchSize);
+    if (pipelineDepth > 1) {
+      let message = null;
+      depth = servedDepth(device, pipelineDepth, (text) => { message = text; });
+      if (message) await warn(message);
+      for (const session of device.sessions) session.pipelineDepth = depth;
+    }
     device.stopTraining = false;
     const rounds = await FleetRounds.forDevice(device, options.rounds); // rounds.js: --aggregate
+    checkNoRounds(rounds, depth);
     if (rounds) hooks.push(rounds);
     await emit('onTrainBegin', {});
     for (let epoch = initialEpoch; epoch < epochs && !device.stopTraining; epoch += 1) {
@@ -82,21 +99,7 @@ export async function runFit(device, xs, ys, options = {}) {
       const order = Int32Array.from({ length: count }, (_, i) => i);
       if (shuffle) tf.util.shuffle(order);
       const sums = { loss: 0, samples: 0, metrics: {}, counts: {} };
-      for (let begin = 0, batch = 0; begin < count && !device.stopTraining;
-        begin += batchSize, batch += 1) {
-        await emit('onBatchBegin', batch);
-        const size = Math.min(batchSize, count - begin);
-        const indices = tf.tensor1d(order.subarray(begin, begin + size), 'int32');
-        const bx = names.map((n) => tf.gather(store.get(n), indices));
-        const by = tf.gather(labels, indices);
-        indices.dispose();
-        let logs;
-        try {
-          logs = await device.trainStep(bx, by);
-        } finally {
-          bx.forEach((t) => t.dispose());
-          by.dispose();
-        }
+      const add = async (batch, size, logs) => {
         steps += 1;
         sums.loss += logs.loss * size;
         sums.samples += size;
@@ -106,6 +109,48 @@ export async function runFit(device, xs, ys, options = {}) {
           sums.counts[name] = (sums.counts[name] ?? 0) + weight;
         }
         await emit('onBatchEnd', batch, { ...logs, size });
+      };
+      const gather = (begin, size) => {
+        const indices = tf.tensor1d(order.subarray(begin, begin + size), 'int32');
+        const bx = names.map((n) => tf.gather(store.get(n), indices));
+        const by = tf.gather(labels, indices);
+        indices.dispose();
+        return { bx, by };
+      };
+      if (depth > 1) { // pipeline.js: up to `depth` steps in flight, drained at the epoch's end
+        let begin = 0;
+        let batch = 0;
+        await runPipelined(device, depth, {
+          nextBatch: async () => {
+            if (begin >= count || device.stopTraining) return null;
+            await emit('onBatchBegin', batch);
+            const size = Math.min(batchSize, count - begin);
+            const { bx, by } = gather(begin, size);
+            const item = { x: bx, y: by, size, batch };
+            begin += batchSize;
+            batch += 1;
+            return item;
+          },
+          release: (item) => {
+            item.x.forEach((t) => t.dispose());
+            item.y.dispose();
+          },
+          finished: (logs, item) => add(item.batch, item.size, logs),
+        });
+      }
+      for (let begin = 0, batch = 0; depth === 1 && begin < count && !device.stopTraining;
+        begin += batchSize, batch += 1) {
+        await emit('onBatchBegin', batch);
+        const size = Math.min(batchSize, count - begin);
+        const { bx, by } = gather(begin, size);
+        let logs;
+        try {
+          logs = await device.trainStep(bx, by);
+        } finally {
+          bx.forEach((t) => t.dispose());
+          by.dispose();
+        }
+        await add(batch, size, logs);
       }
       const epochLogs = { loss: sums.loss / sums.samples };
       for (const name of Object.keys(sums.metrics)) {
@@ -132,6 +177,7 @@ export async function runFit(device, xs, ys, options = {}) {
     }
     throw error;
   } finally {
+    for (const session of device.sessions) session.pipelineDepth = 1;
     for (const t of store.values()) t.dispose();
     labels.dispose();
     owned.forEach((t) => t.dispose());

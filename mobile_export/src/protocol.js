@@ -12,6 +12,8 @@ export const STEP_ROUTES = ['forward', 'backward', 'train'];
 export const TENSOR_ROUTES = [...STEP_ROUTES, 'predict'];
 export const UNKNOWN_SESSION = 'unknown_session';
 export const STEP_OUT_OF_ORDER = 'step_out_of_order';
+// A forward while the server holds max_pending_steps steps of the session (pipelining).
+export const PIPELINE_FULL = 'pipeline_full';
 // The refusals of a backward whose forward the server no longer holds: resend the forward.
 export const LOST_FORWARD_CODES = ['forward_lost', 'step_expired', 'step_out_of_order'];
 

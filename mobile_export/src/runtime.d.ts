@@ -128,6 +128,8 @@ export interface FitCallbacks {
   onBatchEnd?: (batch: number, logs: BatchLogs) => unknown;
   onEpochEnd?: (epoch: number, logs: EpochLogs) => unknown;
   onTrainEnd?: (logs: EpochLogs) => unknown;
+  /** A warning of fit's (e.g. pipelineDepth capped by the server); without it, console.warn. */
+  onWarning?: (message: string) => unknown;
 }
 
 export interface FitOptions extends FitCallbacks {
@@ -145,6 +147,9 @@ export interface FitOptions extends FitCallbacks {
    * server announces them; false: this device keeps its own segments; true: refuse a server
    * without aggregation. */
   rounds?: boolean;
+  /** Steps in flight at once, 1 (default: sequential) to 4, capped by the server's
+   * max_pending_steps (pipeline.js; docs/training.md, "Pipelining in the JS runtime"). */
+  pipelineDepth?: 1 | 2 | 3 | 4;
 }
 
 /** Counters of the fleet rounds a device took part in (rounds.js). */

@@ -16,6 +16,12 @@
 // * 409 step_out_of_order on a forward or train: continue at the server's
 //   expected_step, or in a new session when the server holds a step of ours that
 //   will never finish.
+// * pipelined (`pipelineDepth` > 1, docs/training.md): several steps' forwards are in flight;
+//   every recovery above resends the forwards of all of them, oldest first (a new session
+//   and a lost forward alike), one recovery at a time: a request waits for a recovery in
+//   progress, and a request refused as unknown_session by a session that is already
+//   replaced only goes again. 409 pipeline_full is a ProtocolError (the device sent more
+//   steps than the server's max_pending_steps).
 // * any other refusal: a ProtocolError with the server's code and message.
 //
 // Step numbers are the device's; the session maps them onto the server's, sent in the
@@ -35,7 +41,7 @@ import {
   Refused, browserBlobBodies, globalFetch, sendWithRetries, utf8Bytes, utf8Text,
 } from './http.js';
 import {
-  LOST_FORWARD_CODES, STEP_HEADER, STEP_OUT_OF_ORDER, UNKNOWN_SESSION, stepPath,
+  LOST_FORWARD_CODES, PIPELINE_FULL, STEP_HEADER, STEP_OUT_OF_ORDER, UNKNOWN_SESSION, stepPath,
 } from './protocol.js';
 
 export { ProtocolError, failureHint } from './fetch_errors.js';
@@ -84,7 +90,9 @@ export class SplitSession {
     this.fetch = fetch;
     this.info = null; // the server's answer to POST /v1/sessions
     this.offset = null; // server step - device step
-    this.forwardBodies = new Map(); // the step awaiting its backward -> its forward body
+    this.forwardBodies = new Map(); // the steps awaiting their backward -> their forward bodies
+    this.pipelineDepth = 1; // steps in flight at once (pipeline.js sets it for a pipelined fit)
+    this.recovery = null; // the recovery in progress (a promise), which other requests wait for
     this.stats = { bytesSent: 0, bytesReceived: 0, requests: 0, retries: 0, recoveries: 0 };
   }
 
@@ -151,8 +159,20 @@ export class SplitSession {
   /** The server segment's training forward of `step`; its body is kept for recovery. */
   async forward(step, tensors) {
     const body = this.encode(tensors, 'forward');
-    this.forwardBodies = new Map([[step, body]]);
+    if (this.pipelineDepth === 1) this.forwardBodies.clear(); // one step in flight at a time
+    this.forwardBodies.set(step, body);
     return this.decode(await this.withSessionRecovery('forward', step, body), 'forward');
+  }
+
+  /** Forget the forward body of a step that will not get its backward (it failed). */
+  forget(step) {
+    this.forwardBodies.delete(step);
+  }
+
+  /** The server's max_pending_steps (1 when the server does not say: no pipelining). */
+  get maxPendingSteps() {
+    const value = this.info?.max_pending_steps;
+    return Number.isInteger(value) && value >= 1 ? value : 1;
   }
 
   /** The gradients of the server outputs for `step`; returns the input gradients. */
@@ -167,16 +187,25 @@ export class SplitSession {
       } catch (error) {
         if (!(error instanceof Refused)) throw error;
         refusal = error;
-        if (error.code === UNKNOWN_SESSION) await this.reopen(step);
-        else if (!LOST_FORWARD_CODES.includes(error.code)) throw error.toError();
-        const forwardBody = this.forwardBodies.get(step);
-        if (!forwardBody) {
-          throw new ProtocolError(`The server lost the forward pass of step ${step} `
-            + `(${error.code}) and this session no longer holds its body to resend: run the `
-            + 'step again.', { status: error.status, code: error.code });
+        if (error.code === PIPELINE_FULL) throw this.pipelineFull(error);
+        if (error.code === UNKNOWN_SESSION && this.replaced(error)) {
+          await this.waitForRecovery();
+          continue; // another request of this session has opened a new one and resent the forwards
         }
-        this.stats.recoveries += 1;
-        await this.withSessionRecovery('forward', step, forwardBody);
+        if (error.code !== UNKNOWN_SESSION && !LOST_FORWARD_CODES.includes(error.code)) throw error.toError();
+        await this.recovering(async () => {
+          if (error.code === UNKNOWN_SESSION) await this.reopen(step);
+          if (!this.forwardBodies.get(step)) {
+            throw new ProtocolError(`The server lost the forward pass of step ${step} `
+              + `(${error.code}) and this session no longer holds its body to resend: run the `
+              + 'step again.', { status: error.status, code: error.code });
+          }
+          this.stats.recoveries += 1;
+          // every step still in flight, oldest first (one step: this one)
+          for (const [pending, body] of this.inFlight()) {
+            await this.withSessionRecovery('forward', pending, body, { internal: true });
+          }
+        });
       }
     }
     throw refusal.toError();
@@ -198,21 +227,69 @@ export class SplitSession {
 
   // ---------------------------------------------------------------- recovery
 
-  async withSessionRecovery(route, step, body) {
+  async withSessionRecovery(route, step, body, { internal = false } = {}) {
     let refusal = null;
     for (let attempt = 0; attempt < MAX_RECOVERIES; attempt += 1) {
       try {
-        return await this.step(route, step, body);
+        return await this.step(route, step, body, { internal });
       } catch (error) {
         if (!(error instanceof Refused)) throw error;
         refusal = error;
-        if (error.code === UNKNOWN_SESSION) await this.reopen(step);
-        else if (error.code === STEP_OUT_OF_ORDER && step !== null) await this.resync(step, error);
-        else throw error.toError();
-        this.stats.recoveries += 1;
+        if (error.code === PIPELINE_FULL) throw this.pipelineFull(error);
+        if (error.code === UNKNOWN_SESSION && !internal && this.replaced(error)) {
+          await this.waitForRecovery(); // a new session is open already: only go again
+          continue;
+        }
+        const recover = async () => {
+          if (error.code === UNKNOWN_SESSION) await this.reopen(step);
+          else if (error.code === STEP_OUT_OF_ORDER && step !== null) await this.resync(step, error);
+          else throw error.toError();
+          this.stats.recoveries += 1;
+          if (route === 'forward' && this.info?.session_id !== error.sessionId) { // a new session
+            // the older steps in flight go to the new session first (none at depth 1)
+            for (const [pending, older] of this.inFlight().filter(([s]) => s < step)) {
+              await this.withSessionRecovery('forward', pending, older, { internal: true });
+            }
+          }
+        };
+        if (internal) await recover();
+        else await this.recovering(recover);
       }
     }
     throw refusal.toError();
+  }
+
+  /** The steps in flight (forward sent, backward not answered), oldest first, with their bodies. */
+  inFlight() {
+    return [...this.forwardBodies].sort((a, b) => a[0] - b[0]);
+  }
+
+  // Whether the session that refused `error` has been replaced since (by another request's
+  // recovery): then the request only needs to go again, to the new session.
+  replaced(error) {
+    return Boolean(this.recovery) || (Boolean(this.info) && error.sessionId !== this.info.session_id);
+  }
+
+  /** Run `fn`, a recovery, once no other is in progress; requests wait for it (step()). */
+  async recovering(fn) {
+    await this.waitForRecovery();
+    const run = fn();
+    this.recovery = run.catch(() => {});
+    try {
+      return await run;
+    } finally {
+      this.recovery = null;
+    }
+  }
+
+  async waitForRecovery() {
+    while (this.recovery) await this.recovery;
+  }
+
+  pipelineFull(error) {
+    return new ProtocolError(`${error.toError().message} The server takes at most `
+      + `${this.maxPendingSteps} step(s) in flight per session: lower pipelineDepth to it.`,
+    { status: error.status, code: error.code });
   }
 
   async reopen(step) {
@@ -226,13 +303,23 @@ export class SplitSession {
     }
     this.forwardBodies = forwardBodies;
     const info = await this.open();
-    if (step !== null) this.offset = info.next_step - step;
+    // the oldest step in flight becomes the new session's next step (one step: this one)
+    if (step !== null) this.offset = info.next_step - Math.min(step, ...forwardBodies.keys());
   }
 
   async resync(step, refusal) {
     const state = await this.state();
     const pending = state.pending_step;
-    if (pending !== null && pending !== undefined && pending !== await this.serverStep(step)) {
+    if (this.pipelineDepth > 1 && Array.isArray(state.pending_steps) && state.pending_steps.length) {
+      // pipelined: the server holds steps; unless they are ours and older than this one (it
+      // was refused for another reason), a new session, where the steps in flight are resent
+      const serverStep = await this.serverStep(step);
+      const ours = new Set([...this.forwardBodies.keys()].map((s) => s + this.offset));
+      if (state.pending_steps.some((s) => !ours.has(s) || s >= serverStep)) {
+        await this.reopen(step);
+        return;
+      }
+    } else if (pending !== null && pending !== undefined && pending !== await this.serverStep(step)) {
       await this.reopen(step); // a step of ours that will never get its backward
       return;
     }
@@ -255,14 +342,21 @@ export class SplitSession {
 
   // A step's number goes in the Splitkeras-Step header: the URL is the same at every step, so
   // a browser pays one CORS preflight per route of the session, not one per request.
-  async step(route, step, body) {
+  async step(route, step, body, { internal = false } = {}) {
+    if (this.recovery && !internal) await this.waitForRecovery();
     if (!this.info) await this.open();
-    const path = stepPath(this.info.session_id, route);
-    if (step === null) return (await this.send('POST', path, body, MEDIA_TYPE, this.info.token, `POST ${path}`)).body;
-    const serverStep = await this.serverStep(step);
-    const what = `${route} of step ${step} (POST ${path}, ${STEP_HEADER}: ${serverStep})`;
-    return (await this.send('POST', path, body, MEDIA_TYPE, this.info.token, what,
-      { [STEP_HEADER]: String(serverStep) })).body;
+    const sessionId = this.info.session_id;
+    const path = stepPath(sessionId, route);
+    try {
+      if (step === null) return (await this.send('POST', path, body, MEDIA_TYPE, this.info.token, `POST ${path}`)).body;
+      const serverStep = await this.serverStep(step);
+      const what = `${route} of step ${step} (POST ${path}, ${STEP_HEADER}: ${serverStep})`;
+      return (await this.send('POST', path, body, MEDIA_TYPE, this.info.token, what,
+        { [STEP_HEADER]: String(serverStep) })).body;
+    } catch (error) {
+      if (error instanceof Refused) error.sessionId = sessionId; // which session refused it
+      throw error;
+    }
   }
 
   /** One request, repeated on transient failures: {status, body: Uint8Array} or throws. */

@@ -12,6 +12,10 @@
 //             answers the gradients of its float inputs; a device segment applies its
 //             update from its outputs' gradients and yields its inputs'.
 //
+// A step is two phases: startTrainStep (the forward of every stage before the label stage)
+// and finishTrainStep (the label stage and the backwards). trainStep runs one after the other;
+// a pipelined fit (pipeline.js) starts the next steps while the oldest finishes.
+//
 // A tensor read by several later stages gets the sum of their gradients (addGrads).
 // The loss is the label stage's (its regularization included) plus the regularization
 // every other stage reports on its forward (`regularization_loss` from a server).
@@ -31,29 +35,88 @@ const specNames = (specs) => specs.map((s) => s.name);
  * @returns {Promise<object>} {step, loss, metrics, metricCounts?, details?}
  */
 export async function runTrainStep(device, step, x, y, { details = false } = {}) {
+  return finishTrainStep(await startTrainStep(device, step, x, y, { details }));
+}
+
+/**
+ * The first phase of a step: the forward of every stage before the label stage. `x` and `y`
+ * are copied before the first await (the caller may dispose them once this returns its
+ * promise). On failure the step's state is freed and the error thrown.
+ * @returns {Promise<object>} the step's state, for finishTrainStep (or abandonTrainStep)
+ */
+export async function startTrainStep(device, step, x, y, { details = false } = {}) {
   const { tf, runners } = device;
-  const store = namedInputs(tf, device.modelInputs, x, device.maxBatch);
-  const grads = new Map();
-  const result = { step, metrics: {} };
-  const received = details ? new Map() : null; // stage -> Map(name -> tensor copy data)
-  const regularization = [];
+  const state = {
+    device, step, store: namedInputs(tf, device.modelInputs, x, device.maxBatch), grads: new Map(),
+    result: { step, metrics: {} },
+    received: details ? new Map() : null, // stage -> Map(name -> tensor copy data)
+    regularization: [], labels: null,
+    clipStates: new Map(), // stage -> what activation-noise clipped (for its Jacobian)
+    noPeeks: new Map(), // stage -> NoPeek's gradients of what it was sent (before noise)
+    made: [], // tensors the defences made, disposed at the end
+  };
+  const { store, regularization } = state;
+  try {
+    state.labels = labelTensor(tf, y, store.get(device.modelInputs[0].name).shape[0]);
+    for (const runner of runners.slice(0, -1)) {
+      const { segment, session, stage } = runner;
+      if (segment) {
+        const { outputs, regularization: reg } = segment.forward(step,
+          segment.inputNames.map((n) => store.get(n)));
+        segment.outputNames.forEach((name, i) => store.set(name, outputs[i]));
+        regularization.push(reg);
+      } else {
+        const answer = await session.forward(step, await sentTensors(state, stage));
+        regularization.push(Number(answer.metadata.regularization_loss ?? 0));
+        for (const [name, t] of fromWire(tf, answer, stage.outputs, 'forward')) store.set(name, t);
+      }
+    }
+  } catch (error) {
+    abandonTrainStep(state);
+    throw error;
+  }
+  return state;
+}
+
+// the tensors sent to a server stage, through the activation defences
+async function sentTensors(state, stage) {
+  const { device: { tf, defences = [], modelInputs }, store } = state;
+  state.noPeeks.set(stage.name, noPeekGradients(defences, store, specNames(stage.inputs),
+    modelInputs.map((s) => s.name)));
+  const { sent, made: noised, state: clipped } = noiseActivations(tf, defences, specNames(stage.inputs), store);
+  state.made.push(...noised);
+  if (clipped) state.clipStates.set(stage.name, clipped);
+  return wireTensors(specNames(stage.inputs), sent);
+}
+
+/** Free a started step that will not finish: its tensors, its segments' and sessions' pending state. */
+export function abandonTrainStep(state) {
+  for (const { segment, session } of state.device.runners.slice(0, -1)) {
+    segment?.drop(state.step);
+    session?.forget(state.step);
+  }
+  disposeStep(state);
+}
+
+function disposeStep({ store, grads, made, labels }) {
+  for (const t of store.values()) t.dispose();
+  for (const t of grads.values()) t.dispose();
+  for (const t of made) t.dispose();
+  labels?.dispose();
+}
+
+/**
+ * The second phase of a step: the label stage (loss, metrics, its update), then the
+ * backwards in reverse stage order. Frees the step's state, whatever happens.
+ * @returns {Promise<object>} {step, loss, metrics, metricCounts?, details?}
+ */
+export async function finishTrainStep(state) {
+  const { device, step, store, grads, result, received, regularization, labels, clipStates,
+    noPeeks, made } = state;
+  const { tf, runners } = device;
   const label = runners[runners.length - 1];
   const others = runners.slice(0, -1);
-  let labels = null;
   const defences = device.defences ?? [];
-  const clipStates = new Map(); // stage -> what activation-noise clipped (for its Jacobian)
-  const noPeeks = new Map(); // stage -> NoPeek's gradients of what it was sent (before noise)
-  const made = []; // tensors the defences made, disposed at the end
-  // the tensors sent to a server stage, through the activation defences
-  const sentTensors = async (stage) => {
-    noPeeks.set(stage.name, noPeekGradients(defences, store, specNames(stage.inputs),
-      device.modelInputs.map((s) => s.name)));
-    const { sent, made: noised, state } = noiseActivations(tf, defences, specNames(stage.inputs), store);
-    made.push(...noised);
-    if (state) clipStates.set(stage.name, state);
-    return wireTensors(specNames(stage.inputs), sent);
-  };
-
   const takeInputGrads = (runner, answer) => {
     const specs = runner.stage.inputs.filter((s) => s.name in answer.tensors);
     const answered = clipGradients(tf, clipStates.get(runner.stage.name),
@@ -67,21 +130,6 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
   };
 
   try {
-    labels = labelTensor(tf, y, store.get(device.modelInputs[0].name).shape[0]);
-    for (const runner of others) {
-      const { segment, session, stage } = runner;
-      if (segment) {
-        const { outputs, regularization: reg } = segment.forward(step,
-          segment.inputNames.map((n) => store.get(n)));
-        segment.outputNames.forEach((name, i) => store.set(name, outputs[i]));
-        regularization.push(reg);
-      } else {
-        const answer = await session.forward(step, await sentTensors(stage));
-        regularization.push(Number(answer.metadata.regularization_loss ?? 0));
-        for (const [name, t] of fromWire(tf, answer, stage.outputs, 'forward')) store.set(name, t);
-      }
-    }
-
     if (label.segment) {
       const tail = label.segment;
       const out = tail.trainStep(tail.inputNames.map((n) => store.get(n)), labels, device.loss,
@@ -94,7 +142,7 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
       result.metricCounts = Object.fromEntries(Object.entries(out.metrics)
         .map(([name, { count }]) => [name, count]));
     } else {
-      const tensors = await sentTensors(label.stage);
+      const tensors = await sentTensors(state, label.stage);
       const labelName = LABEL_PREFIX + device.manifest.model_outputs[0].name;
       const output = device.manifest.model_outputs[0];
       const sentLabels = flipLabels(tf, defences, labels, Number(output.shape[output.shape.length - 1]));
@@ -133,11 +181,11 @@ export async function runTrainStep(device, step, x, y, { details = false } = {})
       }
     }
   } finally {
-    for (const { segment } of others) segment?.drop(step);
-    for (const t of store.values()) t.dispose();
-    for (const t of grads.values()) t.dispose();
-    for (const t of made) t.dispose();
-    labels?.dispose();
+    for (const { segment, session } of others) {
+      segment?.drop(step);
+      session?.forget(step);
+    }
+    disposeStep(state);
   }
   if (received) result.details = gradientDetails(received);
   return result;

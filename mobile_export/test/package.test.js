@@ -121,7 +121,8 @@ export async function train(manifest: SplitManifest, xs: tf.Tensor, ys: tf.Tenso
   const head = await loadLayersModelFromDir(tf, 'app/head_tfjs');
   const device = await SplitDevice.create({ tf, manifest, models: { head, tail: 'https://x/tail/model.json' },
     serverUrl: 'https://split.example.org', key: 'k', wireDtype: 'float16' });
-  const options: FitOptions = { batchSize: 32, epochs: 2, validationSplit: 0.1,
+  const options: FitOptions = { batchSize: 32, epochs: 2, validationSplit: 0.1, pipelineDepth: 2,
+    onWarning: (message) => { console.log(message.length); },
     onEpochEnd: (epoch, logs) => { console.log(epoch, logs.loss.toFixed(3), logs.val_loss); },
     callbacks: [{ onBatchEnd: (batch, logs) => { console.log(batch, logs.size, logs.bytesSent); } }] };
   try {
@@ -144,6 +145,7 @@ import { SplitDevice, type SplitManifest } from 'splitkeras-device';
 export async function bad(manifest: SplitManifest, xs: tf.Tensor) {
   const device = await SplitDevice.create({ tf, manifest, models: {}, wireDtype: 'float64' });
   await device.fit(xs, xs, { batchSize: '32' });
+  await device.fit(xs, xs, { pipelineDepth: 5 });
   const n: string = device.stats.bytesSent;
   return n;
 }
@@ -168,9 +170,10 @@ test('tsc --noEmit: the declarations type a real consumer (nodenext and bundler 
     () => null, (error) => error);
   assert.ok(failure, 'tsc accepted bad.ts');
   const errors = failure.stdout.split('\n').filter((line) => /bad\.ts\(\d+,\d+\): error/.test(line));
-  assert.equal(errors.length, 3, failure.stdout);
+  assert.equal(errors.length, 4, failure.stdout);
   assert.match(failure.stdout, /"float64"/);
   assert.match(failure.stdout, /bad\.ts\(5,\d+\): error TS2322: Type 'string' is not assignable to type 'number'/);
+  assert.match(failure.stdout, /bad\.ts\(6,\d+\): error TS2322: Type '5' is not assignable to type '1 \| 2 \| 3 \| 4 \| undefined'/);
   const declared = await readFile(path.join(project, 'node_modules', 'splitkeras-device', 'package.json'), 'utf8');
   assert.equal(JSON.parse(declared).exports['.'].types, './src/runtime.d.ts');
 });

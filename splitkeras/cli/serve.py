@@ -32,6 +32,7 @@ __all__ = ["register", "cmd_serve"]
 
 # settings field -> the flag that sets it (for one-line messages about a bad value)
 FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-ttl", "max_batch": "--max-batch",
+         "max_pending_steps": "--max-pending-steps",
          "max_sessions": "--max-sessions", "session_ttl_seconds": "--session-ttl",
          "read_timeout_seconds": "--read-timeout", "guard_factor": "--guard-factor",
          "guard_warmup": "--guard-warmup", "guard_max_abs": "--guard-max-abs",
@@ -40,7 +41,9 @@ FLAGS = {"checkpoint_every": "--checkpoint-every", "step_ttl_seconds": "--step-t
          "round_quorum": "--round-quorum", "round_deadline_seconds": "--round-deadline",
          "round_norm_factor": "--round-norm-factor", "codecs": "--codecs", "strategy": "--strategy",
          "replicas": "--replicas", "collective_timeout_seconds": "--collective-timeout",
-         "global_step_ms": "--global-step-ms"}
+         "global_step_ms": "--global-step-ms",
+         "batch_window_ms": "--batch-window-ms", "max_devices_per_batch": "--max-devices-per-batch",
+         "batch_backward_timeout_seconds": "--batch-backward-timeout"}
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -51,6 +54,7 @@ def _settings(args: argparse.Namespace) -> Any:
     overrides = {k: v for k, v in {
         "key": args.key, "checkpoint_every": args.checkpoint_every,
         "step_ttl_seconds": args.step_ttl, "max_batch": args.max_batch, "max_sessions": args.max_sessions,
+        "max_pending_steps": args.max_pending_steps,
         "session_ttl_seconds": args.session_ttl, "read_timeout_seconds": args.read_timeout,
         "guard_factor": args.guard_factor, "guard_warmup": args.guard_warmup,
         "guard_max_abs": args.guard_max_abs, "guard_max_weight": args.guard_max_weight,
@@ -60,6 +64,8 @@ def _settings(args: argparse.Namespace) -> Any:
         "round_deadline_seconds": args.round_deadline, "round_norm_factor": args.round_norm_factor,
         "codecs": args.codecs, "strategy": args.strategy, "replicas": args.replicas,
         "collective_timeout_seconds": args.collective_timeout, "global_step_ms": args.global_step_ms,
+        "batch_window_ms": args.batch_window_ms, "max_devices_per_batch": args.max_devices_per_batch,
+        "batch_backward_timeout_seconds": args.batch_backward_timeout,
     }.items() if v is not None}
     if (args.replicas is not None) and args.strategy != "mirrored":
         raise CliError("serve: --replicas needs --strategy mirrored")
@@ -226,6 +232,17 @@ def register(sub: Any) -> None:
     p.add_argument("--step-ttl", type=_number(float, 0, inclusive=False),
                    help="seconds an unfinished step is kept (300)")
     p.add_argument("--max-batch", type=_number(int, 1), help="largest batch per request (256)")
+    p.add_argument("--max-pending-steps", type=_number(int, 1, high=64), metavar="N",
+                   help="forwards of one session that may wait for their backwards at once: a device "
+                   "may pipeline up to N steps (4; 1: no pipelining)")
+    p.add_argument("--batch-window-ms", type=_number(float, 0), help="micro-batching across devices: the "
+                   "forwards arriving within N ms run as one union forward, their backwards as one update, the "
+                   "mean of the group's steps (0: off, the default; docs/protocol.md, Micro-batching)")
+    p.add_argument("--max-devices-per-batch", type=_number(int, 1), help="a micro-batch closes once K "
+                   "sessions' forwards are in (8)")
+    p.add_argument("--batch-backward-timeout", type=_number(float, 0, inclusive=False),
+                   help="seconds a micro-batch waits for its members' backwards after the first one (10); "
+                   "the rest expire (step_expired)")
     p.add_argument("--max-sessions", type=_number(int, 1), help="sessions held at once (1024); then a new "
                    "one replaces the least recently used idle one")
     p.add_argument("--session-ttl", type=_number(float, 0, inclusive=False),

@@ -149,7 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"Training the device segments of '{client.split.model_name}' "
                   f"({client.mode}) against {where}, wire {args.compress or args.wire_dtype}", flush=True)
         history = client.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
-                             verbose=1 if text else 0, shuffle=args.shuffle)
+                             verbose=1 if text else 0, shuffle=args.shuffle,
+                             pipeline_depth=args.pipeline_depth)
         saved = client.save()
         stats = client.stats
     final = {k: v[-1] for k, v in history.history.items()}
@@ -194,6 +195,10 @@ def register(sub: Any) -> None:
                    "gradient-noise:SCALE, activation-noise:CLIP,SIGMA, nopeek:ALPHA, "
                    "randomized-response:EPSILON (docs/privacy.md)")
     p.add_argument("--defence-seed", type=int, help="seed of the defences' noise (default: fresh)")
+    p.add_argument("--pipeline-depth", type=int, choices=range(1, 5), default=1, metavar="N",
+                   help="steps in flight at once, 1-4 (1: sequential; 2-4: the next batch's head and "
+                   "server forward overlap the server's work on the current one, with staleness: "
+                   "docs/training.md, Pipelining); capped by the server's --max-pending-steps")
     p.add_argument("--format", choices=["text", "json"], default="text")
     add_unsafe(p)
     p.set_defaults(func=cmd_train)

@@ -44,6 +44,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from splitkeras import codecs
 from splitkeras.client.network import NetworkConditions
+from splitkeras.client.pipeline import check_depth, pipeline_for, pipelined_epoch
 from splitkeras.client.remote import RemoteSegment
 from splitkeras.client.rounds import FleetRounds
 from splitkeras.client.stages import open_stage, stage_segment, stage_urls
@@ -284,18 +285,27 @@ class DeviceClient:
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = 32, epochs: int = 1,
             verbose: Any = "auto", validation_data: Any = None, shuffle: bool = True,
             callbacks: Any = None, sample_weight: Any = None, initial_epoch: int = 0,
-            steps_per_epoch: int | None = None, rounds: bool | None = None) -> keras.callbacks.History:
+            steps_per_epoch: int | None = None, rounds: bool | None = None,
+            pipeline_depth: int = 1) -> keras.callbacks.History:
         """Train like `keras.Model.fit`; returns a `History`.
 
         `rounds`: take part in the server's rounds of device aggregation (None: when the
         server announces them, `splitkeras serve --aggregate`; `splitkeras.client.rounds`).
 
+        `pipeline_depth` (1..4): steps in flight at once (`splitkeras.client.pipeline`,
+        docs/training.md "Pipelining"): at 2 or more the head's forward of the next batch
+        and its server forward go out while the server works on the current one, at the
+        price of staleness (the head's and server's forwards miss up to depth-1 updates).
+        Capped by the server's `max_pending_steps` (with a warning). 1: the sequential step.
+
         Besides the loss and metrics, the logs (progress bar and History) carry this
         epoch's `sent_MB`, `received_MB` and wall-clock `ms_per_sample`.
         """
         label = self._require_compiled()
+        depth = check_depth(pipeline_depth)
         iterator = TFEpochIterator(x=x, y=y, sample_weight=sample_weight, batch_size=batch_size,
                                    steps_per_epoch=steps_per_epoch, shuffle=shuffle)
+        pipelined = pipeline_for(self, depth, rounds) if depth > 1 else None
         callbacks = callback_list(callbacks, model=self, verbose=verbose, epochs=epochs,
                                   steps=iterator.num_batches, add_history=True)
         self.stop_training = False
@@ -312,7 +322,11 @@ class DeviceClient:
             meter, means = EpochMeter(self), BatchMeans()
             callbacks.on_epoch_begin(epoch)
             logs: dict[str, Any] = {}
-            for begin_step, end_step, bx, by, bsw in epoch_batches(iterator):
+            batches = epoch_batches(iterator)
+            if pipelined is not None:  # splitkeras.client.pipeline
+                logs = pipelined_epoch(self, pipelined, batches, callbacks, meter)
+                batches = iter(())
+            for begin_step, end_step, bx, by, bsw in batches:
                 callbacks.on_train_batch_begin(begin_step)
                 samples_before = self._samples
                 logs = self.train_on_batch(bx, by, bsw)
@@ -338,6 +352,8 @@ class DeviceClient:
                 break
         if fleet_rounds is not None:
             fleet_rounds.finish()
+        if pipelined is not None:
+            pipelined.close()
         for runner in self.runners:
             if isinstance(runner, SegmentRunner):
                 runner.optimizer.finalize_variable_values(runner.trainable)

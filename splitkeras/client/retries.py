@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class RetryingClient:
         self.retries, self.backoff, self.max_backoff, self.jitter = retries, backoff, max_backoff, jitter
         self.network = network
         self.stats = TransportStats()
+        self._stats_lock = threading.Lock()  # a pipelined device sends from two threads
         self.random = random.Random()
         self.sleep: Callable[[float], None] = time.sleep
         self._client = httpx.Client(
@@ -138,20 +140,20 @@ class RetryingClient:
         try:
             for attempt in range(self.retries + 1):
                 if attempt:
-                    self.stats.retries += 1
+                    self.count("retries", 1)
                 if self.network is not None:
-                    self.network.wait(size)
-                self.stats.requests += 1
-                self.stats.bytes_sent += size
+                    self.network.wait(size, "up")
+                self.count("requests", 1)
+                self.count("bytes_sent", size)
                 retry_after: float | None = None
                 try:
                     response = self._client.request(method, path, content=body, headers=sent)
                 except _TRANSIENT as error:
                     failure, status = f"{type(error).__name__}: {error}".rstrip(": "), 0
                 else:
-                    self.stats.bytes_received += len(response.content)
+                    self.count("bytes_received", len(response.content))
                     if self.network is not None:
-                        self.network.wait(len(response.content))
+                        self.network.wait(len(response.content), "down")
                     if response.is_success:
                         return response
                     if response.status_code not in RETRY_STATUSES:
@@ -166,7 +168,12 @@ class RetryingClient:
                 f"(last: {failure}). Is the server (`splitkeras serve`) running and reachable?",
                 status)
         finally:
-            self.stats.seconds += time.perf_counter() - started
+            self.count("seconds", time.perf_counter() - started)
+
+    def count(self, name: str, amount: float) -> None:
+        """Add `amount` to the counter `name` of `stats` (thread-safe)."""
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + amount)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self.backoff * 2 ** attempt, self.max_backoff)

@@ -19,7 +19,9 @@ network and a restarting server do, in one place:
 * 409 `step_out_of_order` on a forward or train: continue at the server's
   `expected_step`; or, when the server holds a step of this session that will
   never finish (the device was interrupted between a forward and its
-  backward), in a new session.
+  backward), in a new session. The same for a backward refused because an older
+  step of the session is pending (a server that pipelines accepted the next forward
+  beside the abandoned one), and for `pipeline_full` on a forward.
 * Any other refusal: `ProtocolError` with the server's message and HTTP status.
 
 One case cannot be told apart from the device: a backward whose update was
@@ -37,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +67,7 @@ __all__ = ["Transport", "TransportStats", "DEFAULT_TIMEOUT", "RETRY_STATUSES", "
            "DEFAULT_BACKOFF", "DEFAULT_MAX_BACKOFF", "DEFAULT_JITTER", "retry_budget"]
 
 _MAX_RECOVERIES = 4  # protocol recoveries (new session, resent forward) per call
+_MAX_HELD = 64  # forward bodies held for a resend (the pending steps'; older ones are let go)
 _Answer = tuple[dict[str, np.ndarray], dict[str, str]]  # tensors by name, metadata
 
 
@@ -86,8 +90,10 @@ class Transport:
         http_transport: an `httpx.BaseTransport` to send through (tests:
             `httpx.MockTransport`, or the in-process app's).
 
-    Not thread-safe: one transport per device loop. Step numbers are the
-    device's; the transport maps them onto the session's.
+    One transport per device loop. A pipelined loop (`splitkeras.client.pipeline`) sends
+    forwards from its request thread while backwards go from the loop's: the counters,
+    the held forward bodies and a new session after a refusal are safe for that. Step
+    numbers are the device's; the transport maps them onto the session's.
     """
 
     def __init__(
@@ -116,7 +122,8 @@ class Transport:
         self.residuals: dict[str, dict[str, np.ndarray]] = {"forward": {}, "backward": {}}
         self.session: dict[str, Any] | None = None
         self._offset: int | None = None  # server step - device step
-        self._forward_bodies: dict[int, bytes] = {}  # the step awaiting its backward
+        self._forward_bodies: dict[int, bytes] = {}  # the steps awaiting their backwards
+        self._recovery = threading.RLock()  # one new session at a time (a pipelined device)
 
     @property
     def stats(self) -> TransportStats:
@@ -131,6 +138,13 @@ class Transport:
     @network.setter
     def network(self, value: NetworkConditions | None) -> None:
         self._http.network = value
+
+    @property
+    def max_pending_steps(self) -> int:
+        """How many steps the server lets this session pipeline (1 before a session is open,
+        or from a server without pipelining)."""
+        value = (self.session or {}).get("max_pending_steps", 1)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
     @property
     def retries(self) -> int:
@@ -243,7 +257,10 @@ class Transport:
         """Send the server segment's inputs for `step`; returns its outputs and metadata
         (`regularization_loss`). The body is kept until the step's backward succeeds."""
         body = self._encode(tensors, "forward")
-        self._forward_bodies = {step: body}
+        with self._recovery:
+            self._forward_bodies[step] = body
+            while len(self._forward_bodies) > _MAX_HELD:  # steps given up long ago
+                del self._forward_bodies[min(self._forward_bodies)]
         return self._decode(self._forward(step, body), "forward")
 
     def backward(self, step: int, grads: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -251,12 +268,13 @@ class Transport:
         body = self._encode(grads, "backward")
         refusal: Refused | None = None
         for _ in range(_MAX_RECOVERIES):
+            seen = self._seen()
             try:
                 data = self._step("backward", step, body)
             except Refused as error:
                 refusal = error
-                if error.code == protocol.UNKNOWN_SESSION:
-                    self._reopen(step)
+                if error.code == protocol.UNKNOWN_SESSION or self._older_pending(step, error):
+                    self._reopen(step, seen)
                 elif error.code not in protocol.LOST_FORWARD_CODES:
                     raise error.error() from None
                 forward_body = self._forward_bodies.get(step)
@@ -265,10 +283,11 @@ class Transport:
                         f"The server lost the forward pass of step {step} ({error.code}) and this "
                         "transport no longer holds its body to resend: call forward() again.",
                         error.status) from None
-                self.stats.recoveries += 1
+                self._http.count("recoveries", 1)
                 self._forward(step, forward_body)
                 continue
-            self._forward_bodies.pop(step, None)
+            with self._recovery:
+                self._forward_bodies.pop(step, None)
             return self._decode(data, "backward")[0]
         assert refusal is not None
         raise refusal.error()
@@ -293,32 +312,49 @@ class Transport:
     def _with_session_recovery(self, route: str, step: int | None, body: bytes) -> bytes:
         refusal: Refused | None = None
         for _ in range(_MAX_RECOVERIES):
+            seen = self._seen()
             try:
                 return self._step(route, step, body)
             except Refused as error:
                 refusal = error
-                if error.code == protocol.UNKNOWN_SESSION:
-                    self._reopen(step)
+                if error.code in (protocol.UNKNOWN_SESSION, protocol.PIPELINE_FULL):
+                    self._reopen(step, seen)  # pipeline_full: steps of ours that will never finish
                 elif error.code == protocol.STEP_OUT_OF_ORDER and step is not None:
                     self._resync(step, error)
                 else:
                     raise error.error() from None
-                self.stats.recoveries += 1
+                self._http.count("recoveries", 1)
         assert refusal is not None
         raise refusal.error()
 
-    def _reopen(self, step: int | None) -> None:
-        """A new session (the old one is gone or stuck); `step` continues at its next_step."""
-        bodies = dict(self._forward_bodies)  # still to be resent in the new session
-        if self.session is not None:
-            try:
-                self.close_session()
-            except ProtocolError:
-                pass
-        session = self.open_session(self.wire_dtype, self.compress)
-        self._forward_bodies = bodies
-        if step is not None:
-            self._offset = int(session["next_step"]) - step
+    def _seen(self) -> str | None:
+        """The id of the session a request is about to go to (to tell, after a refusal,
+        whether the other thread of a pipelined loop opened a new one meanwhile)."""
+        return None if self.session is None else str(self.session["session_id"])
+
+    def _older_pending(self, step: int, refusal: Refused) -> bool:
+        """A backward refused because an older step of this session is pending: a step the
+        device gave up on (backwards are FIFO, and this device sends them in order)."""
+        expected = refusal.expected_step
+        return (refusal.code == protocol.STEP_OUT_OF_ORDER and expected is not None
+                and self._offset is not None and expected < step + self._offset)
+
+    def _reopen(self, step: int | None, seen: str | None = None) -> None:
+        """A new session (the old one is gone or stuck); `step` continues at its next_step.
+        When another thread already replaced the session `seen` was, that one is kept."""
+        with self._recovery:
+            if seen is not None and self._seen() not in (None, seen):
+                return
+            bodies = dict(self._forward_bodies)  # still to be resent in the new session
+            if self.session is not None:
+                try:
+                    self.close_session()
+                except ProtocolError:
+                    pass
+            session = self.open_session(self.wire_dtype, self.compress)
+            self._forward_bodies = bodies
+            if step is not None:
+                self._offset = int(session["next_step"]) - step
 
     def _resync(self, step: int, refusal: Refused) -> None:
         state = self.session_state()
