@@ -78,8 +78,10 @@ class SegmentService:
         self.steps = StepMachine(self.sessions, self.executor, self.bodies, self.mode,
                                  settings.step_ttl_seconds, on_applied=self._after_step,
                                  journal=self._journal, ensure_durable=self.ensure_durable,
-                                 # micro-batching keeps one pending step per session (no pipelining)
-                                 max_pending_steps=1 if settings.batch_window_ms > 0 else settings.max_pending_steps)
+                                 # micro-batching and --strategy keep one pending step per session: pipelining
+                                 # is not built (micro-batching) or not tested (tf.distribute) with them
+                                 max_pending_steps=1 if settings.batch_window_ms > 0 or settings.strategy != "off"
+                                 else settings.max_pending_steps)
         # micro-batching (off unless --batch-window-ms): groups of sessions, one update each
         self.groups = GroupSteps(self.steps, self.executor, self.guard, on_refused=self._count_refusal)
         self.micro = MicroBatcher(self)

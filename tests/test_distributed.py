@@ -134,7 +134,8 @@ def test_mirrored_server_equals_one_device(split_folder: Path, tmp_path: Path) -
     try:
         server.wait_ready()
         transport = Transport(server.url, key=KEY)
-        transport.open_session("float32")
+        opened = transport.open_session("float32")
+        assert opened["max_pending_steps"] == 1  # no pipelined sessions under a strategy (docs/scaling.md)
         for step, (x, g) in enumerate(steps(5, STEPS)):
             outputs, _ = transport.forward(step, {"h": x})
             grads = transport.backward(step, {"m": g})
