@@ -144,14 +144,6 @@ def check_segment(model: Any, holds_labels: bool) -> None:
                                 "would differ per replica. Serve this segment without --strategy.")
 
 
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, dict):
-        return list(value.values())
-    return [value]
-
-
 def _keep_reduced(grads_and_vars: Any) -> list[Any]:
     """The optimizer's own all-reduce, off: the runner hands it gradients already reduced."""
     return list(grads_and_vars)
@@ -184,6 +176,8 @@ class DistributedRunner:
                  input_gradients: Sequence[bool] | None = None) -> None:
         import tensorflow as tf
 
+        from splitkeras.engine import as_list  # TensorFlow's modules load after start()
+
         check_segment(segment.model, holds_labels=False)
         self.segment, self.model, self.optimizer, self.strategy = segment, segment.model, optimizer, strategy
         self.guard = None
@@ -207,7 +201,7 @@ class DistributedRunner:
         self.applied_updates = 0  # global steps that applied an update
         self.lock = threading.Lock()  # one global step at a time (the writer and the idle ticker)
         self._pending: dict[Any, dict[int, _Shard]] = {}
-        self._predict_fn = tf.function(lambda x: _as_list(self.model(x, training=False)))
+        self._predict_fn = tf.function(lambda x: as_list(self.model(x, training=False)))
 
     # ---- sharding ----------------------------------------------------------------------------
     def _local_index(self) -> int:
@@ -248,6 +242,8 @@ class DistributedRunner:
         """Training-mode forward of `step`, split across the local replicas; keeps their tapes."""
         import tensorflow as tf
 
+        from splitkeras.engine import as_list
+
         self._check_alive()
         if len(inputs) != len(self.input_names):
             raise TrainingError(f"Segment '{self.segment.name}' takes {len(self.input_names)} inputs "
@@ -261,7 +257,7 @@ class DistributedRunner:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(variables)
                 tape.watch(watched)
-                outputs = _as_list(self.model(xs[0] if len(xs) == 1 else xs, training=True))
+                outputs = as_list(self.model(xs[0] if len(xs) == 1 else xs, training=True))
                 losses = [tf.reduce_sum(tf.cast(loss, tf.float32)) for loss in self.model.losses]
                 regularization = tf.add_n(losses) if losses else tf.zeros((), tf.float32)
             shards[index] = _Shard(tape, xs, outputs, regularization)

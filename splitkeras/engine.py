@@ -121,7 +121,8 @@ def _scaled(gradient: Any, scale: tf.Tensor) -> Any:
     return tf.math.multiply_no_nan(gradient, tf.cast(scale, gradient.dtype))
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A model's outputs (or labels) as a list: a list or tuple as is, a dict's values, else [value]."""
     if isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, dict):
@@ -248,7 +249,7 @@ class SegmentRunner(GuardedSteps):
         return tf.add_n(losses) if losses else tf.zeros((), tf.float32)
 
     def _forward_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
-        outputs = _as_list(self.model(self._call_inputs(xs), training=True))
+        outputs = as_list(self.model(self._call_inputs(xs), training=True))
         return outputs, self._regularization()
 
     def _apply_impl(self, grads: list[Any], scale: tf.Tensor | None = None) -> None:
@@ -257,7 +258,7 @@ class SegmentRunner(GuardedSteps):
         self.optimizer.apply(grads, self.trainable)
 
     def _predict_impl(self, xs: list[tf.Tensor]) -> tuple[list[tf.Tensor], tf.Tensor]:
-        outputs = _as_list(self.model(self._call_inputs(xs), training=False))
+        outputs = as_list(self.model(self._call_inputs(xs), training=False))
         return outputs, self._regularization()
 
     def _train_impl(self, xs: list[tf.Tensor], y: Any, sample_weight: Any,
@@ -408,7 +409,7 @@ class SegmentRunner(GuardedSteps):
             grads, logs, _ = self._train_fn(xs, y, sample_weight, other)
             return self._per_input(grads), logs
         measured = guard.measure_all("input", self.input_names, xs)
-        measured += guard.measure_all("label", self.output_names, _as_list(y))
+        measured += guard.measure_all("label", self.output_names, as_list(y))
         if sample_weight is not None:
             measured += guard.measure_all("sample_weight", ["sample_weight"], [sample_weight])
 
