@@ -40,9 +40,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-import numpy as np  # noqa: E402
 from _common import RESULTS, machine, median, start_server, stop_server, table, verdict, write_results  # noqa: E402
-from server_throughput import Device, InProcessRunner, InProcessService, http_rate, rate_of  # noqa: E402
+from server_throughput import (  # noqa: E402
+    Device,
+    InProcessRunner,
+    InProcessService,
+    http_rate,
+    middle_traffic,
+    rate_of,
+)
 
 DEVICES = (1, 2, 4, 8, 16, 32, 64)
 BATCH = 32
@@ -126,7 +132,6 @@ def main() -> None:
     pinned = not args.no_pin and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
 
     import splitkeras
-    from splitkeras import wire
     from splitkeras.demo import CUTS, digits_model
 
     folder = Path(tempfile.mkdtemp(prefix="splitkeras-sweep-"))
@@ -137,12 +142,7 @@ def main() -> None:
         for mode in MODES:
             shutil.copytree(folder / "split", folder / mode)
         middle = split["middle"]
-        rng = np.random.default_rng(0)
-        in_spec, out_spec = middle.inputs[0], middle.outputs[0]
-        inputs = rng.random((BATCH, *in_spec.sample_shape), dtype=np.float32)
-        grads = (rng.standard_normal((BATCH, *out_spec.sample_shape)) * 1e-3).astype(np.float32)
-        forward_body = wire.encode({in_spec.name: inputs})
-        backward_bodies = (wire.encode({out_spec.name: grads}), wire.encode({out_spec.name: -grads}))
+        inputs, grads, forward_body, backward_bodies = middle_traffic(middle)
         runner = InProcessRunner(folder / "split", inputs, grads)
         service = InProcessService(folder / "split", forward_body, backward_bodies)
         key = secrets.token_hex(16)

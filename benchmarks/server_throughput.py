@@ -205,6 +205,21 @@ def http_rate(devices: list[Device], forward_body: bytes, backward_bodies: tuple
     return (last - first) / (ended - started), server_cpu / steps, client_cpu / steps
 
 
+def middle_traffic(middle: Any) -> tuple[np.ndarray, np.ndarray, bytes, tuple[bytes, bytes]]:
+    """A server segment's emulated device traffic (seed 0, batch BATCH): random activations and
+    small output gradients, their wire bodies, and a second backward body with the gradients
+    negated (devices alternate the two so that the weights stay bounded)."""
+    from splitkeras import wire
+
+    rng = np.random.default_rng(0)
+    in_spec, out_spec = middle.inputs[0], middle.outputs[0]
+    inputs = rng.random((BATCH, *in_spec.sample_shape), dtype=np.float32)
+    grads = (rng.standard_normal((BATCH, *out_spec.sample_shape)) * 1e-3).astype(np.float32)
+    forward_body = wire.encode({in_spec.name: inputs})
+    backward_bodies = (wire.encode({out_spec.name: grads}), wire.encode({out_spec.name: -grads}))
+    return inputs, grads, forward_body, backward_bodies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -212,18 +227,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     args = parser.parse_args()
 
-    from splitkeras import wire
 
     folder = Path(tempfile.mkdtemp(prefix="splitkeras-throughput-"))
     try:
         split = make_split(folder)
         middle = split["middle"]
-        rng = np.random.default_rng(0)
-        in_spec, out_spec = middle.inputs[0], middle.outputs[0]
-        inputs = rng.random((BATCH, *in_spec.sample_shape), dtype=np.float32)
-        grads = (rng.standard_normal((BATCH, *out_spec.sample_shape)) * 1e-3).astype(np.float32)
-        forward_body = wire.encode({in_spec.name: inputs})
-        backward_bodies = (wire.encode({out_spec.name: grads}), wire.encode({out_spec.name: -grads}))
+        inputs, grads, forward_body, backward_bodies = middle_traffic(middle)
         backward_body = backward_bodies[0]
         flops = sum(_forward_flops(middle.model))
         print(f"middle segment: {middle.model.count_params():,} params, "
